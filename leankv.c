@@ -1,0 +1,1123 @@
+/* leankv.c: inference for Llama-family models with a paged KV cache, on the CPU.
+ *
+ * This file is the reference: it loads model.bin (written by export.py) or a llama2.c
+ * checkpoint, tokenizes (tokenizer.c), runs the forward pass one token at a time against a
+ * paged KV cache laid out as ../shared/LEANKV.md section 5 describes, samples, and drives
+ * the modes (generate, chat, tokenize, ppl, logits). leankv.cu is the GPU twin.
+ *
+ * Sections, in the order data flows:
+ *   errors | model | KV cache | forward | sampler | modes | command line */
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "leankv.h"
+
+/* ----------------------------------------------------------------------------------------
+ * Errors: one line on stderr, exit 1. A learner should see what went wrong, not a core dump. */
+
+static void __attribute__((noreturn, format(printf, 1, 2))) die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "leankv: error: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(1);
+}
+
+static void *xmalloc(size_t n) {
+    void *p = calloc(1, n ? n : 1);
+    if (!p) die("out of memory allocating %zu bytes", n);
+    return p;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ----------------------------------------------------------------------------------------
+ * Model: hyperparameters, weights, activations */
+
+typedef struct {
+    int dim;          /* model width */
+    int hidden_dim;   /* FFN width */
+    int n_layers;
+    int n_heads;      /* query heads */
+    int n_kv_heads;   /* key/value heads; n_heads / n_kv_heads queries share one */
+    int head_dim;
+    int vocab_size;
+    int seq_len;      /* the model's trained context */
+    float rope_theta;
+    int rope_style;   /* LKV_ROPE_* */
+    float norm_eps;
+    int tied;         /* classifier = token embedding */
+    int qkv_bias;
+    int bos_id, eos_id, add_bos, chat_template;
+    int n_stop, stop_ids[LKV_MAX_STOP];
+} Config;
+
+typedef struct {
+    float *attn_norm;  /* (dim) */
+    float *wq;         /* (n_heads*head_dim, dim) */
+    float *wk;         /* (n_kv_heads*head_dim, dim) */
+    float *wv;         /* (n_kv_heads*head_dim, dim) */
+    float *bq, *bk, *bv; /* (rows of wq, wk, wv) or NULL */
+    float *wo;         /* (dim, n_heads*head_dim) */
+    float *ffn_norm;   /* (dim) */
+    float *w1;         /* (hidden_dim, dim) gate */
+    float *w2;         /* (dim, hidden_dim) down */
+    float *w3;         /* (hidden_dim, dim) up */
+} LayerWeights;
+
+typedef struct {
+    float *tok_embeddings; /* (vocab, dim) */
+    LayerWeights *layers;  /* (n_layers) */
+    float *norm;           /* (dim) */
+    float *output;         /* (vocab, dim), = tok_embeddings when tied */
+} Weights;
+
+typedef struct {
+    float *x;      /* (dim) residual stream */
+    float *xb;     /* (dim) normed input of a block */
+    float *xb2;    /* (dim) block output before the residual add */
+    float *q;      /* (n_heads*head_dim) */
+    float *k;      /* (n_kv_heads*head_dim) */
+    float *v;      /* (n_kv_heads*head_dim) */
+    float *att;    /* (n_heads, ctx) attention scores */
+    float *o;      /* (n_heads*head_dim) attention output */
+    float *hb;     /* (hidden_dim) */
+    float *hb2;    /* (hidden_dim) */
+    float *logits; /* (vocab) */
+} RunState;
+
+typedef struct {
+    Config c;
+    Weights w;
+    RunState s;
+    Tokenizer *tok;   /* NULL when the file has no tokenizer */
+    void *map;        /* the mmapped file */
+    size_t map_bytes;
+    float **owned;    /* fp32 copies made at load (fp16 files), freed with the model */
+    int n_owned;
+} Model;
+
+/* the file must hold what it claims: every size is checked against the mapping */
+static const LkvTensorEntry *find_tensor(const LkvTensorEntry *tt, int n, const char *name) {
+    for (int i = 0; i < n; i++)
+        if (strncmp(tt[i].name, name, LKV_TENSOR_NAME_MAX) == 0) return &tt[i];
+    return NULL;
+}
+
+static float *load_tensor(Model *m, const char *path, const LkvTensorEntry *tt, int n,
+                          const char *name, int rows, int cols, int required) {
+    const LkvTensorEntry *e = find_tensor(tt, n, name);
+    if (!e) {
+        if (required) die("%s: tensor '%s' is missing", path, name);
+        return NULL;
+    }
+    int r = e->shape[0], c = e->ndim == 2 ? e->shape[1] : 1;
+    if (e->ndim < 1 || e->ndim > 2 || r != rows || c != cols)
+        die("%s: tensor '%s' has shape [%d, %d], the header implies [%d, %d]", path, name, r, c,
+            rows, cols);
+    size_t elt = e->dtype == LKV_DTYPE_F32 ? 4 : e->dtype == LKV_DTYPE_F16 ? 2 : 0;
+    if (!elt) die("%s: tensor '%s' has unknown dtype %d", path, name, e->dtype);
+    if (e->nbytes != (uint64_t)rows * cols * elt)
+        die("%s: tensor '%s' claims %llu bytes for %d x %d values", path, name,
+            (unsigned long long)e->nbytes, rows, cols);
+    if (e->offset % 64 || e->offset > m->map_bytes || e->nbytes > m->map_bytes - e->offset)
+        die("%s: tensor '%s' lies outside the file (offset %llu, %llu bytes, file %zu bytes)",
+            path, name, (unsigned long long)e->offset, (unsigned long long)e->nbytes,
+            m->map_bytes);
+    uint8_t *p = (uint8_t *)m->map + e->offset;
+    if (e->dtype == LKV_DTYPE_F32) return (float *)p;
+    /* fp16 on disk: the CPU reference computes in fp32, so widen once at load */
+    size_t count = (size_t)rows * cols;
+    float *f = xmalloc(count * sizeof(float));
+    const uint16_t *h = (const uint16_t *)p;
+    for (size_t i = 0; i < count; i++) f[i] = lkv_h2f(h[i]);
+    m->owned = realloc(m->owned, (m->n_owned + 1) * sizeof(float *));
+    if (!m->owned) die("out of memory");
+    m->owned[m->n_owned++] = f;
+    return f;
+}
+
+static void check_config(const char *path, const Config *c) {
+    if (c->dim <= 0 || c->hidden_dim <= 0 || c->n_layers <= 0 || c->n_heads <= 0 ||
+        c->n_kv_heads <= 0 || c->head_dim <= 0 || c->vocab_size <= 0 || c->seq_len <= 0)
+        die("%s: header has a non-positive dimension (dim %d, hidden %d, layers %d, heads %d, "
+            "kv heads %d, head dim %d, vocab %d, context %d)", path, c->dim, c->hidden_dim,
+            c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size, c->seq_len);
+    if (c->dim > 65536 || c->hidden_dim > 262144 || c->n_layers > 1024 || c->n_heads > 1024 ||
+        c->head_dim > 512 || c->vocab_size > (1 << 22) || c->seq_len > (1 << 24))
+        die("%s: header dimensions are implausibly large", path);
+    if (c->n_heads % c->n_kv_heads)
+        die("%s: %d query heads are not a multiple of %d KV heads", path, c->n_heads,
+            c->n_kv_heads);
+    if (c->head_dim % 2) die("%s: head dim %d is odd; RoPE needs pairs", path, c->head_dim);
+    if (!(c->norm_eps > 0 && c->norm_eps < 1)) die("%s: norm eps %g is out of range", path,
+                                                    c->norm_eps);
+    if (!(c->rope_theta > 1)) die("%s: rope theta %g is out of range", path, c->rope_theta);
+}
+
+static void map_file(Model *m, const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("cannot open model '%s': %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("'%s' is not a regular file", path);
+    if (st.st_size < LKV_LEGACY_HEADER_BYTES)
+        die("%s: file is %lld bytes, too short for any model header", path,
+            (long long)st.st_size);
+    m->map_bytes = (size_t)st.st_size;
+    m->map = mmap(NULL, m->map_bytes, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (m->map == MAP_FAILED) die("cannot map '%s': %s", path, strerror(errno));
+}
+
+static void build_runstate(Model *m, int ctx) {
+    Config *c = &m->c;
+    RunState *s = &m->s;
+    int qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
+    s->x = xmalloc(c->dim * sizeof(float));
+    s->xb = xmalloc(c->dim * sizeof(float));
+    s->xb2 = xmalloc(c->dim * sizeof(float));
+    s->q = xmalloc(qd * sizeof(float));
+    s->k = xmalloc(kvd * sizeof(float));
+    s->v = xmalloc(kvd * sizeof(float));
+    s->o = xmalloc(qd * sizeof(float));
+    s->att = xmalloc((size_t)c->n_heads * ctx * sizeof(float));
+    s->hb = xmalloc(c->hidden_dim * sizeof(float));
+    s->hb2 = xmalloc(c->hidden_dim * sizeof(float));
+    s->logits = xmalloc(c->vocab_size * sizeof(float));
+}
+
+static void free_runstate(RunState *s) {
+    free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v); free(s->o);
+    free(s->att); free(s->hb); free(s->hb2); free(s->logits);
+}
+
+/* model.bin written by export.py */
+static void load_leankv_file(Model *m, const char *path) {
+    if (m->map_bytes < LKV_HEADER_BYTES)
+        die("%s: file is %zu bytes, shorter than the %d-byte header", path, m->map_bytes,
+            LKV_HEADER_BYTES);
+    LkvHeader h;
+    memcpy(&h, m->map, sizeof h);
+    if (h.version != LKV_VERSION)
+        die("%s: model.bin version %d, this leankv reads version %d; re-export it", path,
+            h.version, LKV_VERSION);
+    if (h.file_bytes != m->map_bytes)
+        die("%s: file is %zu bytes but its header says %llu (truncated or padded?)", path,
+            m->map_bytes, (unsigned long long)h.file_bytes);
+    Config *c = &m->c;
+    c->dim = h.dim; c->hidden_dim = h.hidden_dim; c->n_layers = h.n_layers;
+    c->n_heads = h.n_heads; c->n_kv_heads = h.n_kv_heads; c->head_dim = h.head_dim;
+    c->vocab_size = h.vocab_size; c->seq_len = h.seq_len; c->rope_theta = h.rope_theta;
+    c->rope_style = h.rope_style; c->norm_eps = h.norm_eps; c->tied = h.tied_classifier;
+    c->qkv_bias = h.qkv_bias; c->bos_id = h.bos_id; c->eos_id = h.eos_id;
+    c->add_bos = h.add_bos; c->chat_template = h.chat_template; c->n_stop = h.n_stop;
+    check_config(path, c);
+    if (c->rope_style != LKV_ROPE_INTERLEAVED && c->rope_style != LKV_ROPE_HALF)
+        die("%s: unknown rope style %d", path, c->rope_style);
+    if (c->n_stop < 0 || c->n_stop > LKV_MAX_STOP) die("%s: %d stop ids (max %d)", path,
+                                                       c->n_stop, LKV_MAX_STOP);
+    for (int i = 0; i < c->n_stop; i++) {
+        c->stop_ids[i] = h.stop_ids[i];
+        if (h.stop_ids[i] < 0 || h.stop_ids[i] >= c->vocab_size)
+            die("%s: stop id %d is outside the vocabulary", path, h.stop_ids[i]);
+    }
+    if (c->bos_id >= c->vocab_size || c->eos_id >= c->vocab_size)
+        die("%s: bos/eos id outside the vocabulary", path);
+    if (h.n_tensors <= 0 || h.n_tensors > 100000) die("%s: %d tensors in the table", path,
+                                                      h.n_tensors);
+    uint64_t tt_bytes = (uint64_t)h.n_tensors * sizeof(LkvTensorEntry);
+    if (h.tensor_table_offset > m->map_bytes || tt_bytes > m->map_bytes - h.tensor_table_offset)
+        die("%s: tensor table lies outside the file", path);
+    if (h.tensor_table_offset % 8) die("%s: tensor table is misaligned", path);
+    const LkvTensorEntry *tt = (const LkvTensorEntry *)((uint8_t *)m->map + h.tensor_table_offset);
+    int n = h.n_tensors;
+
+    int D = c->dim, H = c->hidden_dim, QD = c->n_heads * c->head_dim,
+        KVD = c->n_kv_heads * c->head_dim;
+    Weights *w = &m->w;
+    char name[LKV_TENSOR_NAME_MAX];
+    w->tok_embeddings = load_tensor(m, path, tt, n, "tok_embeddings", c->vocab_size, D, 1);
+    w->layers = xmalloc(c->n_layers * sizeof(LayerWeights));
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerWeights *L = &w->layers[l];
+#define LT(field, nm, r, cl, req)                                                 \
+    snprintf(name, sizeof name, "layers.%d." nm, l);                              \
+    L->field = load_tensor(m, path, tt, n, name, r, cl, req)
+        LT(attn_norm, "attn_norm", D, 1, 1);
+        LT(wq, "wq", QD, D, 1);
+        LT(wk, "wk", KVD, D, 1);
+        LT(wv, "wv", KVD, D, 1);
+        LT(bq, "bq", QD, 1, c->qkv_bias);
+        LT(bk, "bk", KVD, 1, c->qkv_bias);
+        LT(bv, "bv", KVD, 1, c->qkv_bias);
+        LT(wo, "wo", D, QD, 1);
+        LT(ffn_norm, "ffn_norm", D, 1, 1);
+        LT(w1, "w1", H, D, 1);
+        LT(w2, "w2", D, H, 1);
+        LT(w3, "w3", H, D, 1);
+#undef LT
+        if (!c->qkv_bias) L->bq = L->bk = L->bv = NULL;
+    }
+    w->norm = load_tensor(m, path, tt, n, "norm", D, 1, 1);
+    w->output = c->tied ? w->tok_embeddings
+                        : load_tensor(m, path, tt, n, "output", c->vocab_size, D, 1);
+
+    if (h.tokenizer_bytes) {
+        if (h.tokenizer_offset > m->map_bytes || h.tokenizer_bytes > m->map_bytes - h.tokenizer_offset)
+            die("%s: tokenizer section lies outside the file", path);
+        char err[256];
+        if (build_tokenizer(&m->tok, (const uint8_t *)m->map + h.tokenizer_offset,
+                            h.tokenizer_bytes, err, sizeof err) != 0)
+            die("%s: tokenizer: %s", path, err);
+        if (tokenizer_vocab_size(m->tok) != c->vocab_size)
+            die("%s: tokenizer has %d tokens, the model %d", path, tokenizer_vocab_size(m->tok),
+                c->vocab_size);
+    }
+}
+
+/* llama2.c's version-0 checkpoint: 7 ints, then fp32 weights; the size must match exactly */
+static void load_legacy_file(Model *m, const char *path, const char *tok_path) {
+    int32_t hd[7];
+    memcpy(hd, m->map, sizeof hd);
+    Config *c = &m->c;
+    c->dim = hd[0]; c->hidden_dim = hd[1]; c->n_layers = hd[2]; c->n_heads = hd[3];
+    c->n_kv_heads = hd[4]; c->vocab_size = abs(hd[5]); c->seq_len = hd[6];
+    c->tied = hd[5] > 0;
+    c->head_dim = c->n_heads > 0 ? c->dim / c->n_heads : 0;
+    c->rope_theta = 10000.0f; c->rope_style = LKV_ROPE_INTERLEAVED; c->norm_eps = 1e-5f;
+    c->qkv_bias = 0; c->bos_id = 1; c->eos_id = 2; c->add_bos = 1;
+    c->chat_template = LKV_CHAT_LLAMA2; c->n_stop = 1; c->stop_ids[0] = 2;
+    if (hd[5] == INT_MIN) die("%s: corrupt header", path);
+    check_config(path, c);
+    if (c->n_heads * c->head_dim != c->dim) die("%s: dim %d is not a multiple of %d heads",
+                                                path, c->dim, c->n_heads);
+    uint64_t D = c->dim, H = c->hidden_dim, L = c->n_layers, V = c->vocab_size,
+             KVD = (uint64_t)c->n_kv_heads * c->head_dim;
+    uint64_t floats = V * D + L * (D + D * D + 2 * D * KVD + D * D + D + 3 * D * H) + D +
+                      (uint64_t)c->seq_len * c->head_dim;   /* two freq_cis halves */
+    if (!c->tied) floats += V * D;
+    if (LKV_LEGACY_HEADER_BYTES + floats * 4 != m->map_bytes)
+        die("%s: not a model.bin (bad magic) and not a llama2.c checkpoint of the size its "
+            "header implies (%llu bytes expected, %zu found)", path,
+            (unsigned long long)(LKV_LEGACY_HEADER_BYTES + floats * 4), m->map_bytes);
+    float *p = (float *)((uint8_t *)m->map + LKV_LEGACY_HEADER_BYTES);
+    Weights *w = &m->w;
+    w->layers = xmalloc(c->n_layers * sizeof(LayerWeights));
+    w->tok_embeddings = p; p += V * D;
+#define LEG(field, per)                                                           \
+    for (uint64_t l = 0; l < L; l++) { w->layers[l].field = p; p += (per); }
+    LEG(attn_norm, D);
+    LEG(wq, D * D);
+    LEG(wk, D * KVD);
+    LEG(wv, D * KVD);
+    LEG(wo, D * D);
+    LEG(ffn_norm, D);
+    LEG(w1, D * H);
+    LEG(w2, H * D);
+    LEG(w3, D * H);
+#undef LEG
+    w->norm = p; p += D;
+    p += (uint64_t)c->seq_len * c->head_dim;
+    w->output = c->tied ? w->tok_embeddings : p;
+    if (!tok_path) die("%s is a llama2.c checkpoint: give its tokenizer.bin with -z", path);
+    char err[256];
+    if (build_tokenizer_legacy(&m->tok, tok_path, c->vocab_size, err, sizeof err) != 0)
+        die("%s: %s", tok_path, err);
+}
+
+static void build_model(Model *m, const char *path, const char *tok_path) {
+    memset(m, 0, sizeof *m);
+    map_file(m, path);
+    uint32_t magic;
+    memcpy(&magic, m->map, 4);
+    if (magic == LKV_MAGIC) {
+        load_leankv_file(m, path);
+        if (tok_path) {  /* -z overrides the embedded tokenizer */
+            if (m->tok) free_tokenizer(m->tok);
+            char err[256];
+            if (build_tokenizer_legacy(&m->tok, tok_path, m->c.vocab_size, err, sizeof err))
+                die("%s: %s", tok_path, err);
+        }
+    } else {
+        load_legacy_file(m, path, tok_path);
+    }
+}
+
+static void free_model(Model *m) {
+    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    free(m->owned);
+    free(m->w.layers);
+    if (m->tok) free_tokenizer(m->tok);
+    munmap(m->map, m->map_bytes);
+}
+
+/* ----------------------------------------------------------------------------------------
+ * KV cache: pages in one pool, a page table per (sequence, layer, KV head), and a circular
+ * array of free page ids (../shared/LEANKV.md sections 5 and 6).
+ *
+ * Each (sequence, layer, KV head) -- a "head" below -- owns whole pages: its tokens never
+ * share a page with another head, so each head can have its own length and precision. This
+ * issue stores everything in one fp16 tier; the table already fills high-tier pages from the
+ * left and keeps the right end for the low tier that the compression issues add. */
+
+typedef struct {
+    LkvPrecision tier[LKV_MAX_TIERS]; /* [n_tiers] precision of tier 0 (high), 1 (low) */
+    LkvPageLayout layout[LKV_MAX_TIERS]; /* [n_tiers] segment offsets inside a page */
+    int n_tiers;
+    int head_dim;
+    int page_bytes;      /* every page, whatever its tier */
+    int n_pages;         /* pages in the pool */
+    uint8_t *pool;       /* (n_pages, page_bytes) */
+    int *free_ids;       /* (n_pages) circular array of free page ids */
+    int free_start;      /* index in free_ids of the first free id */
+    int free_count;      /* free pages; they sit at free_start .. free_start+free_count-1 */
+    int n_seqs, n_layers, n_kv_heads;
+    int n_heads_total;   /* n_seqs * n_layers * n_kv_heads */
+    int table_width;     /* page-table entries per head */
+    int *table;          /* (n_heads_total, table_width) page ids; high from the left */
+    int *n_tok;          /* (n_heads_total, n_tiers) tokens held in each tier */
+    int *n_pg;           /* (n_heads_total, n_tiers) pages held by each tier */
+} KVCache;
+
+static inline int kv_head(const KVCache *kv, int seq, int layer, int h) {
+    return (seq * kv->n_layers + layer) * kv->n_kv_heads + h;
+}
+
+/* pool of kv_mem_mib MiB, or when 0 enough pages for n_seqs sequences of ctx tokens */
+static void build_kvcache(KVCache *kv, const Config *c, int n_seqs, int ctx, size_t kv_mem_mib) {
+    memset(kv, 0, sizeof *kv);
+    kv->n_tiers = 1;
+    kv->tier[0] = (LkvPrecision){16, 16, 1};
+    kv->head_dim = c->head_dim;
+    float waste;
+    kv->page_bytes = lkv_page_bytes(kv->tier, kv->n_tiers, c->head_dim, &waste);
+    for (int t = 0; t < kv->n_tiers; t++)
+        lkv_layout_fit(&kv->layout[t], kv->tier[t], c->head_dim, kv->page_bytes);
+    kv->n_seqs = n_seqs; kv->n_layers = c->n_layers; kv->n_kv_heads = c->n_kv_heads;
+    kv->n_heads_total = n_seqs * c->n_layers * c->n_kv_heads;
+    int tpp = kv->layout[0].tokens;
+    kv->table_width = (ctx + tpp - 1) / tpp + 2;
+    size_t want = (size_t)kv->n_heads_total * ((ctx + tpp - 1) / tpp);
+    size_t n_pages = kv_mem_mib ? (kv_mem_mib << 20) / kv->page_bytes : want;
+    if (n_pages < 1) die("--kv-mem %zu MiB holds no page of %d bytes", kv_mem_mib,
+                         kv->page_bytes);
+    if (n_pages > INT_MAX / 2) n_pages = INT_MAX / 2;
+    kv->n_pages = (int)n_pages;
+    kv->pool = xmalloc((size_t)kv->n_pages * kv->page_bytes);
+    kv->free_ids = xmalloc(kv->n_pages * sizeof(int));
+    for (int i = 0; i < kv->n_pages; i++) kv->free_ids[i] = i;
+    kv->free_start = 0;
+    kv->free_count = kv->n_pages;
+    kv->table = xmalloc((size_t)kv->n_heads_total * kv->table_width * sizeof(int));
+    kv->n_tok = xmalloc((size_t)kv->n_heads_total * LKV_MAX_TIERS * sizeof(int));
+    kv->n_pg = xmalloc((size_t)kv->n_heads_total * LKV_MAX_TIERS * sizeof(int));
+}
+
+static void free_kvcache(KVCache *kv) {
+    free(kv->pool); free(kv->free_ids); free(kv->table); free(kv->n_tok); free(kv->n_pg);
+}
+
+/* take one page from the front of the free ring; -1 when the pool is empty */
+static int kv_take_page(KVCache *kv) {
+    if (kv->free_count == 0) return -1;
+    int id = kv->free_ids[kv->free_start];
+    kv->free_start = (kv->free_start + 1) % kv->n_pages;
+    kv->free_count--;
+    return id;
+}
+
+/* give a page back at the end of the free ring */
+static void kv_give_page(KVCache *kv, int id) {
+    kv->free_ids[(kv->free_start + kv->free_count) % kv->n_pages] = id;
+    kv->free_count++;
+}
+
+/* Makes every head of seq able to hold n tokens in the high tier. All or nothing: returns -1
+ * and takes no page when the pool cannot cover every head. */
+static int kv_reserve(KVCache *kv, int seq, int n) {
+    int tpp = kv->layout[0].tokens, need = (n + tpp - 1) / tpp, missing = 0;
+    if (need + 1 > kv->table_width) return -2;    /* beyond the context the table was made for */
+    for (int l = 0; l < kv->n_layers; l++)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            int hh = kv_head(kv, seq, l, h);
+            if (kv->n_pg[hh * LKV_MAX_TIERS] < need) missing += need - kv->n_pg[hh * LKV_MAX_TIERS];
+        }
+    if (missing > kv->free_count) return -1;
+    for (int l = 0; l < kv->n_layers; l++)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            int hh = kv_head(kv, seq, l, h);
+            int *np = &kv->n_pg[hh * LKV_MAX_TIERS];
+            while (*np < need) kv->table[(size_t)hh * kv->table_width + (*np)++] = kv_take_page(kv);
+        }
+    return 0;
+}
+
+/* gives back every page of seq and empties its heads */
+static void kv_release(KVCache *kv, int seq) {
+    for (int l = 0; l < kv->n_layers; l++)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            int hh = kv_head(kv, seq, l, h);
+            int *tab = &kv->table[(size_t)hh * kv->table_width];
+            for (int t = 0; t < kv->n_tiers; t++) {
+                int np = kv->n_pg[hh * LKV_MAX_TIERS + t];
+                for (int i = 0; i < np; i++)
+                    kv_give_page(kv, t == 0 ? tab[i] : tab[kv->table_width - 1 - i]);
+                kv->n_pg[hh * LKV_MAX_TIERS + t] = 0;
+                kv->n_tok[hh * LKV_MAX_TIERS + t] = 0;
+            }
+        }
+}
+
+/* address of token i of the high tier of head hh: page table[i / tpp], slot i % tpp */
+static inline uint8_t *kv_high_page(const KVCache *kv, int hh, int i, int *slot) {
+    int tpp = kv->layout[0].tokens;
+    *slot = i % tpp;
+    return kv->pool + (size_t)kv->table[(size_t)hh * kv->table_width + i / tpp] * kv->page_bytes;
+}
+
+/* Appends one token's key (after RoPE) and value to the high tier of head hh, as fp16. */
+static void kv_append(KVCache *kv, int hh, const float *k, const float *v, int pos) {
+    int *nt = &kv->n_tok[hh * LKV_MAX_TIERS];
+    int slot, d = kv->head_dim;
+    uint8_t *page = kv_high_page(kv, hh, *nt, &slot);
+    const LkvPageLayout *L = &kv->layout[0];
+    uint16_t *kc = (uint16_t *)(page + L->k_codes) + (size_t)slot * d;
+    uint16_t *vc = (uint16_t *)(page + L->v_codes) + (size_t)slot * d;
+    for (int j = 0; j < d; j++) { kc[j] = lkv_f2h(k[j]); vc[j] = lkv_f2h(v[j]); }
+    ((float *)(page + L->scores))[slot] = 0.0f;
+    ((int32_t *)(page + L->pos))[slot] = pos;
+    (*nt)++;
+}
+
+/* ----------------------------------------------------------------------------------------
+ * Forward pass, one token at a time. The equations are in the comments. */
+
+static float h2f_table[65536];   /* fp16 bits -> fp32, filled once */
+
+static void build_h2f_table(void) {
+    for (int i = 0; i < 65536; i++) h2f_table[i] = lkv_h2f((uint16_t)i);
+}
+
+/* o = x / sqrt(mean(x^2) + eps) * w */
+static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) o[i] = w[i] * (x[i] * inv);
+}
+
+/* y (d) = W (d, n) x (n) */
+static void matmul(float *y, const float *x, const float *W, int n, int d) {
+    int i;
+#pragma omp parallel for private(i) schedule(static)
+    for (i = 0; i < d; i++) {
+        const float *row = W + (size_t)i * n;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int j = 0; j < n; j++) acc += row[j] * x[j];
+        y[i] = acc;
+    }
+}
+
+/* rotate each pair (a, b) of every head by angle pos * theta^(-2i/head_dim), pair i being
+ * channels (2i, 2i+1) (interleaved) or (i, i + head_dim/2) (half) */
+static void rope(float *vec, int n_heads, int head_dim, int pos, float theta, int style) {
+    int half = head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float freq = powf(theta, -(float)(2 * i) / (float)head_dim);
+        float ang = pos * freq, c = cosf(ang), s = sinf(ang);
+        for (int h = 0; h < n_heads; h++) {
+            float *hv = vec + h * head_dim;
+            int a = style == LKV_ROPE_INTERLEAVED ? 2 * i : i;
+            int b = style == LKV_ROPE_INTERLEAVED ? 2 * i + 1 : i + half;
+            float x0 = hv[a], x1 = hv[b];
+            hv[a] = x0 * c - x1 * s;
+            hv[b] = x0 * s + x1 * c;
+        }
+    }
+}
+
+/* For query head qh over the cached tokens of its KV head hh:
+ *   a_t = softmax_t(q . k_t / sqrt(head_dim)),  o = sum_t a_t v_t
+ * reading every token through the page table. */
+static void attention_paged(const KVCache *kv, int hh, const float *q, float *att, float *o) {
+    int d = kv->head_dim, n = kv->n_tok[hh * LKV_MAX_TIERS];
+    const LkvPageLayout *L = &kv->layout[0];
+    float scale = 1.0f / sqrtf((float)d), mx = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        int slot;
+        const uint8_t *page = kv_high_page(kv, hh, t, &slot);
+        const uint16_t *kc = (const uint16_t *)(page + L->k_codes) + (size_t)slot * d;
+        float s = 0.0f;
+        for (int j = 0; j < d; j++) s += q[j] * h2f_table[kc[j]];
+        att[t] = s * scale;
+        if (att[t] > mx) mx = att[t];
+    }
+    float sum = 0.0f;
+    for (int t = 0; t < n; t++) { att[t] = expf(att[t] - mx); sum += att[t]; }
+    for (int j = 0; j < d; j++) o[j] = 0.0f;
+    for (int t = 0; t < n; t++) {
+        int slot;
+        const uint8_t *page = kv_high_page(kv, hh, t, &slot);
+        const uint16_t *vc = (const uint16_t *)(page + L->v_codes) + (size_t)slot * d;
+        float a = att[t] / sum;
+        for (int j = 0; j < d; j++) o[j] += a * h2f_table[vc[j]];
+    }
+}
+
+/* silu(g) * u, with silu(g) = g * sigmoid(g) */
+static void swiglu(float *g, const float *u, int n) {
+    for (int i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* Runs token at position pos of sequence seq through the model; returns the logits. The
+ * caller has reserved cache room for pos + 1 tokens of seq. */
+static float *forward(Model *m, KVCache *kv, int seq, int token, int pos) {
+    Config *c = &m->c;
+    Weights *w = &m->w;
+    RunState *s = &m->s;
+    int D = c->dim, hd = c->head_dim, QD = c->n_heads * hd, KVD = c->n_kv_heads * hd;
+    int group = c->n_heads / c->n_kv_heads;
+
+    memcpy(s->x, w->tok_embeddings + (size_t)token * D, D * sizeof(float));
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerWeights *L = &w->layers[l];
+        /* attention block: x += Wo attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x) */
+        rmsnorm(s->xb, s->x, L->attn_norm, D, c->norm_eps);
+        matmul(s->q, s->xb, L->wq, D, QD);
+        matmul(s->k, s->xb, L->wk, D, KVD);
+        matmul(s->v, s->xb, L->wv, D, KVD);
+        if (L->bq) {
+            for (int i = 0; i < QD; i++) s->q[i] += L->bq[i];
+            for (int i = 0; i < KVD; i++) { s->k[i] += L->bk[i]; s->v[i] += L->bv[i]; }
+        }
+        rope(s->q, c->n_heads, hd, pos, c->rope_theta, c->rope_style);
+        rope(s->k, c->n_kv_heads, hd, pos, c->rope_theta, c->rope_style);
+        for (int h = 0; h < c->n_kv_heads; h++)
+            kv_append(kv, kv_head(kv, seq, l, h), s->k + h * hd, s->v + h * hd, pos);
+        int h;
+#pragma omp parallel for private(h)
+        for (h = 0; h < c->n_heads; h++)
+            attention_paged(kv, kv_head(kv, seq, l, h / group), s->q + h * hd,
+                            s->att + (size_t)h * (pos + 1), s->o + h * hd);
+        matmul(s->xb2, s->o, L->wo, QD, D);
+        for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
+
+        /* feed-forward block: x += W2 (silu(W1 xn) * W3 xn), xn = rmsnorm(x) */
+        rmsnorm(s->xb, s->x, L->ffn_norm, D, c->norm_eps);
+        matmul(s->hb, s->xb, L->w1, D, c->hidden_dim);
+        matmul(s->hb2, s->xb, L->w3, D, c->hidden_dim);
+        swiglu(s->hb, s->hb2, c->hidden_dim);
+        matmul(s->xb2, s->hb, L->w2, c->hidden_dim, D);
+        for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
+    }
+    /* logits = Wout rmsnorm(x) */
+    rmsnorm(s->x, s->x, w->norm, D, c->norm_eps);
+    matmul(s->logits, s->x, w->output, D, c->vocab_size);
+    return s->logits;
+}
+
+/* ----------------------------------------------------------------------------------------
+ * Sampler: greedy at temperature 0, else softmax(logits / T) with optional top-p. */
+
+typedef struct { float p; int i; } ProbIndex;
+
+typedef struct {
+    int vocab_size;
+    float temperature;
+    float topp;
+    uint64_t rng;          /* xorshift64* state */
+    ProbIndex *candidates; /* (vocab_size) scratch for top-p */
+} Sampler;
+
+static void build_sampler(Sampler *sp, int vocab, float temp, float topp, uint64_t seed) {
+    sp->vocab_size = vocab; sp->temperature = temp; sp->topp = topp;
+    sp->rng = seed ? seed : 0x9E3779B97F4A7C15ull;
+    sp->candidates = xmalloc(vocab * sizeof(ProbIndex));
+}
+
+static void free_sampler(Sampler *sp) { free(sp->candidates); }
+
+static float random_f32(uint64_t *s) {   /* uniform in [0, 1) */
+    *s ^= *s >> 12; *s ^= *s << 25; *s ^= *s >> 27;
+    return ((*s * 0x2545F4914F6CDD1Dull) >> 40) / 16777216.0f;
+}
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static void softmax(float *x, int n) {
+    float mx = x[argmax(x, n)], sum = 0.0f;
+    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+static int cmp_prob_desc(const void *a, const void *b) {
+    float pa = ((const ProbIndex *)a)->p, pb = ((const ProbIndex *)b)->p;
+    return pa > pb ? -1 : pa < pb ? 1 : 0;
+}
+
+/* smallest set of tokens whose probabilities reach topp, sampled within */
+static int sample_topp(const float *p, int n, float topp, ProbIndex *cand, float coin) {
+    int nc = 0;
+    float cutoff = (1.0f - topp) / (n - 1 > 0 ? n - 1 : 1);  /* tokens below can't be in it */
+    for (int i = 0; i < n; i++) if (p[i] >= cutoff) cand[nc++] = (ProbIndex){p[i], i};
+    qsort(cand, nc, sizeof *cand, cmp_prob_desc);
+    float cum = 0.0f;
+    int last = nc - 1;
+    for (int i = 0; i < nc; i++) { cum += cand[i].p; if (cum > topp) { last = i; break; } }
+    float r = coin * cum, acc = 0.0f;
+    for (int i = 0; i <= last; i++) { acc += cand[i].p; if (r < acc) return cand[i].i; }
+    return cand[last].i;
+}
+
+static int sample(Sampler *sp, float *logits) {
+    if (sp->temperature == 0.0f) return argmax(logits, sp->vocab_size);
+    for (int i = 0; i < sp->vocab_size; i++) logits[i] /= sp->temperature;
+    softmax(logits, sp->vocab_size);
+    float coin = random_f32(&sp->rng);
+    if (sp->topp <= 0.0f || sp->topp >= 1.0f) {
+        float acc = 0.0f;
+        for (int i = 0; i < sp->vocab_size; i++) { acc += logits[i]; if (coin < acc) return i; }
+        return sp->vocab_size - 1;
+    }
+    return sample_topp(logits, sp->vocab_size, sp->topp, sp->candidates, coin);
+}
+
+/* ----------------------------------------------------------------------------------------
+ * Modes */
+
+typedef struct {
+    const char *model_path;
+    const char *tokenizer_path; /* -z */
+    const char *mode;           /* -m */
+    const char *prompt;         /* -i or the positional argument */
+    const char *system;         /* -y */
+    const char *file;           /* -f */
+    const char *out;            /* -o */
+    float temperature;          /* -t */
+    float topp;                 /* -p */
+    uint64_t seed;              /* -s */
+    int steps;                  /* -n tokens to generate, 0 = up to the context */
+    int ctx;                    /* --ctx */
+    size_t kv_mem_mib;          /* --kv-mem */
+    int print_ids;              /* --print-ids */
+} Options;
+
+static int is_stop(const Config *c, int id) {
+    for (int i = 0; i < c->n_stop; i++) if (c->stop_ids[i] == id) return 1;
+    return 0;
+}
+
+/* utf-8 validity, so a bad prompt is refused rather than silently altered */
+static const char *first_invalid_utf8(const char *s, size_t n) {
+    const unsigned char *p = (const unsigned char *)s, *e = p + n;
+    while (p < e) {
+        unsigned c = *p;
+        int len = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3
+                : (c & 0xF8) == 0xF0 ? 4 : 0;
+        if (!len || p + len > e) return (const char *)p;
+        unsigned cp = len == 1 ? c : len == 2 ? c & 0x1F : len == 3 ? c & 0x0F : c & 0x07;
+        for (int i = 1; i < len; i++) {
+            if ((p[i] & 0xC0) != 0x80) return (const char *)p;
+            cp = (cp << 6) | (p[i] & 0x3F);
+        }
+        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+            cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+            return (const char *)p;
+        p += len;
+    }
+    return NULL;
+}
+
+static Tokenizer *need_tokenizer(Model *m) {
+    if (!m->tok) die("%s has no tokenizer; give one with -z", "the model");
+    return m->tok;
+}
+
+/* text -> ids with the model's BOS rule; dies on invalid UTF-8 or a prompt over max_ids */
+static int encode_text(Model *m, const char *text, size_t len, int *ids, int max_ids,
+                       const char *what) {
+    const char *bad = first_invalid_utf8(text, len);
+    if (bad) die("%s has invalid UTF-8 at byte %zu", what, (size_t)(bad - text));
+    int n = 0;
+    if (m->c.add_bos && m->c.bos_id >= 0) { if (max_ids < 1) return -1; ids[n++] = m->c.bos_id; }
+    int k = tokenizer_encode(need_tokenizer(m), text, len, ids + n, max_ids - n);
+    if (k < 0) die("%s is longer than the context of %d tokens", what, max_ids);
+    return n + k;
+}
+
+/* prints a token's bytes; control tokens are shown only when asked */
+static void print_token(Model *m, int id) {
+    int len;
+    const char *p = tokenizer_piece(m->tok, id, &len);
+    if (p && len) fwrite(p, 1, len, stdout);
+    fflush(stdout);
+}
+
+static int reserve_or_die(KVCache *kv, int seq, int n) {
+    int r = kv_reserve(kv, seq, n);
+    if (r == -2) die("position %d is beyond the context (--ctx)", n - 1);
+    if (r == -1) die("KV pool full: %d pages of %d bytes are all in use; raise --kv-mem",
+                     kv->n_pages, kv->page_bytes);
+    return r;
+}
+
+/* feeds ids[0..n) from position pos0; returns the logits of the last */
+static float *feed(Model *m, KVCache *kv, const int *ids, int n, int pos0) {
+    float *logits = NULL;
+    for (int i = 0; i < n; i++) {
+        reserve_or_die(kv, 0, pos0 + i + 1);
+        logits = forward(m, kv, 0, ids[i], pos0 + i);
+    }
+    return logits;
+}
+
+static void mode_generate(Model *m, KVCache *kv, Sampler *sp, const Options *o) {
+    const char *prompt = o->prompt ? o->prompt : "";
+    int *ids = xmalloc((size_t)(o->ctx + 1) * sizeof(int));
+    int n = encode_text(m, prompt, strlen(prompt), ids, o->ctx, "the prompt");
+    if (n == 0) die("the prompt is empty and the model has no BOS token to start from");
+    if (n >= o->ctx) die("the prompt has %d tokens; the context (--ctx) is %d", n, o->ctx);
+    int steps = o->steps > 0 && n + o->steps < o->ctx ? o->steps : o->ctx - n;
+    fwrite(prompt, 1, strlen(prompt), stdout);
+    fflush(stdout);
+    double t0 = now_s();
+    float *logits = feed(m, kv, ids, n, 0);
+    double t1 = now_s();
+    int pos = n, generated = 0;
+    int *gen = xmalloc((size_t)(steps + 1) * sizeof(int));
+    while (generated < steps) {
+        int next = sample(sp, logits);
+        if (is_stop(&m->c, next)) break;
+        gen[generated++] = next;
+        if (!o->print_ids) print_token(m, next);
+        if (generated == steps) break;
+        reserve_or_die(kv, 0, pos + 1);
+        logits = forward(m, kv, 0, next, pos++);
+    }
+    double t2 = now_s();
+    printf("\n");
+    if (o->print_ids) {
+        for (int i = 0; i < generated; i++) printf("%s%d", i ? " " : "", gen[i]);
+        printf("\n");
+    }
+    fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generated: %d tokens, %.1f tok/s\n", n,
+            n / (t1 - t0 + 1e-9), generated, generated > 1 ? (generated - 1) / (t2 - t1 + 1e-9) : 0.0);
+    kv_release(kv, 0);
+    free(gen);
+    free(ids);
+}
+
+/* appends text to the conversation buffer of token ids */
+static int chat_append(Model *m, const char *text, int *ids, int n, int max) {
+    int k = tokenizer_encode(m->tok, text, strlen(text), ids + n, max - n);
+    if (k < 0) die("the conversation outgrew the context of %d tokens", max);
+    return n + k;
+}
+
+static void mode_chat(Model *m, KVCache *kv, Sampler *sp, const Options *o) {
+    need_tokenizer(m);
+    if (m->c.chat_template != LKV_CHAT_CHATML && m->c.chat_template != LKV_CHAT_LLAMA3)
+        die("chat mode needs a ChatML or Llama-3 template; this model has kind %d",
+            m->c.chat_template);
+    int chatml = m->c.chat_template == LKV_CHAT_CHATML;
+    int *ids = xmalloc((size_t)(o->ctx + 1) * sizeof(int));
+    int n = 0, pos = 0;
+    char line[8192];
+    if (m->c.add_bos && m->c.bos_id >= 0) ids[n++] = m->c.bos_id;
+    if (o->system) {
+        const char *bad = first_invalid_utf8(o->system, strlen(o->system));
+        if (bad) die("the system prompt has invalid UTF-8");
+        n = chat_append(m, chatml ? "<|im_start|>system\n" :
+                        "<|start_header_id|>system<|end_header_id|>\n\n", ids, n, o->ctx);
+        n = chat_append(m, o->system, ids, n, o->ctx);
+        n = chat_append(m, chatml ? "<|im_end|>\n" : "<|eot_id|>", ids, n, o->ctx);
+    }
+    int first = 1;
+    for (;;) {
+        const char *user;
+        if (first && o->prompt) user = o->prompt;
+        else {
+            if (o->prompt) break;          /* -i: one turn, then stop */
+            printf("User: ");
+            fflush(stdout);
+            if (!fgets(line, sizeof line, stdin)) break;
+            line[strcspn(line, "\n")] = 0;
+            user = line;
+        }
+        first = 0;
+        const char *bad = first_invalid_utf8(user, strlen(user));
+        if (bad) { fprintf(stderr, "leankv: error: invalid UTF-8 in the message\n"); continue; }
+        n = chat_append(m, chatml ? "<|im_start|>user\n" :
+                        "<|start_header_id|>user<|end_header_id|>\n\n", ids, n, o->ctx);
+        n = chat_append(m, user, ids, n, o->ctx);
+        n = chat_append(m, chatml ? "<|im_end|>\n<|im_start|>assistant\n" :
+                        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+                        ids, n, o->ctx);
+        if (n >= o->ctx) die("the conversation outgrew the context of %d tokens", o->ctx);
+        float *logits = feed(m, kv, ids + pos, n - pos, pos);
+        pos = n;
+        printf("Assistant: ");
+        int generated = 0;
+        for (;;) {
+            int next = sample(sp, logits);
+            if (pos >= o->ctx) die("the conversation outgrew the context of %d tokens", o->ctx);
+            ids[n++] = next;
+            reserve_or_die(kv, 0, pos + 1);
+            logits = forward(m, kv, 0, next, pos++);   /* the end token is part of the history */
+            if (is_stop(&m->c, next)) break;
+            print_token(m, next);
+            if (o->steps > 0 && ++generated >= o->steps) break;
+        }
+        if (chatml) n = chat_append(m, "\n", ids, n, o->ctx);
+        printf("\n");
+    }
+    kv_release(kv, 0);
+    free(ids);
+}
+
+static void mode_tokenize(Model *m, const Options *o) {
+    const char *text = o->prompt ? o->prompt : "";
+    size_t len = strlen(text);
+    int max = (int)(len + 2 < (size_t)INT_MAX ? len + 2 : INT_MAX);
+    int *ids = xmalloc((size_t)max * sizeof(int));
+    int n = encode_text(m, text, len, ids, max, "the text");
+    for (int i = 0; i < n; i++) printf("%s%d", i ? " " : "", ids[i]);
+    printf("\n");
+    free(ids);
+}
+
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot open '%s': %s", path, strerror(errno));
+    if (fseek(f, 0, SEEK_END) != 0) die("cannot seek '%s'", path);
+    long n = ftell(f);
+    if (n < 0) die("cannot size '%s'", path);
+    rewind(f);
+    char *buf = malloc((size_t)n + 1);
+    if (!buf) die("'%s' (%ld bytes) does not fit in memory", path, n);
+    if (fread(buf, 1, (size_t)n, f) != (size_t)n) die("cannot read '%s'", path);
+    fclose(f);
+    buf[n] = 0;
+    *len = (size_t)n;
+    return buf;
+}
+
+/* perplexity = exp(mean over t of -log p(x_{t+1} | x_{<=t})) over the first ctx tokens */
+static void mode_ppl(Model *m, KVCache *kv, const Options *o) {
+    if (!o->file) die("-m ppl needs the text file with -f");
+    size_t len;
+    char *text = read_file(o->file, &len);
+    int max = (int)(len + 2 < (size_t)INT_MAX ? len + 2 : INT_MAX);
+    int *ids = xmalloc((size_t)max * sizeof(int));
+    int n = encode_text(m, text, len, ids, max, o->file);
+    if (n > o->ctx) n = o->ctx;
+    if (n < 2) die("%s gives %d tokens; perplexity needs at least 2", o->file, n);
+    double nll = 0.0;
+    double t0 = now_s();
+    for (int t = 0; t < n - 1; t++) {
+        reserve_or_die(kv, 0, t + 1);
+        float *logits = forward(m, kv, 0, ids[t], t);
+        float mx = logits[argmax(logits, m->c.vocab_size)];
+        double sum = 0.0;
+        for (int i = 0; i < m->c.vocab_size; i++) sum += exp((double)logits[i] - mx);
+        nll += -((double)logits[ids[t + 1]] - mx - log(sum));
+    }
+    fprintf(stderr, "%d tokens in %.1f s\n", n, now_s() - t0);
+    printf("tokens: %d\n", n);
+    printf("perplexity: %.6f\n", exp(nll / (n - 1)));
+    kv_release(kv, 0);
+    free(ids);
+    free(text);
+}
+
+/* -m logits: -i holds token ids; writes (T, vocab) fp32 logits to -o. For tests. */
+static void mode_logits(Model *m, KVCache *kv, const Options *o) {
+    if (!o->prompt || !o->out) die("-m logits needs ids with -i and an output file with -o");
+    int cap = 16, n = 0;
+    int *ids = xmalloc(cap * sizeof(int));
+    const char *p = o->prompt;
+    while (*p) {
+        while (*p && isspace((unsigned char)*p)) p++;
+        if (!*p) break;
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v >= m->c.vocab_size)
+            die("-i: '%.20s' is not a token id below %d", p, m->c.vocab_size);
+        if (n == cap) { cap *= 2; ids = realloc(ids, cap * sizeof(int)); if (!ids) die("oom"); }
+        ids[n++] = (int)v;
+        p = end;
+    }
+    if (n == 0) die("-i holds no token ids");
+    if (n > o->ctx) die("%d ids exceed the context (--ctx) of %d", n, o->ctx);
+    FILE *f = fopen(o->out, "wb");
+    if (!f) die("cannot write '%s': %s", o->out, strerror(errno));
+    for (int t = 0; t < n; t++) {
+        reserve_or_die(kv, 0, t + 1);
+        float *logits = forward(m, kv, 0, ids[t], t);
+        if (fwrite(logits, sizeof(float), m->c.vocab_size, f) != (size_t)m->c.vocab_size)
+            die("cannot write '%s'", o->out);
+    }
+    if (fclose(f) != 0) die("cannot write '%s'", o->out);
+    kv_release(kv, 0);
+    free(ids);
+}
+
+/* ----------------------------------------------------------------------------------------
+ * Command line */
+
+static void usage(FILE *f) {
+    fprintf(f,
+        "usage: leankv MODEL.bin [PROMPT] [options]\n"
+        "  -m, --mode MODE     generate (default), chat, tokenize, ppl, logits\n"
+        "  -i, --input TEXT    the prompt (or, for -m logits, space-separated token ids)\n"
+        "  -n, --steps N       tokens to generate, 0 = up to the context (default 256)\n"
+        "  -t, --temperature T 0 = greedy (default 1.0)\n"
+        "  -p, --topp P        nucleus sampling threshold in (0, 1] (default 0.9)\n"
+        "  -s, --seed S        random seed (default: time)\n"
+        "  -y, --system TEXT   system prompt for chat mode\n"
+        "  -z, --tokenizer F   llama2.c tokenizer.bin (for legacy checkpoints)\n"
+        "  -f, --file F        text file for -m ppl\n"
+        "  -o, --out F         output file for -m logits\n"
+        "      --ctx N         context length (default: the model's, at most 4096)\n"
+        "      --kv-mem MIB    KV page pool size in MiB (default: enough for the context)\n"
+        "      --print-ids     print generated token ids instead of text\n"
+        "  -h, --help          this help\n");
+}
+
+static long parse_long(const char *s, const char *flag, long lo, long hi) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end || errno) die("%s: '%s' is not an integer", flag, s);
+    if (v < lo || v > hi) die("%s: %ld is out of range [%ld, %ld]", flag, v, lo, hi);
+    return v;
+}
+
+static float parse_float(const char *s, const char *flag) {
+    char *end;
+    errno = 0;
+    float v = strtof(s, &end);
+    if (end == s || *end || errno || !isfinite(v)) die("%s: '%s' is not a number", flag, s);
+    return v;
+}
+
+static void parse_options(Options *o, int argc, char **argv) {
+    memset(o, 0, sizeof *o);
+    o->mode = "generate";
+    o->temperature = 1.0f;
+    o->topp = 0.9f;
+    o->steps = 256;
+    o->ctx = -1;
+    int seed_given = 0;
+    static const struct option longopts[] = {
+        {"mode", required_argument, 0, 'm'},   {"input", required_argument, 0, 'i'},
+        {"steps", required_argument, 0, 'n'},  {"temperature", required_argument, 0, 't'},
+        {"topp", required_argument, 0, 'p'},   {"seed", required_argument, 0, 's'},
+        {"system", required_argument, 0, 'y'}, {"tokenizer", required_argument, 0, 'z'},
+        {"file", required_argument, 0, 'f'},   {"out", required_argument, 0, 'o'},
+        {"ctx", required_argument, 0, 1000},   {"kv-mem", required_argument, 0, 1001},
+        {"print-ids", no_argument, 0, 1002},   {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    opterr = 0;
+    int ch;
+    while ((ch = getopt_long(argc, argv, ":m:i:n:t:p:s:y:z:f:o:h", longopts, NULL)) != -1) {
+        switch (ch) {
+        case 'm': o->mode = optarg; break;
+        case 'i': o->prompt = optarg; break;
+        case 'n': o->steps = (int)parse_long(optarg, "-n", 0, INT_MAX / 2); break;
+        case 't': o->temperature = parse_float(optarg, "-t");
+                  if (o->temperature < 0) die("-t: temperature %g is negative", o->temperature);
+                  break;
+        case 'p': o->topp = parse_float(optarg, "-p");
+                  if (!(o->topp > 0 && o->topp <= 1)) die("-p: top-p %g is outside (0, 1]", o->topp);
+                  break;
+        case 's': o->seed = (uint64_t)parse_long(optarg, "-s", 0, LONG_MAX); seed_given = 1; break;
+        case 'y': o->system = optarg; break;
+        case 'z': o->tokenizer_path = optarg; break;
+        case 'f': o->file = optarg; break;
+        case 'o': o->out = optarg; break;
+        case 1000: o->ctx = (int)parse_long(optarg, "--ctx", 1, 1 << 24); break;
+        case 1001: o->kv_mem_mib = (size_t)parse_long(optarg, "--kv-mem", 1, 1L << 24); break;
+        case 1002: o->print_ids = 1; break;
+        case 'h': usage(stdout); exit(0);
+        case ':': die("option '%s' needs a value (see --help)", argv[optind - 1]);
+        default:
+            if (optopt) die("unknown option '-%c' (see --help)", optopt);
+            die("unknown option '%s' (see --help)", argv[optind - 1]);
+        }
+    }
+    if (optind >= argc) { usage(stderr); die("no model file given"); }
+    o->model_path = argv[optind++];
+    if (optind < argc) {
+        if (o->prompt) die("the prompt is given twice (-i and a positional argument)");
+        o->prompt = argv[optind++];
+    }
+    if (optind < argc) die("unexpected argument '%s' (quote a prompt with spaces)", argv[optind]);
+    if (!seed_given) o->seed = (uint64_t)time(NULL);
+    const char *modes[] = {"generate", "chat", "tokenize", "ppl", "logits"};
+    int ok = 0;
+    for (size_t i = 0; i < sizeof modes / sizeof *modes; i++) ok |= !strcmp(o->mode, modes[i]);
+    if (!ok) die("unknown mode '%s' (generate, chat, tokenize, ppl, logits)", o->mode);
+}
+
+#ifndef TESTING
+int main(int argc, char **argv) {
+    Options o;
+    parse_options(&o, argc, argv);
+    build_h2f_table();
+    Model m;
+    build_model(&m, o.model_path, o.tokenizer_path);
+    if (o.ctx > m.c.seq_len)
+        die("--ctx %d exceeds the model's context of %d", o.ctx, m.c.seq_len);
+    if (o.ctx < 0) o.ctx = m.c.seq_len < 4096 ? m.c.seq_len : 4096;
+    build_runstate(&m, o.ctx);
+    if (!strcmp(o.mode, "tokenize")) {
+        mode_tokenize(&m, &o);
+        free_runstate(&m.s);
+        free_model(&m);
+        return 0;
+    }
+    KVCache kv;
+    build_kvcache(&kv, &m.c, 1, o.ctx, o.kv_mem_mib);
+    Sampler sp;
+    build_sampler(&sp, m.c.vocab_size, o.temperature, o.topp, o.seed);
+    if (!strcmp(o.mode, "generate")) mode_generate(&m, &kv, &sp, &o);
+    else if (!strcmp(o.mode, "chat")) mode_chat(&m, &kv, &sp, &o);
+    else if (!strcmp(o.mode, "ppl")) mode_ppl(&m, &kv, &o);
+    else if (!strcmp(o.mode, "logits")) mode_logits(&m, &kv, &o);
+    free_sampler(&sp);
+    free_kvcache(&kv);
+    free_runstate(&m.s);
+    free_model(&m);
+    return 0;
+}
+#endif

@@ -1,0 +1,285 @@
+/* leankv.h: what the C side (leankv.c, tokenizer.c) and the CUDA side (leankv.cu) share.
+ *
+ *   1. the model.bin file format (written by export.py, read by leankv.c)
+ *   2. the tokenizer interface (tokenizer.c)
+ *   3. fp16 <-> fp32 conversion, bit-exact on host and device
+ *   4. the page layout of the KV cache (../shared/LEANKV.md section 5)
+ *
+ * Every formula that both sides need lives here once, as static inline functions that nvcc
+ * compiles for the device too (LKV_HD). */
+#ifndef LEANKV_H
+#define LEANKV_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+
+#ifdef __CUDACC__
+#define LKV_HD __host__ __device__ __forceinline__
+#else
+#define LKV_HD static inline
+#endif
+
+/* ----------------------------------------------------------------------------------------
+ * 1. model.bin
+ *
+ * Little-endian throughout. Layout of the file:
+ *
+ *   [0, 256)                 LkvHeader (below), zero-padded to 256 bytes
+ *   [tensor_table_offset..)  n_tensors x LkvTensorEntry (96 bytes each)
+ *   [tokenizer_offset..)     tokenizer section, tokenizer_bytes long (may be 0: no tokenizer)
+ *   tensor data              each tensor at a 64-byte-aligned offset given in its entry
+ *   file_bytes               the total size of the file, checked on load
+ *
+ * Tensor names and shapes (row-major, shape[0] is the outermost dimension; matrices are
+ * stored [out, in] so that y = W x reads W row by row). L = layer index:
+ *   tok_embeddings         [vocab, dim]
+ *   layers.L.attn_norm     [dim]                     always fp32
+ *   layers.L.wq            [n_heads*head_dim, dim]
+ *   layers.L.wk            [n_kv_heads*head_dim, dim]
+ *   layers.L.wv            [n_kv_heads*head_dim, dim]
+ *   layers.L.bq/bk/bv      [rows of wq/wk/wv]        only if qkv_bias; always fp32
+ *   layers.L.wo            [dim, n_heads*head_dim]
+ *   layers.L.ffn_norm      [dim]                     always fp32
+ *   layers.L.w1            [hidden_dim, dim]         gate
+ *   layers.L.w2            [dim, hidden_dim]         down
+ *   layers.L.w3            [hidden_dim, dim]         up
+ *   norm                   [dim]                     always fp32
+ *   output                 [vocab, dim]              only if !tied_classifier
+ * Matrices and the embedding are stored in weight_dtype (fp32 or fp16).
+ *
+ * q and k rows of each head are stored so that rotary pairs are as rope_style says:
+ *   LKV_ROPE_INTERLEAVED: channels (2i, 2i+1) rotate together (llama2.c, GGUF llama)
+ *   LKV_ROPE_HALF:        channels (i, i + head_dim/2) rotate together (HF "rotate_half")
+ * ---------------------------------------------------------------------------------------- */
+
+#define LKV_MAGIC   0x4D564B4Cu   /* the bytes "LKVM" */
+#define LKV_VERSION 1
+#define LKV_HEADER_BYTES 256
+#define LKV_TENSOR_NAME_MAX 64
+#define LKV_MAX_STOP 8
+
+enum { LKV_DTYPE_F32 = 0, LKV_DTYPE_F16 = 1 };
+enum { LKV_ROPE_INTERLEAVED = 0, LKV_ROPE_HALF = 1 };
+enum { LKV_CHAT_NONE = 0, LKV_CHAT_CHATML = 1, LKV_CHAT_LLAMA2 = 2, LKV_CHAT_LLAMA3 = 3 };
+
+/* byte offsets are fixed: every field is 4 bytes except the four uint64 at the end */
+typedef struct {
+    uint32_t magic;               /* @0   LKV_MAGIC */
+    int32_t version;              /* @4   LKV_VERSION */
+    int32_t dim;                  /* @8   model width */
+    int32_t hidden_dim;           /* @12  FFN width */
+    int32_t n_layers;             /* @16 */
+    int32_t n_heads;              /* @20  query heads */
+    int32_t n_kv_heads;           /* @24  key/value heads (GQA when < n_heads) */
+    int32_t head_dim;             /* @28 */
+    int32_t vocab_size;           /* @32 */
+    int32_t seq_len;              /* @36  the model's trained context length */
+    float rope_theta;             /* @40 */
+    int32_t rope_style;           /* @44  LKV_ROPE_* */
+    float norm_eps;               /* @48  RMSNorm epsilon */
+    int32_t tied_classifier;      /* @52  1: logits use tok_embeddings */
+    int32_t qkv_bias;             /* @56  1: bq, bk, bv present */
+    int32_t weight_dtype;         /* @60  LKV_DTYPE_* of matrices and embedding */
+    int32_t bos_id;               /* @64  -1 if none */
+    int32_t eos_id;               /* @68  -1 if none */
+    int32_t add_bos;              /* @72  1: prepend bos_id to a prompt */
+    int32_t chat_template;        /* @76  LKV_CHAT_* */
+    int32_t n_stop;               /* @80  number of valid stop_ids */
+    int32_t stop_ids[LKV_MAX_STOP]; /* @84 generation stops on any of these */
+    int32_t n_tensors;            /* @116 entries in the tensor table */
+    int32_t reserved0;            /* @120 zero */
+    int32_t reserved1;            /* @124 zero */
+    uint64_t tensor_table_offset; /* @128 */
+    uint64_t tokenizer_offset;    /* @136 */
+    uint64_t tokenizer_bytes;     /* @144 */
+    uint64_t file_bytes;          /* @152 total file size */
+} LkvHeader;                      /* 160 bytes used, the rest of the 256 is zero */
+
+typedef struct {
+    char name[LKV_TENSOR_NAME_MAX]; /* @0  NUL-terminated, e.g. "layers.3.wq" */
+    int32_t dtype;                  /* @64 LKV_DTYPE_* */
+    int32_t ndim;                   /* @68 1 or 2 */
+    int32_t shape[2];               /* @72 unused dims are 1 */
+    uint64_t offset;                /* @80 from the start of the file, 64-byte aligned */
+    uint64_t nbytes;                /* @88 */
+} LkvTensorEntry;                   /* 96 bytes */
+
+/* Tokenizer section, at tokenizer_offset:
+ *   int32 kind            LKV_TOK_*
+ *   int32 pretokenizer    LKV_PRETOK_*
+ *   int32 vocab_size      equals the header's
+ *   int32 n_merges        0 for LKV_TOK_SPM
+ *   int32 max_token_bytes longest token in bytes
+ *   vocab_size records:   int32 type (GGUF token type: 1 normal, 2 unknown, 3 control,
+ *                         4 user-defined, 5 unused, 6 byte), float32 score, int32 nbytes,
+ *                         then nbytes bytes. For LKV_TOK_BPE the bytes are the token's raw
+ *                         bytes (GPT-2's byte-to-unicode mapping already undone); for
+ *                         LKV_TOK_SPM they are the piece as in the vocabulary ("\xe2\x96\x81"
+ *                         for a space, "<0x0A>" for byte tokens).
+ *   n_merges records:     int32 left_id, int32 right_id, int32 result_id; rank = index. */
+enum { LKV_TOK_NONE = 0, LKV_TOK_BPE = 1, LKV_TOK_SPM = 2 };
+enum { LKV_PRETOK_NONE = 0, LKV_PRETOK_GPT2 = 1, LKV_PRETOK_SMOLLM = 2,
+       LKV_PRETOK_LLAMA3 = 3, LKV_PRETOK_QWEN2 = 4 };
+enum { LKV_TT_NORMAL = 1, LKV_TT_UNKNOWN = 2, LKV_TT_CONTROL = 3, LKV_TT_USER = 4,
+       LKV_TT_UNUSED = 5, LKV_TT_BYTE = 6 };
+
+/* llama2.c's legacy checkpoint: 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads,
+ * vocab_size, seq_len; vocab_size < 0 means an untied classifier), then fp32 weights in the
+ * order tok_embeddings, all attn_norm, all wq, all wk, all wv, all wo, all ffn_norm, all w1,
+ * all w2, all w3, norm, two freq_cis tables of seq_len*head_dim/2 floats (ignored), output.
+ * Its tokenizer.bin: int32 max_token_length, then per token: float32 score, int32 len, bytes. */
+#define LKV_LEGACY_HEADER_BYTES 28
+
+/* ----------------------------------------------------------------------------------------
+ * 2. Tokenizer interface (implemented in tokenizer.c)
+ * ---------------------------------------------------------------------------------------- */
+
+typedef struct Tokenizer Tokenizer;
+
+/* Builds from the tokenizer section of model.bin (buf, size). Returns 0, or -1 after writing
+ * a one-line reason into err (errlen bytes). */
+int build_tokenizer(Tokenizer **t, const uint8_t *buf, size_t size, char *err, size_t errlen);
+/* Builds from llama2.c's tokenizer.bin for a vocabulary of vocab_size tokens. */
+int build_tokenizer_legacy(Tokenizer **t, const char *path, int vocab_size, char *err,
+                           size_t errlen);
+void free_tokenizer(Tokenizer *t);
+/* Encodes len bytes of text (any bytes; invalid UTF-8 is handled as documented in
+ * tokenizer.c) into at most max_ids ids. Special-token strings become their ids. Returns the
+ * number of ids, or -1 when more than max_ids would be needed. Adds no BOS. */
+int tokenizer_encode(Tokenizer *t, const char *text, size_t len, int *ids, int max_ids);
+/* The raw bytes of one token, for printing (*len set). Control tokens give their text. */
+const char *tokenizer_piece(Tokenizer *t, int id, int *len);
+/* Looks a token up by its exact bytes; -1 if absent. */
+int tokenizer_find(Tokenizer *t, const char *bytes, int len);
+int tokenizer_vocab_size(Tokenizer *t);
+
+/* ----------------------------------------------------------------------------------------
+ * 3. fp16 <-> fp32, IEEE binary16, round to nearest even. Written out bit by bit so that the
+ * host (no _Float16 needed) and the device give the same bits.
+ * ---------------------------------------------------------------------------------------- */
+
+LKV_HD float lkv_h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0x1f) u = sign | 0x7f800000u | (man << 13);             /* inf, nan */
+    else if (exp != 0) u = sign | ((exp + 112) << 23) | (man << 13);   /* normal */
+    else if (man == 0) u = sign;                                        /* zero */
+    else {                                                              /* subnormal */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400u));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+LKV_HD uint16_t lkv_f2h(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0));
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);          /* rounds to inf */
+    if (a < 0x38800000u) {                                              /* subnormal or zero */
+        if (a < 0x33000000u) return (uint16_t)sign;                     /* below half the smallest */
+        uint32_t man = (a & 0x7fffffu) | 0x800000u, shift = 126 - (a >> 23);
+        uint32_t r = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1))) r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = ((a >> 13) - (112u << 10)), rem = a & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (r & 1))) r++;
+    return (uint16_t)(sign | r);
+}
+
+/* ----------------------------------------------------------------------------------------
+ * 4. Page layout (../shared/LEANKV.md section 5)
+ *
+ * A page holds tokens of one (sequence, layer, KV head), all at one precision. Inside a page
+ * of T tokens at precision (kbits, vbits) with g channel groups per head vector, in order:
+ *   K codes    T * head_dim * kbits / 8 bytes   (kbits 16: the fp16 values themselves)
+ *   K scale/zero  T * g * 2 fp16                 (absent when kbits is 16)
+ *   V codes    T * head_dim * vbits / 8
+ *   V scale/zero  T * g * 2 fp16                 (absent when vbits is 16)
+ *   scores     T fp32    (attention-mass sums, section 3)
+ *   positions  T int32   (the token's position in its sequence)
+ * each segment starting at a multiple of LKV_SEG_ALIGN bytes so that 16-byte loads work.
+ * Every page of a run has the same byte size, whatever its precision.
+ * ---------------------------------------------------------------------------------------- */
+
+#define LKV_SEG_ALIGN 16
+#define LKV_MAX_TIERS 2
+
+typedef struct {
+    int kbits, vbits;   /* 16, 8, 4 or 2 */
+    int groups;         /* channel groups per head vector (scale/zero pairs) */
+} LkvPrecision;
+
+typedef struct {
+    int tokens;         /* tokens per page at this precision */
+    int k_codes, k_sz;  /* byte offsets of the segments inside the page */
+    int v_codes, v_sz;
+    int scores, pos;
+    int used;           /* bytes used, the rest of the page is waste */
+} LkvPageLayout;
+
+LKV_HD int lkv_align(int x) { return (x + LKV_SEG_ALIGN - 1) / LKV_SEG_ALIGN * LKV_SEG_ALIGN; }
+
+/* segment offsets for T tokens; returns the bytes they need */
+LKV_HD int lkv_layout(LkvPageLayout *L, LkvPrecision p, int head_dim, int T) {
+    int off = 0;
+    L->tokens = T;
+    L->k_codes = off; off = lkv_align(off + T * head_dim * p.kbits / 8);
+    L->k_sz = off;    off = lkv_align(off + (p.kbits < 16 ? T * p.groups * 4 : 0));
+    L->v_codes = off; off = lkv_align(off + T * head_dim * p.vbits / 8);
+    L->v_sz = off;    off = lkv_align(off + (p.vbits < 16 ? T * p.groups * 4 : 0));
+    L->scores = off;  off = lkv_align(off + T * 4);
+    L->pos = off;     off = lkv_align(off + T * 4);
+    L->used = off;
+    return off;
+}
+
+/* the most tokens at precision p that fit a page of page_bytes; fills L */
+LKV_HD int lkv_layout_fit(LkvPageLayout *L, LkvPrecision p, int head_dim, int page_bytes) {
+    /* the size grows monotonically with T, so step down from an upper estimate */
+    int per_token = head_dim * (p.kbits + p.vbits) / 8 + 8 +
+                    (p.kbits < 16 ? p.groups * 4 : 0) + (p.vbits < 16 ? p.groups * 4 : 0);
+    int T = page_bytes / per_token + 1;
+    while (T > 0 && lkv_layout(L, p, head_dim, T) > page_bytes) T--;
+    if (T <= 0) { lkv_layout(L, p, head_dim, 0); return 0; }
+    return T;
+}
+
+/* The page size rule (ours, after the paper's): among page sizes that are multiples of 64
+ * bytes and hold between 16 and 32 tokens at the widest precision in use, take the one whose
+ * worst relative waste over all precisions is smallest; ties go to the smaller page. */
+#define LKV_PAGE_MIN_TOKENS 16
+#define LKV_PAGE_MAX_TOKENS 32
+#define LKV_PAGE_STEP 64
+
+LKV_HD int lkv_page_bytes(const LkvPrecision *tiers, int n_tiers, int head_dim, float *worst_waste) {
+    int widest = 0, widest_bits = -1;
+    for (int i = 0; i < n_tiers; i++) {
+        int b = tiers[i].kbits + tiers[i].vbits;
+        if (b > widest_bits) { widest_bits = b; widest = i; }
+    }
+    LkvPageLayout L;
+    int lo = lkv_layout(&L, tiers[widest], head_dim, LKV_PAGE_MIN_TOKENS);
+    int hi = lkv_layout(&L, tiers[widest], head_dim, LKV_PAGE_MAX_TOKENS);
+    int best = -1;
+    float best_waste = 2.0f;
+    for (int P = (lo + LKV_PAGE_STEP - 1) / LKV_PAGE_STEP * LKV_PAGE_STEP; P <= hi + LKV_PAGE_STEP;
+         P += LKV_PAGE_STEP) {
+        float worst = 0.0f;
+        for (int i = 0; i < n_tiers; i++) {
+            lkv_layout_fit(&L, tiers[i], head_dim, P);
+            float w = (float)(P - L.used) / (float)P;
+            if (w > worst) worst = w;
+        }
+        if (worst < best_waste - 1e-6f) { best_waste = worst; best = P; }
+    }
+    if (worst_waste) *worst_waste = best_waste;
+    return best;
+}
+
+#endif /* LEANKV_H */

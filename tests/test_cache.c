@@ -1,0 +1,227 @@
+/* Unit tests of the paged KV cache and the formulas in leankv.h, calling leankv.c's
+ * internals the llama2.c way: #define TESTING, then #include the program.
+ *
+ *   gcc -O2 -fopenmp -I. tests/test_cache.c tokenizer.c -lm && ./a.out
+ *
+ * Each check prints a line; the last line is "N passed, M failed". */
+#define TESTING
+#include "../leankv.c"
+
+static int n_pass, n_fail;
+
+#define CHECK(cond, ...)                                                            \
+    do {                                                                            \
+        if (cond) n_pass++;                                                         \
+        else { n_fail++; printf("FAIL %s:%d: ", __FILE__, __LINE__);                \
+               printf(__VA_ARGS__); printf("\n"); }                                 \
+    } while (0)
+
+static uint64_t rng = 88172645463325252ull;
+static uint32_t rnd(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return (uint32_t)rng; }
+static float rndf(void) { return (rnd() >> 8) / 16777216.0f * 2.0f - 1.0f; }
+
+/* fp16 conversions against the compiler's own IEEE binary16 (_Float16), an independent
+ * implementation: every half value both ways, and a stride through all 2^32 float bit
+ * patterns plus the rounding boundaries. */
+static void test_fp16(void) {
+    int bad = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        _Float16 ref;
+        uint16_t hb = (uint16_t)h;
+        memcpy(&ref, &hb, 2);
+        float a = lkv_h2f(hb), b = (float)ref;
+        if (memcmp(&a, &b, 4) != 0 && !(isnan(a) && isnan(b))) bad++;
+    }
+    CHECK(bad == 0, "lkv_h2f differs from _Float16 on %d of 65536 values", bad);
+    bad = 0;
+    long tried = 0;
+    for (uint64_t u = 0; u < (1ull << 32); u += 4099, tried++) {
+        uint32_t bits = (uint32_t)u;
+        float f;
+        memcpy(&f, &bits, 4);
+        _Float16 ref = (_Float16)f;
+        uint16_t rb;
+        memcpy(&rb, &ref, 2);
+        uint16_t mine = lkv_f2h(f);
+        if (isnan(f)) { if ((mine & 0x7c00) != 0x7c00 || !(mine & 0x3ff)) bad++; }
+        else if (mine != rb) bad++;
+    }
+    /* exact ties and their neighbours around every half value */
+    for (uint32_t h = 0; h < 0x7c00; h++) {
+        float lo = lkv_h2f((uint16_t)h), hi = lkv_h2f((uint16_t)(h + 1));
+        float mids[3] = {(lo + hi) * 0.5f, nextafterf((lo + hi) * 0.5f, 0), nextafterf((lo + hi) * 0.5f, 1e9f)};
+        for (int i = 0; i < 3; i++) {
+            _Float16 ref = (_Float16)mids[i];
+            uint16_t rb;
+            memcpy(&rb, &ref, 2);
+            if (lkv_f2h(mids[i]) != rb) bad++;
+            tried++;
+        }
+    }
+    CHECK(bad == 0, "lkv_f2h differs from _Float16 on %d of %ld values", bad, tried);
+}
+
+/* segments are aligned, in order, disjoint and inside the page, for every precision pair at
+ * head dims 64 and 128; and the page rule's choice holds at least 16 widest tokens */
+static void test_layout(void) {
+    int bits[4] = {16, 8, 4, 2}, dims[2] = {64, 128};
+    for (int di = 0; di < 2; di++)
+        for (int a = 0; a < 4; a++)
+            for (int b = 0; b < 4; b++)
+                for (int g = 1; g <= 4; g *= 2) {
+                    int d = dims[di];
+                    LkvPrecision p = {bits[a], bits[b], g};
+                    float waste;
+                    int P = lkv_page_bytes(&p, 1, d, &waste);
+                    LkvPageLayout L;
+                    int T = lkv_layout_fit(&L, p, d, P);
+                    int ok = P > 0 && P % LKV_PAGE_STEP == 0 && T >= LKV_PAGE_MIN_TOKENS &&
+                             L.used <= P && waste >= 0 && waste < 0.5f;
+                    int segs[7] = {L.k_codes, L.k_sz, L.v_codes, L.v_sz, L.scores, L.pos, L.used};
+                    int sizes[6] = {T * d * p.kbits / 8, p.kbits < 16 ? T * g * 4 : 0,
+                                    T * d * p.vbits / 8, p.vbits < 16 ? T * g * 4 : 0, T * 4, T * 4};
+                    for (int s = 0; s < 6; s++)
+                        ok &= segs[s] % LKV_SEG_ALIGN == 0 && segs[s] + sizes[s] <= segs[s + 1];
+                    /* one more token must not fit */
+                    LkvPageLayout L2;
+                    ok &= lkv_layout(&L2, p, d, T + 1) > P;
+                    CHECK(ok, "layout d=%d k%dv%d g=%d: page %d, %d tokens, used %d", d, p.kbits,
+                          p.vbits, g, P, T, L.used);
+                }
+    /* two tiers share one page size; the rule minimises the worse waste of the two */
+    LkvPrecision tiers[2] = {{8, 4, 1}, {4, 2, 1}};
+    float waste;
+    int P = lkv_page_bytes(tiers, 2, 128, &waste);
+    int best_worst_ok = 1;
+    for (int Q = P - LKV_PAGE_STEP; Q >= 1024; Q -= LKV_PAGE_STEP) {
+        LkvPageLayout L;
+        float w = 0;
+        for (int t = 0; t < 2; t++) {
+            lkv_layout_fit(&L, tiers[t], 128, Q);
+            float x = (float)(Q - L.used) / Q;
+            if (x > w) w = x;
+        }
+        lkv_layout_fit(&L, tiers[0], 128, Q);
+        if (L.tokens >= LKV_PAGE_MIN_TOKENS && w < waste - 1e-6f) best_worst_ok = 0;
+    }
+    CHECK(best_worst_ok, "a smaller page than %d has less worst-case waste than %.4f", P, waste);
+}
+
+static Config tiny_config(int layers, int kv_heads, int head_dim) {
+    Config c = {0};
+    c.n_layers = layers; c.n_kv_heads = kv_heads; c.n_heads = kv_heads; c.head_dim = head_dim;
+    return c;
+}
+
+/* the page manager: under a long random mix of reservations and releases, no page is lost or
+ * owned twice and the free count is exact */
+static void test_manager(void) {
+    int n_seqs = 16, ctx = 200;
+    Config c = tiny_config(4, 3, 64);
+    KVCache kv;
+    build_kvcache(&kv, &c, n_seqs, ctx, 1);   /* 1 MiB: far fewer pages than the worst case */
+    int *len = calloc(n_seqs, sizeof(int)), *owner = malloc(kv.n_pages * sizeof(int));
+    int fails = 0, full_seen = 0;
+    for (int step = 0; step < 20000; step++) {
+        int s = rnd() % n_seqs;
+        if (rnd() % 40 == 0) { kv_release(&kv, s); len[s] = 0; }
+        else if (len[s] < ctx) {
+            int r = kv_reserve(&kv, s, len[s] + 1);
+            if (r == 0) len[s]++;
+            else full_seen++;
+        }
+        if (step % 500 == 0 || step == 19999) {
+            for (int i = 0; i < kv.n_pages; i++) owner[i] = -1;
+            int owned = 0;
+            for (int hh = 0; hh < kv.n_heads_total; hh++) {
+                int np = kv.n_pg[hh * LKV_MAX_TIERS];
+                int seq = hh / (kv.n_layers * kv.n_kv_heads);
+                int need = (len[seq] + kv.layout[0].tokens - 1) / kv.layout[0].tokens;
+                if (np != need) fails++;
+                for (int i = 0; i < np; i++) {
+                    int id = kv.table[(size_t)hh * kv.table_width + i];
+                    if (id < 0 || id >= kv.n_pages || owner[id] != -1) fails++;
+                    else owner[id] = hh;
+                    owned++;
+                }
+            }
+            for (int i = 0; i < kv.free_count; i++) {
+                int id = kv.free_ids[(kv.free_start + i) % kv.n_pages];
+                if (id < 0 || id >= kv.n_pages || owner[id] != -1) fails++;
+                else owner[id] = -2;
+            }
+            if (owned + kv.free_count != kv.n_pages) fails++;
+        }
+    }
+    CHECK(fails == 0, "page manager invariants broken %d times", fails);
+    CHECK(full_seen > 0, "the random mix never filled the pool, so the full case went untested");
+    /* a full pool refuses a reservation whole: nothing is taken */
+    for (int s = 0; s < n_seqs; s++) kv_release(&kv, s);
+    int s = 0, before;
+    while (kv_reserve(&kv, s % n_seqs, ctx) == 0) s++;
+    before = kv.free_count;
+    CHECK(kv_reserve(&kv, s % n_seqs, ctx) == -1 && kv.free_count == before,
+          "a refused reservation took pages");
+    CHECK(kv_reserve(&kv, 0, ctx * 10) == -2, "a reservation beyond the context was accepted");
+    free(len); free(owner);
+    free_kvcache(&kv);
+}
+
+/* attention read through the page table equals dense fp32 attention over the same fp16
+ * values, with pages handed out in a scrambled order */
+static void test_paged_attention(void) {
+    int d = 64, n = 150;
+    Config c = tiny_config(1, 2, d);
+    KVCache kv;
+    build_kvcache(&kv, &c, 3, 256, 0);
+    /* scramble the free ring so that pages of one head are not contiguous */
+    for (int i = kv.n_pages - 1; i > 0; i--) {
+        int j = rnd() % (i + 1), t = kv.free_ids[i];
+        kv.free_ids[i] = kv.free_ids[j]; kv.free_ids[j] = t;
+    }
+    float *K = malloc(n * d * sizeof(float)), *V = malloc(n * d * sizeof(float));
+    float q[64], o[64], att[256];
+    double worst = 0;
+    for (int s = 0; s < 3; s++) {
+        for (int t = 0; t < n; t++) {
+            if (kv_reserve(&kv, s, t + 1)) { CHECK(0, "reserve failed"); return; }
+            for (int j = 0; j < d; j++) { K[t * d + j] = rndf() * 3; V[t * d + j] = rndf(); }
+            kv_append(&kv, kv_head(&kv, s, 0, 1), K + t * d, V + t * d, t);
+            kv_append(&kv, kv_head(&kv, s, 0, 0), V + t * d, K + t * d, t);  /* another head */
+        }
+        for (int j = 0; j < d; j++) q[j] = rndf();
+        attention_paged(&kv, kv_head(&kv, s, 0, 1), q, att, o);
+        double sc[256], mx = -1e30, sum = 0;
+        for (int t = 0; t < n; t++) {
+            double x = 0;
+            for (int j = 0; j < d; j++) x += (double)q[j] * lkv_h2f(lkv_f2h(K[t * d + j]));
+            sc[t] = x / sqrt((double)d);
+            if (sc[t] > mx) mx = sc[t];
+        }
+        for (int t = 0; t < n; t++) { sc[t] = exp(sc[t] - mx); sum += sc[t]; }
+        for (int j = 0; j < d; j++) {
+            double acc = 0;
+            for (int t = 0; t < n; t++) acc += sc[t] / sum * lkv_h2f(lkv_f2h(V[t * d + j]));
+            double e = fabs(acc - o[j]);
+            if (e > worst) worst = e;
+        }
+        /* positions are kept beside each token */
+        int slot;
+        uint8_t *page = kv_high_page(&kv, kv_head(&kv, s, 0, 1), 77, &slot);
+        CHECK(((int32_t *)(page + kv.layout[0].pos))[slot] == 77, "position of token 77 lost");
+    }
+    CHECK(worst < 1e-5, "paged attention differs from dense by %.3g (bound 1e-5)", worst);
+    printf("paged vs dense attention: max abs error %.3g\n", worst);
+    free(K); free(V);
+    free_kvcache(&kv);
+}
+
+int main(void) {
+    build_h2f_table();
+    test_fp16();
+    test_layout();
+    test_manager();
+    test_paged_attention();
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail != 0;
+}
