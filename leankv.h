@@ -282,4 +282,47 @@ LKV_HD int lkv_page_bytes(const LkvPrecision *tiers, int n_tiers, int head_dim, 
     return best;
 }
 
+/* ----------------------------------------------------------------------------------------
+ * 5. The model in memory, as the CPU side loads it and the GPU side uploads it
+ * ---------------------------------------------------------------------------------------- */
+
+typedef struct {
+    int dim;          /* model width */
+    int hidden_dim;   /* FFN width */
+    int n_layers;
+    int n_heads;      /* query heads */
+    int n_kv_heads;   /* key/value heads; n_heads / n_kv_heads queries share one */
+    int head_dim;
+    int vocab_size;
+    int seq_len;      /* the model's trained context */
+    float rope_theta;
+    int rope_style;   /* LKV_ROPE_* */
+    float norm_eps;
+    int tied;         /* classifier = token embedding */
+    int qkv_bias;
+    int bos_id, eos_id, add_bos, chat_template;
+    int n_stop, stop_ids[LKV_MAX_STOP];
+} Config;
+
+typedef struct {
+    float *attn_norm;  /* (dim) */
+    float *wq;         /* (n_heads*head_dim, dim) */
+    float *wk;         /* (n_kv_heads*head_dim, dim) */
+    float *wv;         /* (n_kv_heads*head_dim, dim) */
+    float *bq, *bk, *bv; /* (rows of wq, wk, wv) or NULL */
+    float *wo;         /* (dim, n_heads*head_dim) */
+    float *ffn_norm;   /* (dim) */
+    float *w1;         /* (hidden_dim, dim) gate */
+    float *w2;         /* (dim, hidden_dim) down */
+    float *w3;         /* (hidden_dim, dim) up */
+} LayerWeights;
+
+typedef struct {
+    float *tok_embeddings; /* (vocab, dim) */
+    LayerWeights *layers;  /* (n_layers) */
+    float *norm;           /* (dim) */
+    float *output;         /* (vocab, dim), = tok_embeddings when tied */
+} Weights;
+
+
 #endif /* LEANKV_H */
