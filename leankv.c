@@ -122,22 +122,30 @@ static float *load_tensor(Model *m, const char *path, const LkvTensorEntry *tt, 
     return f;
 }
 
-static void check_config(const char *path, const Config *c) {
+/* the reason a config cannot be right, or NULL */
+static const char *config_problem(const Config *c) {
+    static char why[256];
     if (c->dim <= 0 || c->hidden_dim <= 0 || c->n_layers <= 0 || c->n_heads <= 0 ||
         c->n_kv_heads <= 0 || c->head_dim <= 0 || c->vocab_size <= 0 || c->seq_len <= 0)
-        die("%s: header has a non-positive dimension (dim %d, hidden %d, layers %d, heads %d, "
-            "kv heads %d, head dim %d, vocab %d, context %d)", path, c->dim, c->hidden_dim,
-            c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size, c->seq_len);
-    if (c->dim > 65536 || c->hidden_dim > 262144 || c->n_layers > 1024 || c->n_heads > 1024 ||
-        c->head_dim > 512 || c->vocab_size > (1 << 22) || c->seq_len > (1 << 24))
-        die("%s: header dimensions are implausibly large", path);
-    if (c->n_heads % c->n_kv_heads)
-        die("%s: %d query heads are not a multiple of %d KV heads", path, c->n_heads,
-            c->n_kv_heads);
-    if (c->head_dim % 2) die("%s: head dim %d is odd; RoPE needs pairs", path, c->head_dim);
-    if (!(c->norm_eps > 0 && c->norm_eps < 1)) die("%s: norm eps %g is out of range", path,
-                                                    c->norm_eps);
-    if (!(c->rope_theta > 1)) die("%s: rope theta %g is out of range", path, c->rope_theta);
+        snprintf(why, sizeof why, "header has a non-positive dimension (dim %d, hidden %d, "
+                 "layers %d, heads %d, kv heads %d, head dim %d, vocab %d, context %d)",
+                 c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
+                 c->vocab_size, c->seq_len);
+    else if (c->dim > 65536 || c->hidden_dim > 262144 || c->n_layers > 1024 ||
+             c->n_heads > 1024 || c->head_dim > 512 || c->vocab_size > (1 << 22) ||
+             c->seq_len > (1 << 24))
+        snprintf(why, sizeof why, "header dimensions are implausibly large");
+    else if (c->n_heads % c->n_kv_heads)
+        snprintf(why, sizeof why, "%d query heads are not a multiple of %d KV heads",
+                 c->n_heads, c->n_kv_heads);
+    else if (c->head_dim % 2)
+        snprintf(why, sizeof why, "head dim %d is odd; RoPE needs pairs", c->head_dim);
+    else if (!(c->norm_eps > 0 && c->norm_eps < 1))
+        snprintf(why, sizeof why, "norm eps %g is out of range", c->norm_eps);
+    else if (!(c->rope_theta > 1))
+        snprintf(why, sizeof why, "rope theta %g is out of range", c->rope_theta);
+    else return NULL;
+    return why;
 }
 
 static void map_file(Model *m, const char *path) {
@@ -196,7 +204,8 @@ static void load_leankv_file(Model *m, const char *path) {
     c->rope_style = h.rope_style; c->norm_eps = h.norm_eps; c->tied = h.tied_classifier;
     c->qkv_bias = h.qkv_bias; c->bos_id = h.bos_id; c->eos_id = h.eos_id;
     c->add_bos = h.add_bos; c->chat_template = h.chat_template; c->n_stop = h.n_stop;
-    check_config(path, c);
+    const char *why = config_problem(c);
+    if (why) die("%s: %s", path, why);
     if (c->rope_style != LKV_ROPE_INTERLEAVED && c->rope_style != LKV_ROPE_HALF)
         die("%s: unknown rope style %d", path, c->rope_style);
     if (c->n_stop < 0 || c->n_stop > LKV_MAX_STOP) die("%s: %d stop ids (max %d)", path,
@@ -272,10 +281,12 @@ static void load_legacy_file(Model *m, const char *path, const char *tok_path) {
     c->rope_theta = 10000.0f; c->rope_style = LKV_ROPE_INTERLEAVED; c->norm_eps = 1e-5f;
     c->qkv_bias = 0; c->bos_id = 1; c->eos_id = 2; c->add_bos = 1;
     c->chat_template = LKV_CHAT_LLAMA2; c->n_stop = 1; c->stop_ids[0] = 2;
-    if (hd[5] == INT_MIN) die("%s: corrupt header", path);
-    check_config(path, c);
-    if (c->n_heads * c->head_dim != c->dim) die("%s: dim %d is not a multiple of %d heads",
-                                                path, c->dim, c->n_heads);
+    /* without a magic number, only the header's consistency with the file size says that
+     * this is a llama2.c checkpoint */
+    const char *why = hd[5] == INT_MIN ? "corrupt header" : config_problem(c);
+    if (!why && c->n_heads * c->head_dim != c->dim) why = "dim is not a multiple of the heads";
+    if (why) die("%s: not a model.bin (magic 0x%08x, expected 0x%08x) and not a llama2.c "
+                 "checkpoint (%s)", path, (unsigned)hd[0], LKV_MAGIC, why);
     uint64_t D = c->dim, H = c->hidden_dim, L = c->n_layers, V = c->vocab_size,
              KVD = (uint64_t)c->n_kv_heads * c->head_dim;
     uint64_t floats = V * D + L * (D + D * D + 2 * D * KVD + D * D + D + 3 * D * H) + D +

@@ -1,0 +1,47 @@
+"""Shared fixtures: where the binaries and the default model are.
+
+`make test` builds ./leankv and ./leankv-asan and runs ./run.sh --setup (which fetches and
+exports the default model) before pytest, so these exist in CI."""
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2_BIN = ROOT / "models" / "smollm2-135m-instruct.bin"
+SMOLLM2_GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _built(target):
+    path = ROOT / target
+    subprocess.run(["make", "-s", "-C", str(ROOT), target], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def root():
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def leankv_bin():
+    return _built("leankv")
+
+
+@pytest.fixture(scope="session")
+def leankv_asan():
+    return _built("leankv-asan")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bin():
+    if not SMOLLM2_BIN.exists():
+        pytest.fail(f"{SMOLLM2_BIN} is missing: run ./run.sh --setup (make test does)")
+    return SMOLLM2_BIN
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    if not SMOLLM2_GGUF.exists():
+        pytest.fail(f"{SMOLLM2_GGUF} is missing: run ./run.sh --setup (make test does)")
+    return SMOLLM2_GGUF

@@ -1,0 +1,142 @@
+"""Bad input gets one line of error and a non-zero exit, never a crash: every case runs the
+AddressSanitizer + UndefinedBehaviorSanitizer build (make leankv-asan), whose reports would
+show on stderr. Also the modes and flags that a user types."""
+import os
+import struct
+import subprocess
+
+import pytest
+
+import tiny_models as tm
+
+SAN_ENV = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",
+               UBSAN_OPTIONS="print_stacktrace=1", OMP_NUM_THREADS="1")
+
+
+def run(exe, *args, input=None, timeout=120):
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, input=input,
+                          timeout=timeout, env=SAN_ENV)
+
+
+def assert_one_line_error(r, must_contain):
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 1, f"exit {r.returncode}, stderr:\n{err}"
+    assert "Sanitizer" not in err and "runtime error" not in err, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("leankv: error: "), err
+    assert must_contain in lines[0], f"expected '{must_contain}' in: {lines[0]}"
+
+
+@pytest.fixture(scope="module")
+def tiny_bin(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    tm.write_hf(d / "hf", "llama_mha_tied")
+    tm.run_export(d / "hf", d / "tiny.bin")
+    return d / "tiny.bin"
+
+
+def test_missing_file(leankv_asan, tmp_path):
+    assert_one_line_error(run(leankv_asan, tmp_path / "nope.bin", "hi"), "cannot open model")
+
+
+def test_truncated_file(leankv_asan, tiny_bin, tmp_path):
+    data = tiny_bin.read_bytes()
+    for cut in (10, 200, 300, len(data) // 2, len(data) - 1):
+        p = tmp_path / f"cut{cut}.bin"
+        p.write_bytes(data[:cut])
+        r = run(leankv_asan, p, "hi")
+        assert_one_line_error(r, "")
+
+
+def test_wrong_magic(leankv_asan, tiny_bin, tmp_path):
+    data = bytearray(tiny_bin.read_bytes())
+    data[0:4] = b"GGUF"
+    p = tmp_path / "magic.bin"
+    p.write_bytes(bytes(data))
+    assert_one_line_error(run(leankv_asan, p, "hi"), "not a llama2.c checkpoint")
+
+
+def test_wrong_version(leankv_asan, tiny_bin, tmp_path):
+    data = bytearray(tiny_bin.read_bytes())
+    data[4:8] = struct.pack("<i", 99)
+    p = tmp_path / "version.bin"
+    p.write_bytes(bytes(data))
+    assert_one_line_error(run(leankv_asan, p, "hi"), "version 99")
+
+
+@pytest.mark.parametrize("offset,value,needle", [
+    (8, 128, "shape"),            # dim no longer matches the tensors
+    (16, 50, "missing"),          # more layers than the file holds
+    (24, 3, "multiple"),          # 4 heads over 3 KV heads
+    (8, -5, "non-positive"),
+    (32, 1 << 30, "implausibly"),
+])
+def test_dimensions_that_do_not_fit(leankv_asan, tiny_bin, tmp_path, offset, value, needle):
+    data = bytearray(tiny_bin.read_bytes())
+    data[offset:offset + 4] = struct.pack("<i", value)
+    p = tmp_path / "dims.bin"
+    p.write_bytes(bytes(data))
+    assert_one_line_error(run(leankv_asan, p, "hi"), needle)
+
+
+def test_legacy_dimensions_that_do_not_fit(leankv_asan, tmp_path):
+    p = tmp_path / "legacy.bin"
+    p.write_bytes(struct.pack("<7i", 64, 160, 2, 4, 4, 256, 128) + b"\0" * 4000)
+    assert_one_line_error(run(leankv_asan, p, "hi"), "not a llama2.c checkpoint")
+
+
+def test_prompt_longer_than_ctx(leankv_asan, smollm2_bin):
+    r = run(leankv_asan, smollm2_bin, "word " * 50, "--ctx", "16", "-n", "4")
+    assert_one_line_error(r, "context")
+
+
+def test_unknown_flag(leankv_asan, tiny_bin):
+    assert_one_line_error(run(leankv_asan, tiny_bin, "--frobnicate"), "unknown option")
+    assert_one_line_error(run(leankv_asan, tiny_bin, "-q"), "unknown option")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-n", "-3"], "-n"), (["-t", "-1"], "negative"), (["-p", "0"], "top-p"),
+    (["-p", "1.5"], "top-p"), (["--ctx", "0"], "--ctx"), (["-n", "abc"], "not an integer"),
+    (["-m", "dance"], "unknown mode"), (["-n"], "needs a value"),
+])
+def test_bad_flag_values(leankv_asan, tiny_bin, args, needle):
+    assert_one_line_error(run(leankv_asan, tiny_bin, "hi", *args), needle)
+
+
+def test_ctx_beyond_model(leankv_asan, tiny_bin):
+    assert_one_line_error(run(leankv_asan, tiny_bin, "hi", "--ctx", "100000"), "exceeds")
+
+
+def test_invalid_utf8_prompt(leankv_asan, smollm2_bin):
+    r = subprocess.run([str(leankv_asan), str(smollm2_bin), b"caf\xc3 \xff ok", "-n", "2"],
+                       capture_output=True, timeout=120, env=SAN_ENV)
+    assert_one_line_error(r, "invalid UTF-8")
+
+
+def test_kv_pool_full(leankv_asan, smollm2_bin):
+    # 1 MiB holds 248 pages of 4224 bytes; 40 tokens need 3 pages for each of SmolLM2's
+    # 30 x 3 heads (270): the pool runs out and the run says so
+    r = run(leankv_asan, smollm2_bin, "--kv-mem", "1", "-m", "logits", "-o", os.devnull,
+            "-i", " ".join(["5"] * 40))
+    assert_one_line_error(r, "KV pool full")
+
+
+def test_tokenize_mode(leankv_bin, smollm2_bin):
+    r = subprocess.run([str(leankv_bin), str(smollm2_bin), "-m", "tokenize", "-i",
+                        "The capital of France is"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["504", "3575", "282", "4649", "314"]
+
+
+def test_generate_under_sanitizers(leankv_asan, smollm2_bin):
+    # a short real generation through the sanitizer build: no report, clean exit
+    r = run(leankv_asan, smollm2_bin, "Hello", "-n", "3", "-t", "0")
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "Sanitizer" not in err and "runtime error" not in err, err
+    assert "tok/s" in err
+
+
+def test_help(leankv_bin):
+    r = subprocess.run([str(leankv_bin), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "usage: leankv" in r.stdout
