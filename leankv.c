@@ -132,7 +132,7 @@ static const char *config_problem(const Config *c) {
                  c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
                  c->vocab_size, c->seq_len);
     else if (c->dim > 65536 || c->hidden_dim > 262144 || c->n_layers > 1024 ||
-             c->n_heads > 1024 || c->head_dim > 512 || c->vocab_size > (1 << 22) ||
+             c->n_heads > 1024 || c->head_dim > LKV_MAX_HEAD_DIM || c->vocab_size > (1 << 22) ||
              c->seq_len > (1 << 24))
         snprintf(why, sizeof why, "header dimensions are implausibly large");
     else if (c->n_heads % c->n_kv_heads)
@@ -380,10 +380,11 @@ static inline int kv_head(const KVCache *kv, int seq, int layer, int h) {
 }
 
 /* pool of kv_mem_mib MiB, or when 0 enough pages for n_seqs sequences of ctx tokens */
-static void build_kvcache(KVCache *kv, const Config *c, int n_seqs, int ctx, size_t kv_mem_mib) {
+static void build_kvcache(KVCache *kv, const Config *c, int n_seqs, int ctx, size_t kv_mem_mib,
+                          int bits) {
     memset(kv, 0, sizeof *kv);
     kv->n_tiers = 1;
-    kv->tier[0] = (LkvPrecision){16, 16, 1};
+    kv->tier[0] = (LkvPrecision){bits, bits, 1};
     kv->head_dim = c->head_dim;
     float waste;
     kv->page_bytes = lkv_page_bytes(kv->tier, kv->n_tiers, c->head_dim, &waste);
@@ -471,15 +472,33 @@ static inline uint8_t *kv_high_page(const KVCache *kv, int hh, int i, int *slot)
     return kv->pool + (size_t)kv->table[(size_t)hh * kv->table_width + i / tpp] * kv->page_bytes;
 }
 
-/* Appends one token's key (after RoPE) and value to the high tier of head hh, as fp16. */
+static float h2f_table[65536];   /* fp16 bits -> fp32, filled once */
+
+static void build_h2f_table(void) {
+    for (int i = 0; i < 65536; i++) h2f_table[i] = lkv_h2f((uint16_t)i);
+}
+
+/* stores the d values of one head vector in slot of a code segment: 16 bits = fp16 (the
+ * default cache), 32 bits = fp32 (an exact cache, for checking against a reference) */
+static inline void kv_store(uint8_t *codes, int bits, int slot, int d, const float *x) {
+    if (bits == 32) memcpy((float *)codes + (size_t)slot * d, x, d * sizeof(float));
+    else for (int j = 0; j < d; j++) ((uint16_t *)codes)[(size_t)slot * d + j] = lkv_f2h(x[j]);
+}
+
+/* the inverse: the stored head vector, widened to fp32 */
+static inline void kv_load(const uint8_t *codes, int bits, int slot, int d, float *x) {
+    if (bits == 32) memcpy(x, (const float *)codes + (size_t)slot * d, d * sizeof(float));
+    else for (int j = 0; j < d; j++) x[j] = h2f_table[((const uint16_t *)codes)[(size_t)slot * d + j]];
+}
+
+/* Appends one token's key (after RoPE) and value to the high tier of head hh. */
 static void kv_append(KVCache *kv, int hh, const float *k, const float *v, int pos) {
     int *nt = &kv->n_tok[hh * LKV_MAX_TIERS];
     int slot, d = kv->head_dim;
     uint8_t *page = kv_high_page(kv, hh, *nt, &slot);
     const LkvPageLayout *L = &kv->layout[0];
-    uint16_t *kc = (uint16_t *)(page + L->k_codes) + (size_t)slot * d;
-    uint16_t *vc = (uint16_t *)(page + L->v_codes) + (size_t)slot * d;
-    for (int j = 0; j < d; j++) { kc[j] = lkv_f2h(k[j]); vc[j] = lkv_f2h(v[j]); }
+    kv_store(page + L->k_codes, kv->tier[0].kbits, slot, d, k);
+    kv_store(page + L->v_codes, kv->tier[0].vbits, slot, d, v);
     ((float *)(page + L->scores))[slot] = 0.0f;
     ((int32_t *)(page + L->pos))[slot] = pos;
     (*nt)++;
@@ -487,12 +506,6 @@ static void kv_append(KVCache *kv, int hh, const float *k, const float *v, int p
 
 /* ----------------------------------------------------------------------------------------
  * Forward pass, one token at a time. The equations are in the comments. */
-
-static float h2f_table[65536];   /* fp16 bits -> fp32, filled once */
-
-static void build_h2f_table(void) {
-    for (int i = 0; i < 65536; i++) h2f_table[i] = lkv_h2f((uint16_t)i);
-}
 
 /* o = x / sqrt(mean(x^2) + eps) * w */
 static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
@@ -539,13 +552,13 @@ static void rope(float *vec, int n_heads, int head_dim, int pos, float theta, in
 static void attention_paged(const KVCache *kv, int hh, const float *q, float *att, float *o) {
     int d = kv->head_dim, n = kv->n_tok[hh * LKV_MAX_TIERS];
     const LkvPageLayout *L = &kv->layout[0];
-    float scale = 1.0f / sqrtf((float)d), mx = -INFINITY;
+    float scale = 1.0f / sqrtf((float)d), mx = -INFINITY, x[LKV_MAX_HEAD_DIM];
     for (int t = 0; t < n; t++) {
         int slot;
         const uint8_t *page = kv_high_page(kv, hh, t, &slot);
-        const uint16_t *kc = (const uint16_t *)(page + L->k_codes) + (size_t)slot * d;
+        kv_load(page + L->k_codes, kv->tier[0].kbits, slot, d, x);
         float s = 0.0f;
-        for (int j = 0; j < d; j++) s += q[j] * h2f_table[kc[j]];
+        for (int j = 0; j < d; j++) s += q[j] * x[j];
         att[t] = s * scale;
         if (att[t] > mx) mx = att[t];
     }
@@ -555,9 +568,9 @@ static void attention_paged(const KVCache *kv, int hh, const float *q, float *at
     for (int t = 0; t < n; t++) {
         int slot;
         const uint8_t *page = kv_high_page(kv, hh, t, &slot);
-        const uint16_t *vc = (const uint16_t *)(page + L->v_codes) + (size_t)slot * d;
+        kv_load(page + L->v_codes, kv->tier[0].vbits, slot, d, x);
         float a = att[t] / sum;
-        for (int j = 0; j < d; j++) o[j] += a * h2f_table[vc[j]];
+        for (int j = 0; j < d; j++) o[j] += a * x[j];
     }
 }
 
@@ -700,6 +713,7 @@ typedef struct {
     int steps;                  /* -n tokens to generate, 0 = up to the context */
     int ctx;                    /* --ctx */
     size_t kv_mem_mib;          /* --kv-mem */
+    int kv_bits;                /* --kv: 16 (fp16) or 32 (fp32) */
     int print_ids;              /* --print-ids */
 } Options;
 
@@ -982,6 +996,7 @@ static void usage(FILE *f) {
         "  -o, --out F         output file for -m logits\n"
         "      --ctx N         context length (default: the model's, at most 4096)\n"
         "      --kv-mem MIB    KV page pool size in MiB (default: enough for the context)\n"
+        "      --kv TYPE       KV cache precision: fp16 (default) or fp32 (exact, for checks)\n"
         "      --print-ids     print generated token ids instead of text\n"
         "  -h, --help          this help\n");
 }
@@ -1010,6 +1025,7 @@ static void parse_options(Options *o, int argc, char **argv) {
     o->topp = 0.9f;
     o->steps = 256;
     o->ctx = -1;
+    o->kv_bits = 16;
     int seed_given = 0;
     static const struct option longopts[] = {
         {"mode", required_argument, 0, 'm'},   {"input", required_argument, 0, 'i'},
@@ -1018,7 +1034,8 @@ static void parse_options(Options *o, int argc, char **argv) {
         {"system", required_argument, 0, 'y'}, {"tokenizer", required_argument, 0, 'z'},
         {"file", required_argument, 0, 'f'},   {"out", required_argument, 0, 'o'},
         {"ctx", required_argument, 0, 1000},   {"kv-mem", required_argument, 0, 1001},
-        {"print-ids", no_argument, 0, 1002},   {"help", no_argument, 0, 'h'},
+        {"print-ids", no_argument, 0, 1002},   {"kv", required_argument, 0, 1003},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     opterr = 0;
     int ch;
@@ -1041,6 +1058,11 @@ static void parse_options(Options *o, int argc, char **argv) {
         case 1000: o->ctx = (int)parse_long(optarg, "--ctx", 1, 1 << 24); break;
         case 1001: o->kv_mem_mib = (size_t)parse_long(optarg, "--kv-mem", 1, 1L << 24); break;
         case 1002: o->print_ids = 1; break;
+        case 1003:
+            if (!strcmp(optarg, "fp16")) o->kv_bits = 16;
+            else if (!strcmp(optarg, "fp32")) o->kv_bits = 32;
+            else die("--kv: '%s' is not a cache type (fp16, fp32)", optarg);
+            break;
         case 'h': usage(stdout); exit(0);
         case ':': die("option '%s' needs a value (see --help)", argv[optind - 1]);
         default:
@@ -1080,7 +1102,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     KVCache kv;
-    build_kvcache(&kv, &m.c, 1, o.ctx, o.kv_mem_mib);
+    build_kvcache(&kv, &m.c, 1, o.ctx, o.kv_mem_mib, o.kv_bits);
     Sampler sp;
     build_sampler(&sp, m.c.vocab_size, o.temperature, o.topp, o.seed);
     if (!strcmp(o.mode, "generate")) mode_generate(&m, &kv, &sp, &o);

@@ -208,6 +208,7 @@ LKV_HD uint16_t lkv_f2h(float f) {
  * ---------------------------------------------------------------------------------------- */
 
 #define LKV_SEG_ALIGN 16
+#define LKV_MAX_HEAD_DIM 512
 #define LKV_MAX_TIERS 2
 
 typedef struct {
@@ -324,5 +325,85 @@ typedef struct {
     float *output;         /* (vocab, dim), = tok_embeddings when tied */
 } Weights;
 
+
+/* ----------------------------------------------------------------------------------------
+ * 6. GPU engine interface (leankv.cu)
+ *
+ * The engine keeps the weights (fp16) and a paged fp16 KV cache on the GPU and runs batches
+ * of "rows": a row is one token of one sequence at that sequence's next position. A sequence
+ * lives in a slot (0 .. max_slots-1); the engine remembers how many tokens each slot holds, so
+ * callers pass tokens, never positions. Pages are those of section 4 (fp16 tier, the same
+ * lkv_page_bytes rule as the CPU cache); each (slot, layer, KV head) has its own page table,
+ * and the free page ids sit in a circular array, all in GPU memory (../shared/LEANKV.md 5-6).
+ *
+ * A caller that schedules many requests (continuous batching) asks gpu_pages_needed before a
+ * step, and frees a slot with gpu_release when a request ends or is preempted.
+ *
+ * Built when LKV_CUDA is defined (make with nvcc). Without it the same names exist as stubs
+ * that report "built without CUDA", so a CPU-only build compiles and links unchanged.
+ * ---------------------------------------------------------------------------------------- */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct GpuEngine GpuEngine;
+
+typedef struct {
+    int n_pages;          /* pages in the GPU pool */
+    int free_pages;       /* of which free now */
+    int page_bytes;       /* bytes per page */
+    int tokens_per_page;  /* fp16 tokens per page */
+    int max_slots;        /* sequences that can be held at once */
+    int max_rows;         /* rows one forward pass can take (prefill chunk, decode batch) */
+    int ctx;              /* tokens a slot can hold */
+} GpuInfo;
+
+#ifdef LKV_CUDA
+/* 1 when a CUDA device is usable, with its name in name[len]; else 0 and the reason */
+int gpu_available(char *name, size_t len);
+/* Uploads the weights as fp16 and allocates everything once: a pool of kv_mem_mib MiB of pages
+ * (0: most of the free GPU memory), page tables for max_slots sequences of ctx tokens, and
+ * activations for max(max_slots, prefill_chunk) rows. Prints the pool size on stderr. Returns
+ * NULL with a one-line reason in err when the model or device cannot be served. */
+GpuEngine *gpu_build(const Config *c, const Weights *w, int max_slots, int prefill_chunk,
+                     int ctx, size_t kv_mem_mib, char *err, size_t errlen);
+void gpu_free(GpuEngine *g);
+/* Appends tokens[0..n) to slot (chunks of prefill_chunk rows). *next gets the greedy token
+ * after the last one; logits, if not NULL, gets (n, vocab) fp32, one row per token.
+ * Returns 0; -1 when the pool lacks the pages (nothing done); -2 past the context. */
+int gpu_prefill(GpuEngine *g, int slot, const int *tokens, int n, int *next, float *logits);
+/* One decode step for n distinct slots, each taking one token: next[i] gets slot i's greedy
+ * token, logits (n, vocab) if not NULL. The step is a CUDA graph per power-of-two batch size.
+ * Returns 0, -1 (pool lacks the pages, nothing done) or -2 (a slot is at the context). */
+int gpu_decode(GpuEngine *g, int n, const int *slots, const int *tokens, int *next,
+               float *logits);
+/* gives back every page of slot at once; the slot is empty afterwards */
+void gpu_release(GpuEngine *g, int slot);
+/* pages that appending n_new tokens to slot would take from the pool */
+int gpu_pages_needed(const GpuEngine *g, int slot, int n_new);
+int gpu_slot_len(const GpuEngine *g, int slot);
+void gpu_info(const GpuEngine *g, GpuInfo *info);
+/* device-to-device copy bandwidth in GB/s (bytes read plus written), for the bench */
+double gpu_copy_bandwidth(void);
+#else
+/* CPU-only build: the GPU is never available */
+static inline int gpu_available(char *name, size_t len) {
+    if (len) { strncpy(name, "built without CUDA", len - 1); name[len - 1] = 0; }
+    return 0;
+}
+static inline GpuEngine *gpu_build(const Config *c, const Weights *w, int max_slots,
+                                   int prefill_chunk, int ctx, size_t kv_mem_mib, char *err,
+                                   size_t errlen) {
+    (void)c; (void)w; (void)max_slots; (void)prefill_chunk; (void)ctx; (void)kv_mem_mib;
+    if (errlen) { strncpy(err, "this leankv was built without CUDA", errlen - 1); err[errlen - 1] = 0; }
+    return NULL;
+}
+static inline void gpu_free(GpuEngine *g) { (void)g; }
+#endif
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* LEANKV_H */

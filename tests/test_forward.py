@@ -7,6 +7,8 @@ llama2.c can express it, its legacy checkpoint, and for SmolLM2-135M-Instruct: l
 unless fp16 rounding ties in the KV cache are measured to make that unreachable for a correct
 fp32 program; then 3x the measured tie noise, capped at 2e-3 (see check()). The reference runs
 in float64 with K and V rounded through fp16 like leankv's KV cache.
+With `--kv fp32` (an exact cache) the tie noise is gone and the bound is 1e-4 flat, against the
+reference with an unrounded cache (the *_exact_cache tests).
 Greedy generation after "The capital of France is" must give the reference's token ids.
 
 The binary: $LEANKV_BIN if set, else /work/main/leankv built with `make leankv`; the tests skip
@@ -90,6 +92,23 @@ def check(name, got, model, ids):
     return ref
 
 
+def check_exact(name, got, model, ids):
+    """leankv run with --kv fp32 against the reference with a float64 cache: no fp16 rounding
+    on either side, so 1e-4 holds at every position with no allowance."""
+    saved = ref_llama.KV_CACHE_DTYPE
+    ref_llama.KV_CACHE_DTYPE = np.float64
+    try:
+        ref = ref_llama.logits_all(model, ids)
+    finally:
+        ref_llama.KV_CACHE_DTYPE = saved
+    err, rows = ref_llama.rel_err(got, ref)
+    print(f"\n    {name}: max rel err {err:.2e} at position {int(rows.argmax())} "
+          f"(median {np.median(rows):.1e}), bound {TOL:.0e}", end="")
+    assert np.isfinite(got).all(), f"{name}: leankv gave non-finite logits"
+    assert err <= TOL, f"{name}: relative error {err:.3e} > {TOL} at position {int(rows.argmax())}"
+    return ref
+
+
 def random_ids(variant, n=SEQ):
     rng = np.random.default_rng(zlib.crc32(variant.encode()))
     return rng.integers(0, tm.VOCAB, n).tolist()
@@ -104,6 +123,16 @@ def test_tiny_hf(leankv_exe, tmp_path, variant):
     ids = random_ids(variant)
     got = leankv_logits(leankv_exe, tmp_path / "m.bin", ids, tm.VOCAB, tmp_path)
     check(f"{variant} (hf, fp32)", got, ref_llama.load_hf(folder), ids)
+
+
+@pytest.mark.parametrize("variant", list(tm.VARIANTS))
+def test_tiny_hf_exact_cache(leankv_exe, tmp_path, variant):
+    folder = tm.write_hf(tmp_path / "hf", variant)
+    tm.run_export(folder, tmp_path / "m.bin")
+    ids = random_ids(variant)
+    got = leankv_logits(leankv_exe, tmp_path / "m.bin", ids, tm.VOCAB, tmp_path,
+                        extra=("--kv", "fp32"))
+    check_exact(f"{variant} (hf, fp32, --kv fp32)", got, ref_llama.load_hf(folder), ids)
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_bias_gqa_tied", "mistral_mqa_hd32"])
@@ -155,6 +184,14 @@ def test_smollm2_logits(leankv_exe, smol, tmp_path):
     assert len(ids) == 32
     got = leankv_logits(leankv_exe, smol["bin"], ids, smol["vocab"], tmp_path)
     ref = check("SmolLM2-135M 32-token prompt", got, smol["ref"], ids)
+    assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_smollm2_logits_exact_cache(leankv_exe, smol, tmp_path):
+    ids = smol["tok"].encode(SMOL_TEXT).ids[:32]
+    got = leankv_logits(leankv_exe, smol["bin"], ids, smol["vocab"], tmp_path,
+                        extra=("--kv", "fp32"))
+    ref = check_exact("SmolLM2-135M 32-token prompt, --kv fp32", got, smol["ref"], ids)
     assert (got.argmax(1) == ref.argmax(1)).all()
 
 
