@@ -40,6 +40,7 @@ The output is written to OUTPUT.tmp and renamed at the end, so a failed export l
 import argparse
 import json
 import os
+import re
 import struct
 import sys
 
@@ -51,7 +52,7 @@ LKV_VERSION = 1
 LKV_HEADER_BYTES = 256
 LKV_TENSOR_NAME_MAX = 64
 LKV_MAX_STOP = 8
-LKV_DTYPE_F32, LKV_DTYPE_F16 = 0, 1
+LKV_DTYPE_F32, LKV_DTYPE_F16, LKV_DTYPE_U8 = 0, 1, 2
 LKV_ROPE_INTERLEAVED, LKV_ROPE_HALF = 0, 1
 LKV_CHAT_NONE, LKV_CHAT_CHATML, LKV_CHAT_LLAMA2, LKV_CHAT_LLAMA3 = 0, 1, 2, 3
 LKV_TOK_NONE, LKV_TOK_BPE, LKV_TOK_SPM = 0, 1, 2
@@ -109,6 +110,15 @@ def chat_kind(template):
     return LKV_CHAT_NONE
 
 
+def default_system(template):
+    """The system message a chat template adds when a conversation brings none, if the template
+    spells it out (SmolLM2's and Qwen2's ChatML templates do); else None."""
+    if not template:
+        return None
+    m = re.search(r"<\|im_start\|>system\n([^'\"{}<]+)<\|im_end\|>", template)
+    return m.group(1) if m else None
+
+
 def layer_tensor_names(n_layers, qkv_bias, tied):
     """leankv tensor names in file order."""
     names = ["tok_embeddings"]
@@ -155,6 +165,7 @@ class Source:
         self.eos_id = -1
         self.add_bos = 0
         self.chat = LKV_CHAT_NONE
+        self.system = None        # the template's default system message (str) or None
         self.stop_ids = []
         self.notes = []
 
@@ -346,6 +357,7 @@ def read_gguf(path, use_tokenizer=True):
     src.bos_id = ikey("tokenizer.ggml.bos_token_id", -1)
     src.eos_id = ikey("tokenizer.ggml.eos_token_id", -1)
     src.chat = chat_kind(field("tokenizer.chat_template"))
+    src.system = default_system(field("tokenizer.chat_template"))
     lookup = {}
     if tokens is not None:
         for i, s in enumerate(tokens):
@@ -754,6 +766,7 @@ def read_hf_tokenizer(folder, cfg, src, use_tokenizer=True):
     if isinstance(tmpl, list):
         tmpl = next((t.get("template") for t in tmpl if t.get("name") == "default"), None)
     src.chat = chat_kind(tmpl if isinstance(tmpl, str) else None)
+    src.system = default_system(tmpl if isinstance(tmpl, str) else None)
     extra = []
     for v in (cfg.get("eos_token_id"), gcfg.get("eos_token_id")):
         extra += v if isinstance(v, list) else ([v] if isinstance(v, int) else [])
@@ -770,7 +783,8 @@ def write_model(src, out_path, dtype):
     hp = src.hp
     wdt = LKV_DTYPE_F16 if dtype == "fp16" else LKV_DTYPE_F32
     names = layer_tensor_names(hp["n_layers"], hp["qkv_bias"], hp["tied_classifier"])
-    n = len(names)
+    system = src.system.encode("utf-8") if src.system else b""
+    n = len(names) + (1 if system else 0)
     table_off = LKV_HEADER_BYTES
     tok_off = table_off + 96 * n
     tok_bytes = len(src.tok_section)
@@ -782,6 +796,8 @@ def write_model(src, out_path, dtype):
         nbytes = int(np.prod(shape)) * (4 if dt == LKV_DTYPE_F32 else 2)
         entries.append((name, dt, shape, off, nbytes))
         off = align(off + nbytes)
+    if system:   # a byte blob, not a weight
+        entries.append(("chat.system", LKV_DTYPE_U8, (len(system),), off, len(system)))
     file_bytes = entries[-1][3] + entries[-1][4]
     if src.bos_id >= hp["vocab_size"] or src.eos_id >= hp["vocab_size"]:
         fail(f"bos/eos id ({src.bos_id}/{src.eos_id}) outside the vocabulary")
@@ -809,6 +825,10 @@ def write_model(src, out_path, dtype):
             f.write(table)
             f.write(src.tok_section)
             for name, dt, shape, o, nb in entries:
+                if dt == LKV_DTYPE_U8:
+                    f.write(b"\0" * (o - f.tell()))
+                    f.write(system)
+                    continue
                 sname, _, loader = src.tensors[name]
                 a = loader()
                 if a.shape != tuple(shape):

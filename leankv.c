@@ -78,6 +78,8 @@ typedef struct {
     Tokenizer *tok;   /* NULL when the file has no tokenizer */
     void *map;        /* the mmapped file */
     size_t map_bytes;
+    const char *system; /* (system_len) the template's default system message, or NULL */
+    int system_len;
     float **owned;    /* fp32 copies made at load (fp16 files), freed with the model */
     int n_owned;
 } Model;
@@ -253,6 +255,15 @@ static void load_leankv_file(Model *m, const char *path) {
         if (!c->qkv_bias) L->bq = L->bk = L->bv = NULL;
     }
     w->norm = load_tensor(m, path, tt, n, "norm", D, 1, 1);
+    const LkvTensorEntry *sys = find_tensor(tt, n, "chat.system");
+    if (sys) {
+        if (sys->dtype != LKV_DTYPE_U8 || sys->ndim != 1 || sys->shape[0] < 0 ||
+            sys->nbytes != (uint64_t)sys->shape[0] || sys->offset > m->map_bytes ||
+            sys->nbytes > m->map_bytes - sys->offset)
+            die("%s: the chat.system entry is malformed", path);
+        m->system = (const char *)m->map + sys->offset;
+        m->system_len = sys->shape[0];
+    }
     w->output = c->tied ? w->tok_embeddings
                         : load_tensor(m, path, tt, n, "output", c->vocab_size, D, 1);
 
@@ -715,6 +726,7 @@ typedef struct {
     size_t kv_mem_mib;          /* --kv-mem */
     int kv_bits;                /* --kv: 16 (fp16) or 32 (fp32) */
     int print_ids;              /* --print-ids */
+    int no_stop;                /* --no-stop: generate exactly -n tokens (benchmarks) */
 } Options;
 
 static int is_stop(const Config *c, int id) {
@@ -802,7 +814,7 @@ static void mode_generate(Model *m, KVCache *kv, Sampler *sp, const Options *o) 
     int *gen = xmalloc((size_t)(steps + 1) * sizeof(int));
     while (generated < steps) {
         int next = sample(sp, logits);
-        if (is_stop(&m->c, next)) break;
+        if (is_stop(&m->c, next) && !o->no_stop) break;
         gen[generated++] = next;
         if (!o->print_ids) print_token(m, next);
         if (generated == steps) break;
@@ -839,12 +851,17 @@ static void mode_chat(Model *m, KVCache *kv, Sampler *sp, const Options *o) {
     int n = 0, pos = 0;
     char line[8192];
     if (m->c.add_bos && m->c.bos_id >= 0) ids[n++] = m->c.bos_id;
-    if (o->system) {
-        const char *bad = first_invalid_utf8(o->system, strlen(o->system));
+    /* -y, else the system message that the model's template adds by itself */
+    char *system = NULL;
+    if (o->system) system = strdup(o->system);
+    else if (m->system) system = strndup(m->system, m->system_len);
+    if (system) {
+        const char *bad = first_invalid_utf8(system, strlen(system));
         if (bad) die("the system prompt has invalid UTF-8");
         n = chat_append(m, chatml ? "<|im_start|>system\n" :
                         "<|start_header_id|>system<|end_header_id|>\n\n", ids, n, o->ctx);
-        n = chat_append(m, o->system, ids, n, o->ctx);
+        n = chat_append(m, system, ids, n, o->ctx);
+        free(system);
         n = chat_append(m, chatml ? "<|im_end|>\n" : "<|eot_id|>", ids, n, o->ctx);
     }
     int first = 1;
@@ -886,6 +903,8 @@ static void mode_chat(Model *m, KVCache *kv, Sampler *sp, const Options *o) {
         if (chatml) n = chat_append(m, "\n", ids, n, o->ctx);
         printf("\n");
     }
+    if (o->print_ids)   /* the whole conversation as the model saw it */
+        for (int i = 0; i < n; i++) printf("%d%s", ids[i], i + 1 < n ? " " : "\n");
     kv_release(kv, 0);
     free(ids);
 }
@@ -998,6 +1017,7 @@ static void usage(FILE *f) {
         "      --kv-mem MIB    KV page pool size in MiB (default: enough for the context)\n"
         "      --kv TYPE       KV cache precision: fp16 (default) or fp32 (exact, for checks)\n"
         "      --print-ids     print generated token ids instead of text\n"
+        "      --no-stop       generate exactly -n tokens, ignoring stop tokens\n"
         "  -h, --help          this help\n");
 }
 
@@ -1035,6 +1055,7 @@ static void parse_options(Options *o, int argc, char **argv) {
         {"file", required_argument, 0, 'f'},   {"out", required_argument, 0, 'o'},
         {"ctx", required_argument, 0, 1000},   {"kv-mem", required_argument, 0, 1001},
         {"print-ids", no_argument, 0, 1002},   {"kv", required_argument, 0, 1003},
+        {"no-stop", no_argument, 0, 1004},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     opterr = 0;
@@ -1058,6 +1079,7 @@ static void parse_options(Options *o, int argc, char **argv) {
         case 1000: o->ctx = (int)parse_long(optarg, "--ctx", 1, 1 << 24); break;
         case 1001: o->kv_mem_mib = (size_t)parse_long(optarg, "--kv-mem", 1, 1L << 24); break;
         case 1002: o->print_ids = 1; break;
+        case 1004: o->no_stop = 1; break;
         case 1003:
             if (!strcmp(optarg, "fp16")) o->kv_bits = 16;
             else if (!strcmp(optarg, "fp32")) o->kv_bits = 32;

@@ -46,6 +46,9 @@
  *   layers.L.w3            [hidden_dim, dim]         up
  *   norm                   [dim]                     always fp32
  *   output                 [vocab, dim]              only if !tied_classifier
+ *   chat.system            [nbytes] U8               optional: the UTF-8 system message the
+ *                                                    chat template adds when a conversation
+ *                                                    has none (SmolLM2's does)
  * Matrices and the embedding are stored in weight_dtype (fp32 or fp16).
  *
  * q and k rows of each head are stored so that rotary pairs are as rope_style says:
@@ -59,7 +62,7 @@
 #define LKV_TENSOR_NAME_MAX 64
 #define LKV_MAX_STOP 8
 
-enum { LKV_DTYPE_F32 = 0, LKV_DTYPE_F16 = 1 };
+enum { LKV_DTYPE_F32 = 0, LKV_DTYPE_F16 = 1, LKV_DTYPE_U8 = 2 };
 enum { LKV_ROPE_INTERLEAVED = 0, LKV_ROPE_HALF = 1 };
 enum { LKV_CHAT_NONE = 0, LKV_CHAT_CHATML = 1, LKV_CHAT_LLAMA2 = 2, LKV_CHAT_LLAMA3 = 3 };
 

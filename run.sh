@@ -17,7 +17,7 @@ GGUF_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF="models/$GGUF_NAME"
 MODEL="models/smollm2-135m-instruct.bin"
 PY_CORE="numpy gguf safetensors"
-PY_TEST="pytest transformers==4.57.6 tokenizers sentencepiece"
+PY_TEST="pytest transformers==4.57.6 tokenizers sentencepiece jinja2"
 
 say() { echo "run.sh: $*" >&2; }
 fail() { echo "run.sh: error: $*" >&2; exit 1; }
@@ -38,7 +38,8 @@ setup_debian() {
 }
 
 setup_venv() {
-    local want="$1" stamp=".venv/.leankv-$2"
+    # the stamp names the package list, so a changed list installs again
+    local want="$1" stamp=".venv/.leankv-$2-$(echo "$1" | cksum | cut -d' ' -f1)"
     [ -f "$stamp" ] && return
     [ -x .venv/bin/python ] || { say "creating .venv"; python3 -m venv .venv; }
     say "installing Python packages: $want"

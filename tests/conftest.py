@@ -45,3 +45,25 @@ def smollm2_gguf():
     if not SMOLLM2_GGUF.exists():
         pytest.fail(f"{SMOLLM2_GGUF} is missing: run ./run.sh --setup (make test does)")
     return SMOLLM2_GGUF
+
+
+# ---- the closing line -------------------------------------------------------------------------
+# `make test` ends with "N passed, M failed, K skipped" alone on a line, after pytest's own
+# summary, so that the count of failures is there even when it is zero.
+
+_counts = {"passed": 0, "failed": 0, "skipped": 0}
+
+
+def pytest_runtest_logreport(report):
+    if report.failed:
+        _counts["failed"] += 1
+    elif report.skipped:
+        _counts["skipped"] += 1
+    elif report.when == "call" and report.passed:
+        _counts["passed"] += 1
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):
+        print(f"{_counts['passed']} passed, {_counts['failed']} failed, "
+              f"{_counts['skipped']} skipped", flush=True)

@@ -140,3 +140,26 @@ def test_generate_under_sanitizers(leankv_asan, smollm2_bin):
 def test_help(leankv_bin):
     r = subprocess.run([str(leankv_bin), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "usage: leankv" in r.stdout
+
+
+def test_chat_uses_the_models_template(leankv_bin, smollm2_bin, smollm2_gguf):
+    """The conversation leankv builds in chat mode is, token for token, what the model's own
+    chat template (rendered by transformers from the GGUF, system turn injected) gives,
+    followed by the reply, <|im_end|> and a newline."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers import AutoTokenizer
+    gguf_utils.is_torch_available = lambda: True   # an import guard only; see test_tokenizer
+    tok = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    msg = "What is the capital of France?"
+    want = tok.apply_chat_template([{"role": "user", "content": msg}], tokenize=True,
+                                   add_generation_prompt=True)
+    if isinstance(want, dict):
+        want = want["input_ids"]
+    r = subprocess.run([str(leankv_bin), str(smollm2_bin), "-m", "chat", "-i", msg, "-t", "0",
+                        "-n", "40", "--print-ids"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = [int(x) for x in r.stdout.strip().splitlines()[-1].split()]
+    assert got[:len(want)] == list(want)
+    reply = got[len(want):]
+    assert reply[-2:] == [2, tok.convert_tokens_to_ids("Ċ")], reply[-3:]
+    assert "Paris" in tok.decode(reply)

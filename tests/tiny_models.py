@@ -498,13 +498,13 @@ def read_model_bin(path):
         name = raw.split(b"\0")[0].decode()
         dt, nd, s0, s1 = i32(e + 64), i32(e + 68), i32(e + 72), i32(e + 76)
         off, nb = u64(e + 80), u64(e + 88)
-        assert dt in (0, 1) and nd in (1, 2)
+        assert dt in (0, 1, 2) and nd in (1, 2)
         assert nd == 2 or s1 == 1, f"{name}: unused dim must be 1"
         assert off % 64 == 0, f"{name}: offset {off} not 64-byte aligned"
-        assert nb == s0 * s1 * (4 if dt == 0 else 2), name
+        assert nb == s0 * s1 * {0: 4, 1: 2, 2: 1}[dt], name
         assert off + nb <= len(data), name
         shape = (s0, s1) if nd == 2 else (s0,)
-        arr = np.frombuffer(data, dtype="<f4" if dt == 0 else "<f2", count=s0 * s1,
+        arr = np.frombuffer(data, dtype={0: "<f4", 1: "<f2", 2: "u1"}[dt], count=s0 * s1,
                             offset=off).reshape(shape)
         assert name not in out["tensors"], f"duplicate tensor {name}"
         out["tensors"][name] = arr
