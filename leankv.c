@@ -727,6 +727,10 @@ typedef struct {
     int kv_bits;                /* --kv: 16 (fp16) or 32 (fp32) */
     int print_ids;              /* --print-ids */
     int no_stop;                /* --no-stop: generate exactly -n tokens (benchmarks) */
+    const char *device;         /* --device auto|cpu|cuda */
+    int batch;                  /* --batch: sequences in flight at most (0: per device) */
+    int requests;               /* --requests (bench) */
+    int prompt_len, gen_len;    /* --prompt-len, --gen-len (bench) */
 } Options;
 
 static int is_stop(const Config *c, int id) {
@@ -998,12 +1002,690 @@ static void mode_logits(Model *m, KVCache *kv, const Options *o) {
 }
 
 /* ----------------------------------------------------------------------------------------
+ * Many requests at once: continuous batching over the paged cache.
+ *
+ * Each running request holds a slot: a sequence index of the KV cache. Every step, waiting
+ * requests join while slots and pages allow (their prompt goes through prefill), then every
+ * running request advances by one token (decode). A finished request gives its pages back at
+ * once, so the next one can join. When a decode step lacks pages, the request that joined
+ * last is preempted: its pages are freed and it goes back to the front of the queue, to be
+ * recomputed (prompt + what it had generated) when pages allow. Nothing is lost.
+ *
+ * The same scheduler drives the CPU (forward() per row) and the GPU (leankv.cu's batched
+ * gpu_prefill / gpu_decode); only the four engine_* functions below differ. */
+
+enum { REQ_QUEUED, REQ_RUNNING, REQ_DONE };
+
+typedef struct {
+    char *id;            /* the request's "id", or its line number */
+    char *prompt;        /* the prompt text (NULL for synthetic requests) */
+    int *ids;            /* (n_prompt + max_new) prompt ids, then the generated ones */
+    int n_prompt;        /* prompt tokens */
+    int n_gen;           /* tokens generated so far */
+    int max_new;         /* "n": tokens to generate at most */
+    int no_stop;         /* generate exactly max_new (benchmarks) */
+    float temperature;   /* "temperature" */
+    uint64_t rng;        /* sampler state of this request */
+    int state;           /* REQ_* */
+    int slot;            /* its cache slot while running */
+    int n_cached;        /* tokens of ids[] that are in the cache */
+    int preemptions;     /* times it was preempted */
+    double t_start, t_first, t_end; /* admission, first token, end (seconds) */
+    char *error;         /* why it could not run, or NULL */
+} Request;
+
+typedef struct {
+    Model *m;
+    KVCache *kv;         /* CPU cache (n_seqs = max_batch), NULL on the GPU */
+    GpuEngine *gpu;      /* GPU engine, NULL on the CPU */
+    int max_batch;       /* slots */
+    int ctx;             /* tokens a sequence may hold */
+    float topp;
+    int *slot_free;      /* (max_batch) 1 when the slot holds no request */
+    float *logits;       /* (vocab) CPU scratch for one row's logits */
+    /* statistics */
+    double t_prefill, t_decode;  /* seconds spent in each */
+    long n_prefill_tok, n_decode_tok;
+    int peak_running, peak_pages, preemptions;
+    int print_ids;       /* generate mode: print ids after the text */
+} Batch;
+
+/* pages that appending n_new tokens to slot would take */
+static int kv_pages_needed(const KVCache *kv, int seq, int n_total) {
+    int tpp = kv->layout[0].tokens, need = (n_total + tpp - 1) / tpp, missing = 0;
+    for (int l = 0; l < kv->n_layers; l++)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            int have = kv->n_pg[kv_head(kv, seq, l, h) * LKV_MAX_TIERS];
+            if (have < need) missing += need - have;
+        }
+    return missing;
+}
+
+static int engine_free_pages(Batch *b) {
+#ifdef LKV_CUDA
+    if (b->gpu) { GpuInfo gi; gpu_info(b->gpu, &gi); return gi.free_pages; }
+#endif
+    return b->kv->free_count;
+}
+
+static int engine_used_pages(Batch *b) {
+#ifdef LKV_CUDA
+    if (b->gpu) { GpuInfo gi; gpu_info(b->gpu, &gi); return gi.n_pages - gi.free_pages; }
+#endif
+    return b->kv->n_pages - b->kv->free_count;
+}
+
+/* pages that r's next n tokens need */
+static int engine_pages_needed(Batch *b, Request *r, int n) {
+#ifdef LKV_CUDA
+    if (b->gpu) return gpu_pages_needed(b->gpu, r->slot, n);
+#endif
+    return kv_pages_needed(b->kv, r->slot, r->n_cached + n);
+}
+
+static int sample_request(Batch *b, Request *r, float *logits) {
+    Sampler sp = {b->m->c.vocab_size, r->temperature, b->topp, r->rng, NULL};
+    ProbIndex *cand = NULL;
+    if (r->temperature > 0 && b->topp > 0 && b->topp < 1) {
+        cand = xmalloc(b->m->c.vocab_size * sizeof(ProbIndex));   /* rare path: sampling */
+        sp.candidates = cand;
+    }
+    int next = sample(&sp, logits);
+    r->rng = sp.rng;
+    free(cand);
+    return next;
+}
+
+/* runs r's uncached tokens (its prompt, or prompt + generated after a preemption) and
+ * samples the token that follows; the caller has checked the pages */
+static int engine_prefill(Batch *b, Request *r) {
+    int n = r->n_prompt + r->n_gen - r->n_cached, next;
+    const int *toks = r->ids + r->n_cached;
+    double t0 = now_s();
+#ifdef LKV_CUDA
+    if (b->gpu) {
+        float *lg = r->temperature > 0 ? b->logits : NULL;
+        /* only the last row's logits are needed; gpu_prefill gives all rows, so ask for the
+         * last token separately when sampling */
+        if (lg && n > 1) {
+            if (gpu_prefill(b->gpu, r->slot, toks, n - 1, &next, NULL) != 0) die("gpu prefill");
+            if (gpu_prefill(b->gpu, r->slot, toks + n - 1, 1, &next, lg) != 0) die("gpu prefill");
+        } else if (gpu_prefill(b->gpu, r->slot, toks, n, &next, lg) != 0) die("gpu prefill");
+        if (lg) next = sample_request(b, r, lg);
+    } else
+#endif
+    {
+        if (kv_reserve(b->kv, r->slot, r->n_cached + n) != 0) die("internal: prefill pages");
+        float *lg = NULL;
+        for (int i = 0; i < n; i++) lg = forward(b->m, b->kv, r->slot, toks[i], r->n_cached + i);
+        next = sample_request(b, r, lg);
+    }
+    b->t_prefill += now_s() - t0;
+    b->n_prefill_tok += n;
+    r->n_cached += n;
+    return next;
+}
+
+/* one decode step for n running requests: feeds each one's last token, next[i] gets the
+ * token after it; the caller has checked the pages */
+static void engine_decode(Batch *b, Request **run, int n, int *next) {
+    double t0 = now_s();
+#ifdef LKV_CUDA
+    if (b->gpu) {
+        int slots[n], toks[n], any_sampled = 0;
+        for (int i = 0; i < n; i++) {
+            slots[i] = run[i]->slot;
+            toks[i] = run[i]->ids[run[i]->n_cached];
+            any_sampled |= run[i]->temperature > 0;
+        }
+        float *lg = NULL;
+        if (any_sampled) lg = xmalloc((size_t)n * b->m->c.vocab_size * sizeof(float));
+        if (gpu_decode(b->gpu, n, slots, toks, next, lg) != 0) die("internal: gpu decode pages");
+        for (int i = 0; i < n && lg; i++)
+            if (run[i]->temperature > 0)
+                next[i] = sample_request(b, run[i], lg + (size_t)i * b->m->c.vocab_size);
+        free(lg);
+    } else
+#endif
+    {
+        for (int i = 0; i < n; i++) {
+            Request *r = run[i];
+            if (kv_reserve(b->kv, r->slot, r->n_cached + 1) != 0) die("internal: decode pages");
+            float *lg = forward(b->m, b->kv, r->slot, r->ids[r->n_cached], r->n_cached);
+            next[i] = sample_request(b, r, lg);
+        }
+    }
+    for (int i = 0; i < n; i++) run[i]->n_cached++;
+    b->t_decode += now_s() - t0;
+    b->n_decode_tok += n;
+}
+
+static void engine_release(Batch *b, Request *r) {
+#ifdef LKV_CUDA
+    if (b->gpu) gpu_release(b->gpu, r->slot);
+    else
+#endif
+        kv_release(b->kv, r->slot);
+    b->slot_free[r->slot] = 1;
+    r->slot = -1;
+}
+
+/* appends a sampled token; returns 1 when the request is finished */
+static int request_push(Batch *b, Request *r, int next) {
+    const Config *c = &b->m->c;
+    if (r->t_first == 0) r->t_first = now_s();
+    if (is_stop(c, next) && !r->no_stop) return 1;
+    r->ids[r->n_prompt + r->n_gen++] = next;
+    return r->n_gen >= r->max_new || r->n_prompt + r->n_gen >= b->ctx;
+}
+
+/* Runs every request to the end. on_done(r) is called as each one finishes. */
+static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch *, Request *)) {
+    int *queue = xmalloc((size_t)n_req * sizeof(int));      /* waiting requests, in order */
+    int q_head = 0, q_len = n_req, n_done = 0, n_run = 0;
+    Request **run = xmalloc((size_t)b->max_batch * sizeof(Request *));
+    int *next = xmalloc((size_t)b->max_batch * sizeof(int));
+    for (int i = 0; i < n_req; i++) queue[i] = i;
+    /* the queue is a ring: preempted requests go back to its front */
+#define QAT(k) queue[(q_head + (k)) % n_req]
+    while (n_done < n_req) {
+        /* 1. admission: waiting requests join while a slot and the pages for their tokens
+         *    (plus one for the first decode step) are there */
+        while (q_len > 0 && n_run < b->max_batch) {
+            Request *r = &reqs[QAT(0)];
+            int slot = 0;
+            while (!b->slot_free[slot]) slot++;
+            r->slot = slot;
+            r->n_cached = 0;
+            int n_tok = r->n_prompt + r->n_gen;
+            if (n_tok + 1 > b->ctx) die("internal: request longer than the context");
+            int need = engine_pages_needed(b, r, n_tok + 1);
+            if (need > engine_free_pages(b)) {
+                r->slot = -1;
+                if (n_run == 0) {   /* alone it still does not fit: it never will */
+                    r->error = "the KV pool cannot hold this request (raise --kv-mem)";
+                    r->state = REQ_DONE;
+                    q_head = (q_head + 1) % n_req; q_len--; n_done++;
+                    on_done(b, r);
+                    continue;
+                }
+                break;
+            }
+            q_head = (q_head + 1) % n_req; q_len--;
+            b->slot_free[slot] = 0;
+            r->state = REQ_RUNNING;
+            if (r->t_start == 0) r->t_start = now_s();
+            run[n_run++] = r;
+            int tok = engine_prefill(b, r);
+            if (request_push(b, r, tok)) {   /* done after one token */
+                r->state = REQ_DONE; r->t_end = now_s();
+                engine_release(b, r); n_run--; n_done++;
+                on_done(b, r);
+            }
+        }
+        if (n_run > b->peak_running) b->peak_running = n_run;
+        if (n_run == 0) continue;
+        /* 2. pages for this step; preempt the newest requests until they suffice */
+        for (;;) {
+            int need = 0;
+            for (int i = 0; i < n_run; i++) need += engine_pages_needed(b, run[i], 1);
+            if (need <= engine_free_pages(b) || n_run == 1) break;
+            Request *victim = run[--n_run];
+            engine_release(b, victim);
+            victim->state = REQ_QUEUED;
+            victim->preemptions++;
+            b->preemptions++;
+            q_head = (q_head + n_req - 1) % n_req; q_len++;
+            QAT(0) = (int)(victim - reqs);
+        }
+        if (n_run == 1 && engine_pages_needed(b, run[0], 1) > engine_free_pages(b)) {
+            /* alone, it outgrew the whole pool: it ends here, truncated, and says so */
+            Request *r = run[--n_run];
+            r->error = "the KV pool ran out; output truncated (raise --kv-mem)";
+            r->state = REQ_DONE; r->t_end = now_s();
+            engine_release(b, r); n_done++;
+            on_done(b, r);
+            continue;
+        }
+        /* 3. one decode step for everyone running */
+        engine_decode(b, run, n_run, next);
+        int used = engine_used_pages(b);
+        if (used > b->peak_pages) b->peak_pages = used;
+        int kept = 0;
+        for (int i = 0; i < n_run; i++) {
+            Request *r = run[i];
+            if (request_push(b, r, next[i])) {
+                r->state = REQ_DONE; r->t_end = now_s();
+                engine_release(b, r); n_done++;
+                on_done(b, r);
+            } else run[kept++] = r;
+        }
+        n_run = kept;
+    }
+#undef QAT
+    free(queue); free(run); free(next);
+}
+
+/* ----------------------------------------------------------------------------------------
+ * Request files: JSONL (one object per line: "prompt", optional "id", "n", "temperature")
+ * or plain text (one prompt per line). A small JSON reader: it accepts any valid JSON value
+ * for keys it does not know, and says where a line stops being JSON. */
+
+typedef struct {
+    const char *p, *end;  /* the unread part of the line */
+    const char *err;      /* first error, or NULL */
+} Json;
+
+static void json_ws(Json *j) {
+    while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\r' || *j->p == '\n'))
+        j->p++;
+}
+
+static int json_fail(Json *j, const char *why) { if (!j->err) j->err = why; return -1; }
+
+static void utf8_put(char **o, unsigned cp) {
+    unsigned char *u = (unsigned char *)*o;
+    if (cp < 0x80) *u++ = cp;
+    else if (cp < 0x800) { *u++ = 0xC0 | cp >> 6; *u++ = 0x80 | (cp & 63); }
+    else if (cp < 0x10000) { *u++ = 0xE0 | cp >> 12; *u++ = 0x80 | (cp >> 6 & 63); *u++ = 0x80 | (cp & 63); }
+    else { *u++ = 0xF0 | cp >> 18; *u++ = 0x80 | (cp >> 12 & 63); *u++ = 0x80 | (cp >> 6 & 63); *u++ = 0x80 | (cp & 63); }
+    *o = (char *)u;
+}
+
+static int json_hex4(Json *j, unsigned *v) {
+    if (j->end - j->p < 4) return json_fail(j, "short \\u escape");
+    *v = 0;
+    for (int i = 0; i < 4; i++) {
+        char c = *j->p++;
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+              : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0) return json_fail(j, "bad \\u escape");
+        *v = *v << 4 | d;
+    }
+    return 0;
+}
+
+/* a string; *out (malloc'd, NUL-terminated) when out is not NULL */
+static int json_string(Json *j, char **out) {
+    if (j->p >= j->end || *j->p != '"') return json_fail(j, "expected a string");
+    j->p++;
+    /* the decoded string is never longer than the escaped one */
+    char *buf = out ? xmalloc((size_t)(j->end - j->p) + 1) : NULL, *o = buf;
+    while (j->p < j->end && *j->p != '"') {
+        unsigned char c = (unsigned char)*j->p++;
+        if (c < 0x20) { free(buf); return json_fail(j, "control character in a string"); }
+        if (c != '\\') { if (o) *o++ = (char)c; continue; }
+        if (j->p >= j->end) break;
+        char e = *j->p++;
+        unsigned cp = 0;
+        switch (e) {
+        case '"': cp = '"'; break;   case '\\': cp = '\\'; break; case '/': cp = '/'; break;
+        case 'b': cp = '\b'; break;  case 'f': cp = '\f'; break;  case 'n': cp = '\n'; break;
+        case 'r': cp = '\r'; break;  case 't': cp = '\t'; break;
+        case 'u':
+            if (json_hex4(j, &cp)) { free(buf); return -1; }
+            if (cp >= 0xD800 && cp < 0xDC00) {     /* a surrogate pair */
+                unsigned lo;
+                if (j->end - j->p < 6 || j->p[0] != '\\' || j->p[1] != 'u') cp = 0xFFFD;
+                else {
+                    j->p += 2;
+                    if (json_hex4(j, &lo)) { free(buf); return -1; }
+                    cp = lo >= 0xDC00 && lo < 0xE000 ? 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
+                                                     : 0xFFFD;
+                }
+            } else if (cp >= 0xDC00 && cp < 0xE000) cp = 0xFFFD;
+            break;
+        default: free(buf); return json_fail(j, "bad escape in a string");
+        }
+        if (o) utf8_put(&o, cp);
+    }
+    if (j->p >= j->end) { free(buf); return json_fail(j, "unterminated string"); }
+    j->p++;
+    if (o) { *o = 0; *out = buf; }
+    return 0;
+}
+
+static int json_number(Json *j, double *v) {
+    char tmp[64];
+    size_t n = 0;
+    while (j->p + n < j->end && n < sizeof tmp - 1 && strchr("+-0123456789.eE", j->p[n])) n++;
+    memcpy(tmp, j->p, n);
+    tmp[n] = 0;
+    char *e;
+    double x = strtod(tmp, &e);
+    if (n == 0 || e != tmp + n || !isfinite(x)) return json_fail(j, "bad number");
+    j->p += n;
+    if (v) *v = x;
+    return 0;
+}
+
+/* skips any value, nested at most 64 deep */
+static int json_skip(Json *j, int depth) {
+    json_ws(j);
+    if (depth > 64) return json_fail(j, "nested too deep");
+    if (j->p >= j->end) return json_fail(j, "expected a value");
+    char c = *j->p;
+    if (c == '"') return json_string(j, NULL);
+    if (c == '{' || c == '[') {
+        char close = c == '{' ? '}' : ']';
+        j->p++;
+        json_ws(j);
+        if (j->p < j->end && *j->p == close) { j->p++; return 0; }
+        for (;;) {
+            if (c == '{') {
+                json_ws(j);
+                if (json_string(j, NULL)) return -1;
+                json_ws(j);
+                if (j->p >= j->end || *j->p++ != ':') return json_fail(j, "expected ':'");
+            }
+            if (json_skip(j, depth + 1)) return -1;
+            json_ws(j);
+            if (j->p < j->end && *j->p == ',') { j->p++; continue; }
+            if (j->p < j->end && *j->p == close) { j->p++; return 0; }
+            return json_fail(j, "expected ',' or a closing bracket");
+        }
+    }
+    const char *words[3] = {"true", "false", "null"};
+    for (int i = 0; i < 3; i++) {
+        size_t n = strlen(words[i]);
+        if ((size_t)(j->end - j->p) >= n && !memcmp(j->p, words[i], n)) { j->p += n; return 0; }
+    }
+    return json_number(j, NULL);
+}
+
+/* one request line: fills r's id, prompt, max_new and temperature; returns NULL or why not */
+static const char *parse_request_json(const char *line, size_t len, Request *r) {
+    Json j = {line, line + len, NULL};
+    json_ws(&j);
+    if (j.p >= j.end || *j.p++ != '{') return "not a JSON object";
+    json_ws(&j);
+    if (j.p < j.end && *j.p == '}') { j.p++; }
+    else for (;;) {
+        char *key = NULL;
+        json_ws(&j);
+        if (json_string(&j, &key)) break;
+        json_ws(&j);
+        if (j.p >= j.end || *j.p++ != ':') { free(key); json_fail(&j, "expected ':'"); break; }
+        json_ws(&j);
+        double v;
+        if (!strcmp(key, "prompt")) {
+            free(r->prompt); r->prompt = NULL;
+            if (json_string(&j, &r->prompt)) { free(key); break; }
+        } else if (!strcmp(key, "id")) {
+            free(r->id); r->id = NULL;
+            if (j.p < j.end && *j.p == '"') { if (json_string(&j, &r->id)) { free(key); break; } }
+            else {
+                const char *s = j.p;
+                if (json_number(&j, NULL)) { free(key); break; }
+                r->id = strndup(s, (size_t)(j.p - s));
+            }
+        } else if (!strcmp(key, "n")) {
+            if (json_number(&j, &v)) { free(key); break; }
+            if (v != (int)v || v < 1 || v > 1e7) { free(key); json_fail(&j, "\"n\" must be a positive integer"); break; }
+            r->max_new = (int)v;
+        } else if (!strcmp(key, "temperature")) {
+            if (json_number(&j, &v)) { free(key); break; }
+            if (v < 0 || v > 100) { free(key); json_fail(&j, "\"temperature\" must be in [0, 100]"); break; }
+            r->temperature = (float)v;
+        } else if (json_skip(&j, 0)) { free(key); break; }
+        free(key);
+        json_ws(&j);
+        if (j.p < j.end && *j.p == ',') { j.p++; continue; }
+        if (j.p < j.end && *j.p == '}') { j.p++; break; }
+        json_fail(&j, "expected ',' or '}'");
+        break;
+    }
+    if (j.err) return j.err;
+    json_ws(&j);
+    if (j.p != j.end) return "text after the object";
+    if (!r->prompt) return "no \"prompt\"";
+    return NULL;
+}
+
+/* writes s as a JSON string; invalid UTF-8 becomes U+FFFD so the line stays valid JSON */
+static void json_write_string(FILE *f, const char *s, size_t n) {
+    fputc('"', f);
+    for (size_t i = 0; i < n;) {
+        unsigned char c = (unsigned char)s[i];
+        size_t k = c < 0x80 ? 1 : c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : 2;
+        if (c >= 0x80 && (i + k > n || first_invalid_utf8(s + i, k))) { fputs("\\ufffd", f); i++; }
+        else if (c == '"' || c == '\\') { fputc('\\', f); fputc(c, f); i++; }
+        else if (c == '\n') { fputs("\\n", f); i++; }
+        else if (c == '\t') { fputs("\\t", f); i++; }
+        else if (c < 0x20 || c == 0x7f) { fprintf(f, "\\u%04x", c); i++; }
+        else { fwrite(s + i, 1, k, f); i += k; }
+    }
+    fputc('"', f);
+}
+
+/* one JSONL line per finished request, on stdout */
+static void print_request(Batch *b, Request *r) {
+    printf("{\"id\":");
+    json_write_string(stdout, r->id, strlen(r->id));
+    printf(",\"prompt_tokens\":%d,\"text\":", r->n_prompt);
+    size_t cap = 64, len = 0;
+    char *text = xmalloc(cap);
+    for (int i = 0; i < r->n_gen && b->m->tok; i++) {
+        int n;
+        const char *p = tokenizer_piece(b->m->tok, r->ids[r->n_prompt + i], &n);
+        if (len + n + 1 > cap) { cap = 2 * (len + n + 1); text = realloc(text, cap); if (!text) die("oom"); }
+        memcpy(text + len, p, n);
+        len += n;
+    }
+    json_write_string(stdout, text, len);
+    free(text);
+    double decode_s = r->t_end - r->t_first;
+    printf(",\"generated_tokens\":%d,\"ttft_ms\":%.1f,\"decode_tok_s\":%.1f,\"preemptions\":%d",
+           r->n_gen, r->t_first > 0 ? 1e3 * (r->t_first - r->t_start) : 0.0,
+           r->n_gen > 1 && decode_s > 0 ? (r->n_gen - 1) / decode_s : 0.0, r->preemptions);
+    if (r->error) { printf(",\"error\":"); json_write_string(stdout, r->error, strlen(r->error)); }
+    printf("}\n");
+    fflush(stdout);
+}
+
+static void quiet_done(Batch *b, Request *r) { (void)b; (void)r; }
+
+static void free_requests(Request *reqs, int n) {
+    for (int i = 0; i < n; i++) { free(reqs[i].id); free(reqs[i].prompt); free(reqs[i].ids); }
+    free(reqs);
+}
+
+/* -f FILE: JSONL requests, or one prompt per line */
+static Request *read_requests(Model *m, const Options *o, int *n_out) {
+    size_t len;
+    char *text = read_file(o->file, &len);
+    const char *p = text;
+    while (p < text + len && isspace((unsigned char)*p)) p++;
+    int jsonl = p < text + len && *p == '{';
+    int cap = 16, n = 0, line_no = 0;
+    Request *reqs = xmalloc(cap * sizeof(Request));
+    for (const char *line = text; line < text + len;) {
+        const char *nl = memchr(line, '\n', (size_t)(text + len - line));
+        const char *end = nl ? nl : text + len;
+        line_no++;
+        size_t ll = (size_t)(end - line);
+        if (ll && line[ll - 1] == '\r') ll--;
+        int blank = 1;
+        for (size_t i = 0; i < ll; i++) if (!isspace((unsigned char)line[i])) { blank = 0; break; }
+        if (!blank) {
+            if (n == cap) { cap *= 2; reqs = realloc(reqs, cap * sizeof(Request)); if (!reqs) die("oom"); }
+            Request *r = &reqs[n++];
+            memset(r, 0, sizeof *r);
+            r->max_new = o->steps > 0 ? o->steps : o->ctx;
+            r->temperature = o->temperature;
+            r->no_stop = o->no_stop;
+            r->slot = -1;
+            if (jsonl) {
+                const char *why = parse_request_json(line, ll, r);
+                if (why) die("%s:%d: %s", o->file, line_no, why);
+            } else r->prompt = strndup(line, ll);
+            if (!r->id) { char buf[32]; snprintf(buf, sizeof buf, "%d", n); r->id = strdup(buf); }
+            r->rng = o->seed + (uint64_t)n * 0x9E3779B97F4A7C15ull;
+            size_t pl = strlen(r->prompt);
+            r->ids = xmalloc((size_t)(o->ctx + 1) * sizeof(int));
+            if (first_invalid_utf8(r->prompt, pl)) r->error = "invalid UTF-8 in the prompt";
+            else {
+                int k = 0;
+                if (m->c.add_bos && m->c.bos_id >= 0) r->ids[k++] = m->c.bos_id;
+                int e = tokenizer_encode(need_tokenizer(m), r->prompt, pl, r->ids + k, o->ctx - k);
+                if (e < 0 || k + e >= o->ctx) r->error = "the prompt does not fit the context (--ctx)";
+                else if (k + e == 0) r->error = "the prompt is empty";
+                else r->n_prompt = k + e;
+            }
+        }
+        line = nl ? nl + 1 : text + len;
+    }
+    free(text);
+    if (n == 0) die("%s holds no request", o->file);
+    *n_out = n;
+    return reqs;
+}
+
+/* the engine for this run: the CPU cache, or the GPU */
+static void build_batch(Batch *b, Model *m, KVCache *kv, const Options *o, int use_gpu) {
+    memset(b, 0, sizeof *b);
+    b->m = m; b->ctx = o->ctx; b->topp = o->topp;
+    b->max_batch = o->batch;
+    b->slot_free = xmalloc(b->max_batch * sizeof(int));
+    for (int i = 0; i < b->max_batch; i++) b->slot_free[i] = 1;
+    b->logits = xmalloc(m->c.vocab_size * sizeof(float));
+    if (use_gpu) {
+        char err[256];
+        b->gpu = gpu_build(&m->c, &m->w, b->max_batch, 512, o->ctx, o->kv_mem_mib, err, sizeof err);
+        if (!b->gpu) die("cuda: %s", err);
+    } else {
+        build_kvcache(kv, &m->c, b->max_batch, o->ctx, o->kv_mem_mib, o->kv_bits);
+        b->kv = kv;
+    }
+}
+
+static void free_batch(Batch *b) {
+    if (b->gpu) gpu_free(b->gpu);
+    if (b->kv) free_kvcache(b->kv);
+    free(b->slot_free);
+    free(b->logits);
+}
+
+static void print_summary(Batch *b, Request *reqs, int n, double wall) {
+    long gen = 0, prompt = 0;
+    int failed = 0;
+    for (int i = 0; i < n; i++) { gen += reqs[i].n_gen; prompt += reqs[i].n_prompt; failed += !!reqs[i].error; }
+    fprintf(stderr, "summary: %d requests (%d failed), %ld prompt + %ld generated tokens in %.2f s: "
+            "prefill %.1f tok/s, decode %.1f tok/s, total %.1f tok/s; peak %d sequences in flight, "
+            "peak %d KV pages; %d preemptions\n", n, failed, prompt, gen, wall,
+            b->n_prefill_tok / (b->t_prefill + 1e-9), b->n_decode_tok / (b->t_decode + 1e-9),
+            (prompt + gen) / (wall + 1e-9), b->peak_running, b->peak_pages, b->preemptions);
+}
+
+static void mode_serve(Model *m, const Options *o, int use_gpu) {
+    int n;
+    Request *reqs = read_requests(m, o, &n);
+    KVCache kv;
+    Batch b;
+    build_batch(&b, m, &kv, o, use_gpu);
+    /* requests refused at reading are reported first */
+    int n_ok = 0;
+    for (int i = 0; i < n; i++) {
+        if (reqs[i].error) {   /* reported now, then dropped */
+            print_request(&b, &reqs[i]);
+            free(reqs[i].id); free(reqs[i].prompt); free(reqs[i].ids);
+        } else reqs[n_ok++] = reqs[i];
+    }
+    double t0 = now_s();
+    run_batch(&b, reqs, n_ok, print_request);
+    print_summary(&b, reqs, n_ok, now_s() - t0);
+    free_batch(&b);
+    free_requests(reqs, n_ok);
+}
+
+static void print_generated(Batch *b, Request *r) {
+    for (int i = 0; i < r->n_gen; i++) print_token(b->m, r->ids[r->n_prompt + i]);
+    printf("\n");
+    if (r->error) fprintf(stderr, "leankv: %s\n", r->error);
+    if (b->print_ids)
+        for (int i = 0; i < r->n_gen; i++) printf("%d%s", r->ids[r->n_prompt + i], i + 1 < r->n_gen ? " " : "\n");
+    fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generated: %d tokens, %.1f tok/s\n", r->n_prompt,
+            r->n_prompt / (b->t_prefill + 1e-9), r->n_gen,
+            r->n_gen > 1 ? (r->n_gen - 1) / (r->t_end - r->t_first + 1e-9) : 0.0);
+}
+
+/* generate mode on the GPU: one request through the batch engine */
+static void mode_generate_batched(Model *m, const Options *o, int use_gpu) {
+    const char *prompt = o->prompt ? o->prompt : "";
+    Request r = {0};
+    r.id = strdup("0");
+    r.ids = xmalloc((size_t)(o->ctx + 1) * sizeof(int));
+    r.n_prompt = encode_text(m, prompt, strlen(prompt), r.ids, o->ctx, "the prompt");
+    if (r.n_prompt == 0) die("the prompt is empty and the model has no BOS token to start from");
+    if (r.n_prompt >= o->ctx) die("the prompt has %d tokens; the context (--ctx) is %d", r.n_prompt, o->ctx);
+    r.max_new = o->steps > 0 ? o->steps : o->ctx;
+    r.temperature = o->temperature;
+    r.no_stop = o->no_stop;
+    r.rng = o->seed;
+    r.slot = -1;
+    KVCache kv;
+    Batch b;
+    Options one = *o;
+    one.batch = 1;
+    build_batch(&b, m, &kv, &one, use_gpu);
+    b.print_ids = o->print_ids;
+    fwrite(prompt, 1, strlen(prompt), stdout);
+    run_batch(&b, &r, 1, print_generated);
+    free_batch(&b);
+    free(r.id); free(r.ids);
+}
+
+/* -m bench: synthetic requests of random ids, forced output length */
+static void mode_bench(Model *m, const Options *o, int use_gpu) {
+    int n = o->requests > 0 ? o->requests : o->batch;
+    if (o->prompt_len + o->gen_len > o->ctx)
+        die("--prompt-len %d + --gen-len %d exceed the context (--ctx) of %d", o->prompt_len,
+            o->gen_len, o->ctx);
+    Request *reqs = xmalloc((size_t)n * sizeof(Request));
+    uint64_t rng = o->seed;
+    for (int i = 0; i < n; i++) {
+        Request *r = &reqs[i];
+        char buf[32];
+        snprintf(buf, sizeof buf, "%d", i);
+        r->id = strdup(buf);
+        r->ids = xmalloc((size_t)(o->prompt_len + o->gen_len + 1) * sizeof(int));
+        for (int k = 0; k < o->prompt_len; k++)
+            r->ids[k] = (int)(random_f32(&rng) * m->c.vocab_size) % m->c.vocab_size;
+        r->n_prompt = o->prompt_len;
+        r->max_new = o->gen_len;
+        r->no_stop = 1;
+        r->slot = -1;
+        r->rng = rng;
+    }
+    KVCache kv;
+    Batch b;
+    build_batch(&b, m, &kv, o, use_gpu);
+    double t0 = now_s();
+    run_batch(&b, reqs, n, quiet_done);
+    double wall = now_s() - t0;
+    long gen = (long)n * o->gen_len, prompt = (long)n * o->prompt_len;
+    double pf = b.n_prefill_tok / (b.t_prefill + 1e-9), dc = b.n_decode_tok / (b.t_decode + 1e-9);
+    printf("bench: %s, %d requests, batch %d, prompt %d, generate %d\n",
+           use_gpu ? "cuda" : "cpu", n, o->batch, o->prompt_len, o->gen_len);
+    printf("prefill %.1f tok/s, decode %.1f tok/s, total %.1f tok/s, peak %d sequences in flight, "
+           "peak %d KV pages, %d preemptions, %.2f s\n", pf, dc, (prompt + gen) / wall,
+           b.peak_running, b.peak_pages, b.preemptions, wall);
+    printf("{\"device\":\"%s\",\"requests\":%d,\"batch\":%d,\"prompt_len\":%d,\"gen_len\":%d,"
+           "\"prefill_tok_s\":%.1f,\"decode_tok_s\":%.1f,\"total_tok_s\":%.1f,\"peak_seqs\":%d,"
+           "\"peak_pages\":%d,\"preemptions\":%d,\"seconds\":%.3f}\n", use_gpu ? "cuda" : "cpu",
+           n, o->batch, o->prompt_len, o->gen_len, pf, dc, (prompt + gen) / wall,
+           b.peak_running, b.peak_pages, b.preemptions, wall);
+    free_batch(&b);
+    free_requests(reqs, n);
+}
+
+/* ----------------------------------------------------------------------------------------
  * Command line */
 
 static void usage(FILE *f) {
     fprintf(f,
         "usage: leankv MODEL.bin [PROMPT] [options]\n"
-        "  -m, --mode MODE     generate (default), chat, tokenize, ppl, logits\n"
+        "  -m, --mode MODE     generate (default), chat, tokenize, ppl, logits, bench\n"
         "  -i, --input TEXT    the prompt (or, for -m logits, space-separated token ids)\n"
         "  -n, --steps N       tokens to generate, 0 = up to the context (default 256)\n"
         "  -t, --temperature T 0 = greedy (default 1.0)\n"
@@ -1011,13 +1693,19 @@ static void usage(FILE *f) {
         "  -s, --seed S        random seed (default: time)\n"
         "  -y, --system TEXT   system prompt for chat mode\n"
         "  -z, --tokenizer F   llama2.c tokenizer.bin (for legacy checkpoints)\n"
-        "  -f, --file F        text file for -m ppl\n"
+        "  -f, --file F        text file for -m ppl; for generate, requests: JSONL lines\n"
+        "                      {\"prompt\", \"id\", \"n\", \"temperature\"} or one prompt a line\n"
         "  -o, --out F         output file for -m logits\n"
         "      --ctx N         context length (default: the model's, at most 4096)\n"
         "      --kv-mem MIB    KV page pool size in MiB (default: enough for the context)\n"
         "      --kv TYPE       KV cache precision: fp16 (default) or fp32 (exact, for checks)\n"
         "      --print-ids     print generated token ids instead of text\n"
         "      --no-stop       generate exactly -n tokens, ignoring stop tokens\n"
+        "      --device D      auto (GPU when present), cpu or cuda (default auto)\n"
+        "      --batch N       sequences in flight at most (default: cpu 8, cuda 256)\n"
+        "      --requests N    bench: requests (default: --batch)\n"
+        "      --prompt-len N  bench: prompt tokens (default 128)\n"
+        "      --gen-len N     bench: generated tokens (default 128)\n"
         "  -h, --help          this help\n");
 }
 
@@ -1046,6 +1734,9 @@ static void parse_options(Options *o, int argc, char **argv) {
     o->steps = 256;
     o->ctx = -1;
     o->kv_bits = 16;
+    o->device = "auto";
+    o->prompt_len = 128;
+    o->gen_len = 128;
     int seed_given = 0;
     static const struct option longopts[] = {
         {"mode", required_argument, 0, 'm'},   {"input", required_argument, 0, 'i'},
@@ -1055,7 +1746,9 @@ static void parse_options(Options *o, int argc, char **argv) {
         {"file", required_argument, 0, 'f'},   {"out", required_argument, 0, 'o'},
         {"ctx", required_argument, 0, 1000},   {"kv-mem", required_argument, 0, 1001},
         {"print-ids", no_argument, 0, 1002},   {"kv", required_argument, 0, 1003},
-        {"no-stop", no_argument, 0, 1004},
+        {"no-stop", no_argument, 0, 1004},     {"device", required_argument, 0, 1005},
+        {"batch", required_argument, 0, 1006}, {"requests", required_argument, 0, 1007},
+        {"prompt-len", required_argument, 0, 1008}, {"gen-len", required_argument, 0, 1009},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     opterr = 0;
@@ -1080,6 +1773,15 @@ static void parse_options(Options *o, int argc, char **argv) {
         case 1001: o->kv_mem_mib = (size_t)parse_long(optarg, "--kv-mem", 1, 1L << 24); break;
         case 1002: o->print_ids = 1; break;
         case 1004: o->no_stop = 1; break;
+        case 1005:
+            if (strcmp(optarg, "auto") && strcmp(optarg, "cpu") && strcmp(optarg, "cuda"))
+                die("--device: '%s' is not auto, cpu or cuda", optarg);
+            o->device = optarg;
+            break;
+        case 1006: o->batch = (int)parse_long(optarg, "--batch", 1, 4096); break;
+        case 1007: o->requests = (int)parse_long(optarg, "--requests", 1, 1 << 20); break;
+        case 1008: o->prompt_len = (int)parse_long(optarg, "--prompt-len", 1, 1 << 24); break;
+        case 1009: o->gen_len = (int)parse_long(optarg, "--gen-len", 1, 1 << 24); break;
         case 1003:
             if (!strcmp(optarg, "fp16")) o->kv_bits = 16;
             else if (!strcmp(optarg, "fp32")) o->kv_bits = 32;
@@ -1100,10 +1802,21 @@ static void parse_options(Options *o, int argc, char **argv) {
     }
     if (optind < argc) die("unexpected argument '%s' (quote a prompt with spaces)", argv[optind]);
     if (!seed_given) o->seed = (uint64_t)time(NULL);
-    const char *modes[] = {"generate", "chat", "tokenize", "ppl", "logits"};
+    const char *modes[] = {"generate", "chat", "tokenize", "ppl", "logits", "bench"};
     int ok = 0;
     for (size_t i = 0; i < sizeof modes / sizeof *modes; i++) ok |= !strcmp(o->mode, modes[i]);
-    if (!ok) die("unknown mode '%s' (generate, chat, tokenize, ppl, logits)", o->mode);
+    if (!ok) die("unknown mode '%s' (generate, chat, tokenize, ppl, logits, bench)", o->mode);
+}
+
+/* --device: auto takes the GPU when one is usable; which one it took goes to stderr when
+ * the work starts (so that an input error is still the only line) */
+static int choose_device(const Options *o, char *what, size_t n) {
+    char name[256] = "";
+    int have = o->device[1] != 'p' && gpu_available(name, sizeof name);  /* not "cpu" */
+    if (!strcmp(o->device, "cuda") && !have) die("--device cuda: no usable GPU (%s)", name);
+    if (have) snprintf(what, n, "device: cuda (%s)", name);
+    else snprintf(what, n, "device: cpu%s%s%s", *name ? " (" : "", name, *name ? ")" : "");
+    return have;
 }
 
 #ifndef TESTING
@@ -1117,22 +1830,37 @@ int main(int argc, char **argv) {
         die("--ctx %d exceeds the model's context of %d", o.ctx, m.c.seq_len);
     if (o.ctx < 0) o.ctx = m.c.seq_len < 4096 ? m.c.seq_len : 4096;
     build_runstate(&m, o.ctx);
-    if (!strcmp(o.mode, "tokenize")) {
+    char device[300];
+    int batched = !strcmp(o.mode, "bench") || (!strcmp(o.mode, "generate") && o.file);
+    int gpu = 0;
+    if (batched || !strcmp(o.mode, "generate")) gpu = choose_device(&o, device, sizeof device);
+    else if (!strcmp(o.device, "cuda")) die("-m %s runs on the CPU only", o.mode);
+    if (o.batch == 0) o.batch = gpu ? 256 : 8;
+    if (batched) {
+        fprintf(stderr, "%s\n", device);
+        if (!strcmp(o.mode, "bench")) mode_bench(&m, &o, gpu);
+        else mode_serve(&m, &o, gpu);
+    } else if (!strcmp(o.mode, "tokenize")) {
         mode_tokenize(&m, &o);
-        free_runstate(&m.s);
-        free_model(&m);
-        return 0;
+    } else {
+        if (gpu) {   /* a single prompt on the GPU is a batch of one */
+            fprintf(stderr, "%s\n", device);
+            mode_generate_batched(&m, &o, gpu);
+            free_runstate(&m.s);
+            free_model(&m);
+            return 0;
+        }
+        KVCache kv;
+        build_kvcache(&kv, &m.c, 1, o.ctx, o.kv_mem_mib, o.kv_bits);
+        Sampler sp;
+        build_sampler(&sp, m.c.vocab_size, o.temperature, o.topp, o.seed);
+        if (!strcmp(o.mode, "generate")) mode_generate(&m, &kv, &sp, &o);
+        else if (!strcmp(o.mode, "chat")) mode_chat(&m, &kv, &sp, &o);
+        else if (!strcmp(o.mode, "ppl")) mode_ppl(&m, &kv, &o);
+        else if (!strcmp(o.mode, "logits")) mode_logits(&m, &kv, &o);
+        free_sampler(&sp);
+        free_kvcache(&kv);
     }
-    KVCache kv;
-    build_kvcache(&kv, &m.c, 1, o.ctx, o.kv_mem_mib, o.kv_bits);
-    Sampler sp;
-    build_sampler(&sp, m.c.vocab_size, o.temperature, o.topp, o.seed);
-    if (!strcmp(o.mode, "generate")) mode_generate(&m, &kv, &sp, &o);
-    else if (!strcmp(o.mode, "chat")) mode_chat(&m, &kv, &sp, &o);
-    else if (!strcmp(o.mode, "ppl")) mode_ppl(&m, &kv, &o);
-    else if (!strcmp(o.mode, "logits")) mode_logits(&m, &kv, &o);
-    free_sampler(&sp);
-    free_kvcache(&kv);
     free_runstate(&m.s);
     free_model(&m);
     return 0;
