@@ -1541,8 +1541,11 @@ static Request *read_requests(Model *m, const Options *o, int *n_out) {
     return reqs;
 }
 
+static const char *device_line;   /* "device: ...", said once the input has been read */
+
 /* the engine for this run: the CPU cache, or the GPU */
 static void build_batch(Batch *b, Model *m, KVCache *kv, const Options *o, int use_gpu) {
+    if (device_line) fprintf(stderr, "%s\n", device_line);
     memset(b, 0, sizeof *b);
     b->m = m; b->ctx = o->ctx; b->topp = o->topp;
     b->max_batch = o->batch;
@@ -1837,14 +1840,14 @@ int main(int argc, char **argv) {
     else if (!strcmp(o.device, "cuda")) die("-m %s runs on the CPU only", o.mode);
     if (o.batch == 0) o.batch = gpu ? 256 : 8;
     if (batched) {
-        fprintf(stderr, "%s\n", device);
+        device_line = device;
         if (!strcmp(o.mode, "bench")) mode_bench(&m, &o, gpu);
         else mode_serve(&m, &o, gpu);
     } else if (!strcmp(o.mode, "tokenize")) {
         mode_tokenize(&m, &o);
     } else {
         if (gpu) {   /* a single prompt on the GPU is a batch of one */
-            fprintf(stderr, "%s\n", device);
+            device_line = device;
             mode_generate_batched(&m, &o, gpu);
             free_runstate(&m.s);
             free_model(&m);

@@ -1,0 +1,121 @@
+"""Many requests at once (-f) on the CPU engine: the request reader, continuous batching,
+preemption and -m bench. The same scheduler drives the GPU; tests/test_gpu.py checks it there."""
+import json
+import subprocess
+
+import pytest
+
+PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,", "def fibonacci(n):",
+           "The best way to learn is"]
+
+
+def run(exe, *args, timeout=600):
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def jsonl(tmp_path, rows, name="req.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def outputs(r):
+    assert r.returncode == 0, r.stderr
+    return {d["id"]: d for d in map(json.loads, r.stdout.splitlines())}
+
+
+@pytest.fixture(scope="module")
+def alone(leankv_bin, smollm2_bin):
+    """each prompt run by itself in generate mode, greedy, 24 tokens: the continuation"""
+    out = {}
+    for i, p in enumerate(PROMPTS):
+        r = run(leankv_bin, smollm2_bin, p, "-t", "0", "-n", "24", "--no-stop")
+        assert r.returncode == 0 and r.stdout.startswith(p), r.stderr
+        out[str(i)] = r.stdout[len(p):-1]   # generate prints prompt, continuation, newline
+    return out
+
+
+def test_batch_equals_alone(leankv_bin, smollm2_bin, tmp_path, alone):
+    """a batch of different prompts gives, per request, what each gives alone"""
+    f = jsonl(tmp_path, [{"id": str(i), "prompt": p, "n": 24, "temperature": 0}
+                         for i, p in enumerate(PROMPTS)])
+    res = outputs(run(leankv_bin, smollm2_bin, "-f", f, "--batch", "3", "--no-stop"))
+    assert set(res) == set(alone)
+    for k, d in res.items():
+        assert d["generated_tokens"] == 24 and d["preemptions"] == 0
+        assert d["text"] == alone[k], k
+
+
+def test_preemption_keeps_outputs(leankv_bin, smollm2_bin, tmp_path):
+    """a pool of 2 MiB (496 pages) holds one 50-token request (270 pages) but not two: the
+    scheduler preempts and recomputes, and every output is what a roomy pool gives"""
+    rows = [{"id": str(i), "prompt": p, "n": 40, "temperature": 0} for i, p in enumerate(PROMPTS)]
+    f = jsonl(tmp_path, rows)
+    roomy = outputs(run(leankv_bin, smollm2_bin, "-f", f, "--batch", "4"))
+    r = run(leankv_bin, smollm2_bin, "-f", f, "--batch", "4", "--kv-mem", "2")
+    tight = outputs(r)
+    assert sum(d["preemptions"] for d in tight.values()) > 0, r.stderr
+    assert "preemptions" in r.stderr.splitlines()[-1]
+    for k in roomy:
+        assert "error" not in tight[k]
+        assert tight[k]["text"] == roomy[k]["text"], k
+
+
+def test_request_too_big_for_the_pool(leankv_bin, smollm2_bin, tmp_path):
+    """1 MiB (248 pages) cannot hold 45 tokens of one request (270 pages): the request ends
+    truncated with an error in its line; the run itself succeeds"""
+    f = jsonl(tmp_path, [{"id": "x", "prompt": "Once upon a time", "n": 60, "temperature": 0}])
+    res = outputs(run(leankv_bin, smollm2_bin, "-f", f, "--kv-mem", "1", "--no-stop"))
+    assert "KV pool" in res["x"]["error"] and 0 < res["x"]["generated_tokens"] < 60
+
+
+def test_plain_text_file(leankv_bin, smollm2_bin, tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("Hello\n\nThe sky is\n")
+    res = outputs(run(leankv_bin, smollm2_bin, "-f", p, "-n", "4", "-t", "0"))
+    assert sorted(res) == ["1", "2"]
+    assert res["1"]["prompt_tokens"] == 1 and res["2"]["prompt_tokens"] == 3
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('{"prompt": "hi", "n": -2}', "positive integer"),
+    ('{"prompt": "hi"', "expected ',' or '}'"),
+    ('{"n": 3}', "no \\\"prompt\\\""),
+    ('{"prompt": "\\x"}', "bad escape"),
+    ('{"prompt": "hi"} trailing', "text after"),
+    ('{"prompt": "hi", "temperature": -1}', "temperature"),
+    ('[1, 2]', "not a JSON object"),
+])
+def test_bad_request_lines(leankv_bin, smollm2_bin, tmp_path, line, needle):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "ok"}\n' + line + "\n")
+    r = run(leankv_bin, smollm2_bin, "-f", p)
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("leankv: error: ") and ":2:" in err[0], r.stderr
+    assert needle.replace("\\\"", '"') in err[0]
+
+
+def test_prompt_errors_are_per_request(leankv_bin, smollm2_bin, tmp_path):
+    """a prompt over the context is refused in its own output line; the others run"""
+    f = jsonl(tmp_path, [{"id": "long", "prompt": "word " * 100}, {"id": "ok", "prompt": "Hi",
+                                                                    "n": 3}])
+    res = outputs(run(leankv_bin, smollm2_bin, "-f", f, "--ctx", "64"))
+    assert "context" in res["long"]["error"] and res["ok"]["generated_tokens"] == 3
+
+
+def test_bench_mode(leankv_bin, smollm2_bin):
+    r = run(leankv_bin, smollm2_bin, "-m", "bench", "--batch", "2", "--requests", "3",
+            "--prompt-len", "8", "--gen-len", "4")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["device"] == "cpu" and d["requests"] == 3 and d["peak_seqs"] == 2
+    assert d["prefill_tok_s"] > 0 and d["decode_tok_s"] > 0 and d["peak_pages"] > 0
+
+
+def test_device_cuda_without_gpu(leankv_bin, smollm2_bin):
+    r = run(leankv_bin, smollm2_bin, "Hi", "--device", "cuda")
+    if "device: cuda" in r.stderr:
+        pytest.skip("this machine has a GPU")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no usable GPU" in r.stderr
