@@ -392,10 +392,10 @@ static inline int kv_head(const KVCache *kv, int seq, int layer, int h) {
 
 /* pool of kv_mem_mib MiB, or when 0 enough pages for n_seqs sequences of ctx tokens */
 static void build_kvcache(KVCache *kv, const Config *c, int n_seqs, int ctx, size_t kv_mem_mib,
-                          int bits) {
+                          LkvPrecision prec) {
     memset(kv, 0, sizeof *kv);
     kv->n_tiers = 1;
-    kv->tier[0] = (LkvPrecision){bits, bits, 1};
+    kv->tier[0] = prec;
     kv->head_dim = c->head_dim;
     float waste;
     kv->page_bytes = lkv_page_bytes(kv->tier, kv->n_tiers, c->head_dim, &waste);
@@ -489,17 +489,26 @@ static void build_h2f_table(void) {
     for (int i = 0; i < 65536; i++) h2f_table[i] = lkv_h2f((uint16_t)i);
 }
 
-/* stores the d values of one head vector in slot of a code segment: 16 bits = fp16 (the
- * default cache), 32 bits = fp32 (an exact cache, for checking against a reference) */
-static inline void kv_store(uint8_t *codes, int bits, int slot, int d, const float *x) {
+/* stores one head vector in slot `slot` of a page's code and scale/zero segments, quantized
+ * to `bits` (leankv.h section 4b; 16 = fp16, 32 = fp32 exact) */
+static inline void kv_store(uint8_t *codes, uint8_t *sz, LkvPrecision p, int bits, int slot,
+                            int d, const float *x) {
+    (void)sz; (void)p;
     if (bits == 32) memcpy((float *)codes + (size_t)slot * d, x, d * sizeof(float));
-    else for (int j = 0; j < d; j++) ((uint16_t *)codes)[(size_t)slot * d + j] = lkv_f2h(x[j]);
+    else if (bits == 16)
+        for (int j = 0; j < d; j++) ((uint16_t *)codes)[(size_t)slot * d + j] = lkv_f2h(x[j]);
+    else die("quantized caches are not built yet");   /* QUANT-PENDING */
 }
 
-/* the inverse: the stored head vector, widened to fp32 */
-static inline void kv_load(const uint8_t *codes, int bits, int slot, int d, float *x) {
+/* the inverse: the stored head vector, dequantized to fp32 */
+static inline void kv_load(const uint8_t *codes, const uint8_t *sz, LkvPrecision p, int bits,
+                           int slot, int d, float *x) {
+    (void)sz; (void)p;
     if (bits == 32) memcpy(x, (const float *)codes + (size_t)slot * d, d * sizeof(float));
-    else for (int j = 0; j < d; j++) x[j] = h2f_table[((const uint16_t *)codes)[(size_t)slot * d + j]];
+    else {
+        const uint16_t *h = (const uint16_t *)codes + (size_t)slot * d;
+        for (int j = 0; j < d; j++) x[j] = h2f_table[h[j]];
+    }
 }
 
 /* Appends one token's key (after RoPE) and value to the high tier of head hh. */
@@ -508,8 +517,9 @@ static void kv_append(KVCache *kv, int hh, const float *k, const float *v, int p
     int slot, d = kv->head_dim;
     uint8_t *page = kv_high_page(kv, hh, *nt, &slot);
     const LkvPageLayout *L = &kv->layout[0];
-    kv_store(page + L->k_codes, kv->tier[0].kbits, slot, d, k);
-    kv_store(page + L->v_codes, kv->tier[0].vbits, slot, d, v);
+    LkvPrecision p = kv->tier[0];
+    kv_store(page + L->k_codes, page + L->k_sz, p, p.kbits, slot, d, k);
+    kv_store(page + L->v_codes, page + L->v_sz, p, p.vbits, slot, d, v);
     ((float *)(page + L->scores))[slot] = 0.0f;
     ((int32_t *)(page + L->pos))[slot] = pos;
     (*nt)++;
@@ -567,7 +577,7 @@ static void attention_paged(const KVCache *kv, int hh, const float *q, float *at
     for (int t = 0; t < n; t++) {
         int slot;
         const uint8_t *page = kv_high_page(kv, hh, t, &slot);
-        kv_load(page + L->k_codes, kv->tier[0].kbits, slot, d, x);
+        kv_load(page + L->k_codes, page + L->k_sz, kv->tier[0], kv->tier[0].kbits, slot, d, x);
         float s = 0.0f;
         for (int j = 0; j < d; j++) s += q[j] * x[j];
         att[t] = s * scale;
@@ -579,7 +589,7 @@ static void attention_paged(const KVCache *kv, int hh, const float *q, float *at
     for (int t = 0; t < n; t++) {
         int slot;
         const uint8_t *page = kv_high_page(kv, hh, t, &slot);
-        kv_load(page + L->v_codes, kv->tier[0].vbits, slot, d, x);
+        kv_load(page + L->v_codes, page + L->v_sz, kv->tier[0], kv->tier[0].vbits, slot, d, x);
         float a = att[t] / sum;
         for (int j = 0; j < d; j++) o[j] += a * x[j];
     }
@@ -724,7 +734,12 @@ typedef struct {
     int steps;                  /* -n tokens to generate, 0 = up to the context */
     int ctx;                    /* --ctx */
     size_t kv_mem_mib;          /* --kv-mem */
-    int kv_bits;                /* --kv: 16 (fp16) or 32 (fp32) */
+    LkvPrecision kv;            /* --kv, --kv-groups: the cache's precision */
+    const char *kv_name;        /* --kv as given */
+    const char *ref;            /* --ref: ppl also runs this cache and compares */
+    LkvPrecision ref_kv;        /* its precision */
+    int ppl_prefill;            /* --ppl-prefill: tokens that ppl feeds as a prompt */
+    int ctx_len, trials;        /* --ctx-len, --trials: passkey */
     int print_ids;              /* --print-ids */
     int no_stop;                /* --no-stop: generate exactly -n tokens (benchmarks) */
     const char *device;         /* --device auto|cpu|cuda */
@@ -940,7 +955,64 @@ static char *read_file(const char *path, size_t *len) {
     return buf;
 }
 
-/* perplexity = exp(mean over t of -log p(x_{t+1} | x_{<=t})) over the first ctx tokens */
+/* log of the sum of exp(x): the softmax denominator, in double */
+static double log_sum_exp(const float *x, int n) {
+    float mx = x[argmax(x, n)];
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) sum += exp((double)x[i] - mx);
+    return mx + log(sum);
+}
+
+/* KL(p || q) of the softmax distributions of logits a (p) and b (q) */
+static double kl_divergence(const float *a, const float *b, int n) {
+    double la = log_sum_exp(a, n), lb = log_sum_exp(b, n), kl = 0.0;
+    for (int i = 0; i < n; i++) {
+        double lpa = a[i] - la, lpb = b[i] - lb;
+        kl += exp(lpa) * (lpa - lpb);
+    }
+    return kl > 0 ? kl : 0.0;
+}
+
+/* page size, tokens per page and waste of each tier: said once at start */
+static void kv_describe(const KVCache *kv, FILE *f) {
+    for (int t = 0; t < kv->n_tiers; t++) {
+        LkvPrecision p = kv->tier[t];
+        const LkvPageLayout *L = &kv->layout[t];
+        fprintf(f, "kv cache: k%dv%d, %d group%s: page %d bytes, %d tokens per page, waste %.1f%%, "
+                "%d pages\n", p.kbits, p.vbits, p.groups, p.groups > 1 ? "s" : "",
+                kv->page_bytes, L->tokens, 100.0 * (kv->page_bytes - L->used) / kv->page_bytes,
+                kv->n_pages);
+    }
+}
+
+/* Compression of seq's cache after n_seen tokens, against a plain fp16 cache of them:
+ *   bits-only (the paper's): 1 / sum_tier f_tier (kbits + vbits) / 32, f_tier the fraction
+ *     of all seen tokens held in that tier (pruned tokens hold none);
+ *   physical: fp16 bytes of K and V of every seen token over the bytes of the pages held,
+ *     metadata and page waste included. */
+static void kv_ratios(const KVCache *kv, int seq, long n_seen, double *bits_only, double *physical) {
+    double bits = 0.0;
+    long pages = 0;
+    for (int l = 0; l < kv->n_layers; l++)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            int hh = kv_head(kv, seq, l, h);
+            for (int t = 0; t < kv->n_tiers; t++) {
+                bits += (double)kv->n_tok[hh * LKV_MAX_TIERS + t] *
+                        (kv->tier[t].kbits + kv->tier[t].vbits);
+                pages += kv->n_pg[hh * LKV_MAX_TIERS + t];
+            }
+        }
+    double heads = (double)kv->n_layers * kv->n_kv_heads;
+    *bits_only = bits > 0 ? 32.0 * n_seen * heads / bits : 0.0;
+    *physical = pages > 0 ? (double)n_seen * heads * kv->head_dim * 4.0 /
+                            ((double)pages * kv->page_bytes) : 0.0;
+}
+
+/* Perplexity = exp(mean over t of -log p(x_{t+1} | x_{<=t})) over the first ctx tokens of the
+ * file. The first --ppl-prefill tokens go in as a prompt, every later one through the decode
+ * path, one at a time, so a compressed cache acts exactly as during generation. With --ref,
+ * the same text also runs through a second cache (say fp16) and every next-token distribution
+ * is compared: mean KL(ref || this) and top-1 agreement. */
 static void mode_ppl(Model *m, KVCache *kv, const Options *o) {
     if (!o->file) die("-m ppl needs the text file with -f");
     size_t len;
@@ -950,22 +1022,117 @@ static void mode_ppl(Model *m, KVCache *kv, const Options *o) {
     int n = encode_text(m, text, len, ids, max, o->file);
     if (n > o->ctx) n = o->ctx;
     if (n < 2) die("%s gives %d tokens; perplexity needs at least 2", o->file, n);
-    double nll = 0.0;
+    int V = m->c.vocab_size, n_prefill = o->ppl_prefill < n - 1 ? o->ppl_prefill : n - 1;
+    KVCache ref;
+    if (o->ref) build_kvcache(&ref, &m->c, 1, o->ctx, o->kv_mem_mib, o->ref_kv);
+    kv_describe(kv, stderr);
+    float *ref_logits = xmalloc((size_t)V * sizeof(float));
+    double nll = 0.0, nll_ref = 0.0, kl = 0.0;
+    long agree = 0;
     double t0 = now_s();
     for (int t = 0; t < n - 1; t++) {
+        /* rows t < n_prefill are the prompt; the CPU runs both the same way, the split is
+         * where a compressing cache decides what to keep of the prompt */
+        if (o->ref) {
+            reserve_or_die(&ref, 0, t + 1);
+            memcpy(ref_logits, forward(m, &ref, 0, ids[t], t), (size_t)V * sizeof(float));
+            nll_ref -= ref_logits[ids[t + 1]] - log_sum_exp(ref_logits, V);
+        }
         reserve_or_die(kv, 0, t + 1);
         float *logits = forward(m, kv, 0, ids[t], t);
-        float mx = logits[argmax(logits, m->c.vocab_size)];
-        double sum = 0.0;
-        for (int i = 0; i < m->c.vocab_size; i++) sum += exp((double)logits[i] - mx);
-        nll += -((double)logits[ids[t + 1]] - mx - log(sum));
+        nll -= logits[ids[t + 1]] - log_sum_exp(logits, V);
+        if (o->ref) {
+            kl += kl_divergence(ref_logits, logits, V);
+            agree += argmax(ref_logits, V) == argmax(logits, V);
+        }
     }
-    fprintf(stderr, "%d tokens in %.1f s\n", n, now_s() - t0);
+    double bits_only, physical;
+    kv_ratios(kv, 0, n - 1, &bits_only, &physical);
+    fprintf(stderr, "%d tokens (%d prefill, %d decode) in %.1f s\n", n, n_prefill,
+            n - 1 - n_prefill, now_s() - t0);
     printf("tokens: %d\n", n);
+    printf("kv: %s, compression %.2fx bits-only, %.2fx physical\n", o->kv_name, bits_only, physical);
+    if (o->ref) {
+        printf("ref %s perplexity: %.6f\n", o->ref, exp(nll_ref / (n - 1)));
+        printf("mean KL(ref || kv): %.6f\n", kl / (n - 1));
+        printf("top-1 agreement: %.4f\n", (double)agree / (n - 1));
+        kv_release(&ref, 0);
+        free_kvcache(&ref);
+    }
     printf("perplexity: %.6f\n", exp(nll / (n - 1)));
     kv_release(kv, 0);
+    free(ref_logits);
     free(ids);
     free(text);
+}
+
+/* Passkey retrieval: a 5-digit number hidden at a given depth of filler text, then the
+ * question. Greedy answer; a trial is right when the answer's first digits are the number.
+ * --trials seeded trials at each depth 10%, 20%, ..., 90% of a --ctx-len-token context. */
+static void mode_passkey(Model *m, KVCache *kv, const Options *o) {
+    static const char *intro = "There is an important pass key hidden inside a lot of "
+        "irrelevant text. Find it and memorize it. I will quiz you about the pass key.\n";
+    static const char *filler = "The grass is green. The sky is blue. The sun is yellow. Here "
+        "we go. There and back again. ";
+    static const char *question = "\nWhat is the pass key? The pass key is";
+    Tokenizer *tk = need_tokenizer(m);
+    int L = o->ctx_len;
+    if (L + 16 > o->ctx) die("--ctx-len %d needs --ctx of at least %d", L, L + 16);
+    int cap = L + 64, n_fill;
+    int *ids = xmalloc((size_t)(cap + 16) * sizeof(int)), *tmp = xmalloc((size_t)cap * sizeof(int));
+    n_fill = tokenizer_encode(tk, filler, strlen(filler), tmp, cap);
+    int n_intro = tokenizer_encode(tk, intro, strlen(intro), tmp, cap);
+    int n_q = tokenizer_encode(tk, question, strlen(question), tmp, cap);
+    int n_needle = 30;   /* about the needle's tokens; the total is adjusted below */
+    int reps = (L - n_intro - n_q - n_needle) / n_fill;
+    if (reps < 1) die("--ctx-len %d is too short for the passkey text", L);
+    uint64_t rng = o->seed ? o->seed : 1;
+    int correct = 0, total = 0;
+    size_t buf_len = strlen(intro) + strlen(question) + (size_t)reps * strlen(filler) + 256;
+    char *buf = xmalloc(buf_len);
+    for (int depth = 10; depth <= 90; depth += 10) {
+        int ok_here = 0;
+        for (int trial = 0; trial < o->trials; trial++) {
+            int key = 10000 + (int)(random_f32(&rng) * 90000) % 90000;
+            int at = reps * depth / 100;
+            char *w = buf;
+            w += sprintf(w, "%s", intro);
+            for (int r = 0; r < reps; r++) {
+                if (r == at) w += sprintf(w, "The pass key is %d. Remember it. %d is the pass key. ", key, key);
+                w += sprintf(w, "%s", filler);
+            }
+            sprintf(w, "%s", question);
+            int n = encode_text(m, buf, strlen(buf), ids, cap, "the passkey text");
+            float *logits = feed(m, kv, ids, n, 0);
+            char answer[64];
+            int alen = 0;
+            for (int g = 0; g < 8 && n + g < o->ctx; g++) {
+                int next = argmax(logits, m->c.vocab_size);
+                if (is_stop(&m->c, next)) break;
+                int pl;
+                const char *piece = tokenizer_piece(tk, next, &pl);
+                for (int i = 0; i < pl && alen < (int)sizeof answer - 1; i++) answer[alen++] = piece[i];
+                reserve_or_die(kv, 0, n + g + 1);
+                logits = forward(m, kv, 0, next, n + g);
+            }
+            answer[alen] = 0;
+            kv_release(kv, 0);
+            char want[16];
+            snprintf(want, sizeof want, "%d", key);
+            const char *digits = answer;
+            while (*digits && !isdigit((unsigned char)*digits)) digits++;
+            int ok = strncmp(digits, want, 5) == 0 && !isdigit((unsigned char)digits[5]);
+            ok_here += ok;
+            if (trial == 0)
+                fprintf(stderr, "depth %d%%: %d tokens, key %d, answer \"%s\"\n", depth, n, key, answer);
+        }
+        printf("depth %d%%: %d/%d\n", depth, ok_here, o->trials);
+        fflush(stdout);
+        correct += ok_here;
+        total += o->trials;
+    }
+    printf("passkey: %d/%d\n", correct, total);
+    free(buf); free(ids); free(tmp);
 }
 
 /* -m logits: -i holds token ids; writes (T, vocab) fp32 logits to -o. For tests. */
@@ -1557,7 +1724,7 @@ static void build_batch(Batch *b, Model *m, KVCache *kv, const Options *o, int u
         b->gpu = gpu_build(&m->c, &m->w, b->max_batch, 512, o->ctx, o->kv_mem_mib, err, sizeof err);
         if (!b->gpu) die("cuda: %s", err);
     } else {
-        build_kvcache(kv, &m->c, b->max_batch, o->ctx, o->kv_mem_mib, o->kv_bits);
+        build_kvcache(kv, &m->c, b->max_batch, o->ctx, o->kv_mem_mib, o->kv);
         b->kv = kv;
     }
 }
@@ -1688,7 +1855,7 @@ static void mode_bench(Model *m, const Options *o, int use_gpu) {
 static void usage(FILE *f) {
     fprintf(f,
         "usage: leankv MODEL.bin [PROMPT] [options]\n"
-        "  -m, --mode MODE     generate (default), chat, tokenize, ppl, logits, bench\n"
+        "  -m, --mode MODE     generate (default), chat, tokenize, ppl, logits, bench, passkey\n"
         "  -i, --input TEXT    the prompt (or, for -m logits, space-separated token ids)\n"
         "  -n, --steps N       tokens to generate, 0 = up to the context (default 256)\n"
         "  -t, --temperature T 0 = greedy (default 1.0)\n"
@@ -1701,7 +1868,13 @@ static void usage(FILE *f) {
         "  -o, --out F         output file for -m logits\n"
         "      --ctx N         context length (default: the model's, at most 4096)\n"
         "      --kv-mem MIB    KV page pool size in MiB (default: enough for the context)\n"
-        "      --kv TYPE       KV cache precision: fp16 (default) or fp32 (exact, for checks)\n"
+        "      --kv TYPE       KV cache: fp16 (default), fp32 (exact, for checks), or kXvY:\n"
+        "                      keys at X bits, values at Y, X and Y in 16, 8, 4, 2 (k8v4, k4v2)\n"
+        "      --kv-groups G   channel groups per head vector, each with its scale/zero (1)\n"
+        "      --ref TYPE      ppl: also run this cache; print KL divergence, top-1 agreement\n"
+        "      --ppl-prefill N ppl: tokens fed as a prompt before decoding one by one (512)\n"
+        "      --ctx-len N     passkey: context length of each trial (1024)\n"
+        "      --trials N      passkey: trials at each depth 10%%..90%% (5)\n"
         "      --print-ids     print generated token ids instead of text\n"
         "      --no-stop       generate exactly -n tokens, ignoring stop tokens\n"
         "      --device D      auto (GPU when present), cpu or cuda (default auto)\n"
@@ -1729,6 +1902,21 @@ static float parse_float(const char *s, const char *flag) {
     return v;
 }
 
+/* --kv: fp16, fp32, or kXvY with X, Y in {16, 8, 4, 2} (keys at X bits, values at Y) */
+static LkvPrecision parse_kv(const char *spec, int groups, const char *flag) {
+    LkvPrecision p = {16, 16, groups};
+    int kb, vb, used = 0;
+    if (!strcmp(spec, "fp16")) return p;
+    if (!strcmp(spec, "fp32")) { p.kbits = p.vbits = 32; return p; }
+    if (sscanf(spec, "k%dv%d%n", &kb, &vb, &used) != 2 || spec[used] ||
+        (kb != 16 && kb != 8 && kb != 4 && kb != 2) || (vb != 16 && vb != 8 && vb != 4 && vb != 2))
+        die("%s: '%s' is not a cache type (fp16, fp32, or kXvY with X, Y in 16, 8, 4, 2)", flag,
+            spec);
+    p.kbits = kb;
+    p.vbits = vb;
+    return p;
+}
+
 static void parse_options(Options *o, int argc, char **argv) {
     memset(o, 0, sizeof *o);
     o->mode = "generate";
@@ -1736,8 +1924,12 @@ static void parse_options(Options *o, int argc, char **argv) {
     o->topp = 0.9f;
     o->steps = 256;
     o->ctx = -1;
-    o->kv_bits = 16;
+    o->kv_name = "fp16";
     o->device = "auto";
+    o->ppl_prefill = 512;
+    o->ctx_len = 1024;
+    o->trials = 5;
+    int groups = 1;
     o->prompt_len = 128;
     o->gen_len = 128;
     int seed_given = 0;
@@ -1752,6 +1944,9 @@ static void parse_options(Options *o, int argc, char **argv) {
         {"no-stop", no_argument, 0, 1004},     {"device", required_argument, 0, 1005},
         {"batch", required_argument, 0, 1006}, {"requests", required_argument, 0, 1007},
         {"prompt-len", required_argument, 0, 1008}, {"gen-len", required_argument, 0, 1009},
+        {"kv-groups", required_argument, 0, 1010}, {"ref", required_argument, 0, 1011},
+        {"ppl-prefill", required_argument, 0, 1012}, {"ctx-len", required_argument, 0, 1013},
+        {"trials", required_argument, 0, 1014},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     opterr = 0;
@@ -1785,11 +1980,12 @@ static void parse_options(Options *o, int argc, char **argv) {
         case 1007: o->requests = (int)parse_long(optarg, "--requests", 1, 1 << 20); break;
         case 1008: o->prompt_len = (int)parse_long(optarg, "--prompt-len", 1, 1 << 24); break;
         case 1009: o->gen_len = (int)parse_long(optarg, "--gen-len", 1, 1 << 24); break;
-        case 1003:
-            if (!strcmp(optarg, "fp16")) o->kv_bits = 16;
-            else if (!strcmp(optarg, "fp32")) o->kv_bits = 32;
-            else die("--kv: '%s' is not a cache type (fp16, fp32)", optarg);
-            break;
+        case 1003: o->kv_name = optarg; break;
+        case 1010: groups = (int)parse_long(optarg, "--kv-groups", 1, 64); break;
+        case 1011: o->ref = optarg; break;
+        case 1012: o->ppl_prefill = (int)parse_long(optarg, "--ppl-prefill", 0, 1 << 24); break;
+        case 1013: o->ctx_len = (int)parse_long(optarg, "--ctx-len", 64, 1 << 24); break;
+        case 1014: o->trials = (int)parse_long(optarg, "--trials", 1, 100000); break;
         case 'h': usage(stdout); exit(0);
         case ':': die("option '%s' needs a value (see --help)", argv[optind - 1]);
         default:
@@ -1805,10 +2001,13 @@ static void parse_options(Options *o, int argc, char **argv) {
     }
     if (optind < argc) die("unexpected argument '%s' (quote a prompt with spaces)", argv[optind]);
     if (!seed_given) o->seed = (uint64_t)time(NULL);
-    const char *modes[] = {"generate", "chat", "tokenize", "ppl", "logits", "bench"};
+    o->kv = parse_kv(o->kv_name, groups, "--kv");
+    if (o->ref) o->ref_kv = parse_kv(o->ref, groups, "--ref");
+    const char *modes[] = {"generate", "chat", "tokenize", "ppl", "logits", "bench", "passkey"};
     int ok = 0;
     for (size_t i = 0; i < sizeof modes / sizeof *modes; i++) ok |= !strcmp(o->mode, modes[i]);
-    if (!ok) die("unknown mode '%s' (generate, chat, tokenize, ppl, logits, bench)", o->mode);
+    if (!ok) die("unknown mode '%s' (generate, chat, tokenize, ppl, logits, bench, passkey)",
+                 o->mode);
 }
 
 /* --device: auto takes the GPU when one is usable; which one it took goes to stderr when
@@ -1854,13 +2053,14 @@ int main(int argc, char **argv) {
             return 0;
         }
         KVCache kv;
-        build_kvcache(&kv, &m.c, 1, o.ctx, o.kv_mem_mib, o.kv_bits);
+        build_kvcache(&kv, &m.c, 1, o.ctx, o.kv_mem_mib, o.kv);
         Sampler sp;
         build_sampler(&sp, m.c.vocab_size, o.temperature, o.topp, o.seed);
         if (!strcmp(o.mode, "generate")) mode_generate(&m, &kv, &sp, &o);
         else if (!strcmp(o.mode, "chat")) mode_chat(&m, &kv, &sp, &o);
         else if (!strcmp(o.mode, "ppl")) mode_ppl(&m, &kv, &o);
         else if (!strcmp(o.mode, "logits")) mode_logits(&m, &kv, &o);
+        else if (!strcmp(o.mode, "passkey")) mode_passkey(&m, &kv, &o);
         free_sampler(&sp);
         free_kvcache(&kv);
     }

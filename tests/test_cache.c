@@ -119,7 +119,7 @@ static void test_manager(void) {
     int n_seqs = 16, ctx = 200;
     Config c = tiny_config(4, 3, 64);
     KVCache kv;
-    build_kvcache(&kv, &c, n_seqs, ctx, 1, 16);   /* 1 MiB: far fewer pages than the worst case */
+    build_kvcache(&kv, &c, n_seqs, ctx, 1, (LkvPrecision){16, 16, 1});   /* 1 MiB: far fewer pages than the worst case */
     int *len = calloc(n_seqs, sizeof(int)), *owner = malloc(kv.n_pages * sizeof(int));
     int fails = 0, full_seen = 0;
     for (int step = 0; step < 20000; step++) {
@@ -173,7 +173,7 @@ static void test_paged_attention(void) {
     int d = 64, n = 150;
     Config c = tiny_config(1, 2, d);
     KVCache kv;
-    build_kvcache(&kv, &c, 3, 256, 0, 16);
+    build_kvcache(&kv, &c, 3, 256, 0, (LkvPrecision){16, 16, 1});
     /* scramble the free ring so that pages of one head are not contiguous */
     for (int i = kv.n_pages - 1; i > 0; i--) {
         int j = rnd() % (i + 1), t = kv.free_ids[i];

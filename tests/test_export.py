@@ -228,7 +228,9 @@ def test_roundtrip_smollm2():
     assert {k: h[k] for k in want} == want
     assert h["rope_theta"] == 100000.0 and h["norm_eps"] == np.float32(1e-5)
     assert set(h["stop_ids"][:h["n_stop"]]) == {0, 2}
-    assert h["n_tensors"] == 272
+    assert h["n_tensors"] == 273   # 272 weights + chat.system
+    system = m["tensors"].pop("chat.system").tobytes().decode()
+    assert system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     n_params = sum(a.size for a in m["tensors"].values())
     assert n_params == 134_515_008
     r = gguf.GGUFReader(tm.SMOL_GGUF)
