@@ -14,12 +14,27 @@ SAN     = -O1 -g -std=gnu11 -fsanitize=address,undefined -fno-omit-frame-pointer
 SRC = leankv.c tokenizer.c
 HDR = leankv.h
 
-.PHONY: all test test-setup clean
+# the GPU side: nvcc for sm_90 (H100/H200) machine code plus PTX for later GPUs
+NVCC    ?= nvcc
+CUDA    ?= $(if $(shell command -v $(NVCC) 2>/dev/null),1,0)
+CUDA_HOME ?= $(patsubst %/bin/,%,$(dir $(shell command -v $(NVCC) 2>/dev/null)))
+NVFLAGS ?= -O3 -std=c++17 -gencode arch=compute_90,code=[sm_90,compute_90] \
+           -Xcompiler -Wall
+CUDA_LDLIBS = -L$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++ -lpthread -ldl -lrt
+
+.PHONY: all test test-setup test-gpu clean
 
 all: leankv
 
+ifeq ($(CUDA),1)
+# one binary: the CPU path plus leankv.cu's engine, chosen at run time by --device
+leankv: $(SRC) $(HDR) leankv-cuda.o
+	$(CC) $(CFLAGS) $(OMP) -DLKV_CUDA -o $@ $(SRC) leankv-cuda.o $(LDLIBS) $(CUDA_LDLIBS) \
+	    -Wl,-rpath,$(CUDA_HOME)/lib64
+else
 leankv: $(SRC) $(HDR)
 	$(CC) $(CFLAGS) $(OMP) -o $@ $(SRC) $(LDLIBS)
+endif
 
 # the same program built with AddressSanitizer and UndefinedBehaviorSanitizer, for the
 # bad-input tests
@@ -33,5 +48,17 @@ test: test-setup leankv leankv-asan
 test-setup:
 	./run.sh --setup
 
+# leankv.cu's engine and its standalone driver (bench/gpu_bench.c includes leankv.c)
+leankv-cuda.o: leankv.cu $(HDR)
+	$(NVCC) $(NVFLAGS) -DLKV_CUDA -c leankv.cu -o $@
+
+leankv-gpu-bench: bench/gpu_bench.c leankv-cuda.o $(SRC) $(HDR)
+	$(CC) $(CFLAGS) $(OMP) -Wno-unused-function -DLKV_CUDA -o $@ bench/gpu_bench.c tokenizer.c \
+	    leankv-cuda.o $(LDLIBS) $(CUDA_LDLIBS) -Wl,-rpath,$(CUDA_HOME)/lib64
+
+# GPU tests: they skip, saying why, where there is no GPU (CI)
+test-gpu:
+	$(PYTHON) -m pytest -q -rs tests/test_gpu.py
+
 clean:
-	rm -f leankv leankv-asan *.o
+	rm -f leankv leankv-asan leankv-gpu-bench *.o

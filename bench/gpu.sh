@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# bench/gpu.sh: the one script for a GPU machine. Builds the driver, runs the GPU tests (with
+# compute-sanitizer) and the speed targets of issue 3, and prints a table last.
+#
+#   bench/gpu.sh [tests] [bench] [profile]     (no argument: tests and bench)
+#
+# profile: per-kernel times of one decode step under ncu (kernels one by one).
+#
+# The real model: its GGUF travels in two halves (a call carries at most 64 MiB), made with
+# `split -n 2 models/SmolLM2-135M-Instruct.Q4_1.gguf`: one call carries m1/ (the first half,
+# copied to /root/m), the next call, issued while the machine is still warm, carries m2/
+# (the second half) and gguf-wheel/ (the gguf Python package, for export.py). Without them the
+# tests use random weights only.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/leankv-out}
+mkdir -p "$OUT"
+STAGES=${*:-tests bench}
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+if [ -d m1 ] && [ -n "$(ls m1)" ]; then mkdir -p /root/m && cp m1/* /root/m/; fi
+if [ -d m2 ] && [ -n "$(ls m2)" ] && [ -n "$(ls /root/m 2>/dev/null)" ] &&
+   [ ! -f models/smollm2-135m-instruct.bin ]; then
+    cat /root/m/* m2/* > /tmp/model.gguf
+    mkdir -p models
+    PYTHONPATH=$PWD/gguf-wheel python3 export.py /tmp/model.gguf \
+        models/smollm2-135m-instruct.bin --dtype fp32 || echo "export failed"
+fi
+
+# build here, unless a driver built elsewhere came along (LEANKV_CARRIED=1; the device image
+# lacks the stb headers that tokenizer.c needs)
+if [ -x leankv-gpu-bench ] && [ -n "${LEANKV_CARRIED:-}" ]; then
+    export LEANKV_GPU_BENCH=$PWD/leankv-gpu-bench
+else
+    make -s leankv-gpu-bench 2>&1 | grep -v -e '^ptxas' -e 'warning' || true
+fi
+
+if [[ " $STAGES " == *" tests "* ]]; then
+    PYTHONUNBUFFERED=1 python3 -m pytest -q -rs -s tests/test_gpu.py 2>&1 | tee "$OUT/test.log" |
+        grep -E "check: [0-9]|^batch: [0-9s]|SUMMARY|passed|failed|skipped|Error|error" |
+        grep -v "Race reported" | head -60
+    echo "== tests on $CARD: $(tail -1 "$OUT/test.log")"
+fi
+
+if [[ " $STAGES " == *" profile "* ]]; then
+    for cfg in "256 512 4" "1 128 4"; do
+        set -- $cfg
+        LEANKV_PROFILE_STEP=1 ncu --profile-from-start off --clock-control none \
+            --metrics gpu__time_duration.sum --csv ./leankv-gpu-bench bench random --batch $1 \
+            --prompt-len $2 --gen-len $3 --runs 1 > "$OUT/ncu_$1.csv" 2>/dev/null
+        echo "== batch $1, prompt $2 ($CARD)"
+        python3 bench/ncu_sum.py "$OUT/ncu_$1.csv" | head -14
+    done
+fi
+
+if [[ " $STAGES " == *" bench "* ]]; then
+    for cfg in "256 512 256" "1 128 256" "64 512 256"; do
+        set -- $cfg
+        ./leankv-gpu-bench bench random --batch $1 --prompt-len $2 --gen-len $3 --runs 3 \
+            2>>"$OUT/bench.err" | tee -a "$OUT/bench.log" | grep -v '^{'
+    done
+    if [ -f models/smollm2-135m-instruct.bin ]; then
+        ./leankv-gpu-bench bench models/smollm2-135m-instruct.bin --batch 256 --prompt-len 512 \
+            --gen-len 256 --runs 3 2>>"$OUT/bench.err" | tee -a "$OUT/bench.log" | grep -v '^{'
+    fi
+    echo "== $CARD: median of 3 runs (random weights of SmolLM2-135M's shape; the last line"
+    echo "   is the real model when models/smollm2-135m-instruct.bin exists)"
+    python3 bench/table.py < "$OUT/bench.log"
+fi

@@ -1,0 +1,399 @@
+/* gpu_bench.c: a standalone driver for the GPU engine (leankv.cu), until the command line of
+ * leankv.c grows --device. It reuses the CPU reference by including leankv.c whole.
+ *
+ *   leankv-gpu-bench check MODEL  GPU vs CPU logits at every step of a prompt + generation
+ *   leankv-gpu-bench batch MODEL  many requests: alone vs batched vs a pool small enough to
+ *                                 force preemption; the greedy outputs must all agree
+ *   leankv-gpu-bench bench MODEL  synthetic throughput (prefill, decode, total tok/s)
+ *
+ * MODEL is a model.bin, or "random" for random weights of SmolLM2-135M's shape (no file, no
+ * tokenizer: enough for speed, and for GPU vs CPU since both run the same weights).
+ * Options: --prompt-len N --gen-len N --batch N --requests N --chunk N --kv-mem MIB --runs N
+ *          --seed N */
+#define TESTING
+#include "../leankv.c"
+
+/* ----------------------------------------------------------------------------------------
+ * Options and the model */
+
+typedef struct {
+    const char *mode, *model;
+    int prompt_len, gen_len, batch, requests, chunk, runs;
+    size_t kv_mem_mib;
+    uint64_t seed;
+} BenchOptions;
+
+static uint64_t rng_state = 42;
+static uint32_t rng_u32(void) {   /* xorshift64* */
+    rng_state ^= rng_state >> 12; rng_state ^= rng_state << 25; rng_state ^= rng_state >> 27;
+    return (uint32_t)((rng_state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+static float rng_uniform(void) { return (rng_u32() >> 8) / 16777216.0f * 2.0f - 1.0f; }
+
+/* uniform values of standard deviation std, rounded to fp16 so that the CPU (fp32) and the
+ * GPU (fp16 weights) compute with the same numbers and only the arithmetic differs */
+static float *random_tensor(size_t n, float std, float constant) {
+    float *p = xmalloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++)
+        p[i] = constant != 0.0f ? constant : lkv_h2f(lkv_f2h(rng_uniform() * std * 1.7320508f));
+    return p;
+}
+
+/* SmolLM2-135M's shape: dim 576, hidden 1536, 30 layers, 9 heads, 3 KV heads, vocab 49152 */
+static void build_random_model(Model *m) {
+    memset(m, 0, sizeof *m);
+    Config *c = &m->c;
+    c->dim = 576; c->hidden_dim = 1536; c->n_layers = 30; c->n_heads = 9; c->n_kv_heads = 3;
+    c->head_dim = 64; c->vocab_size = 49152; c->seq_len = 8192; c->rope_theta = 100000.0f;
+    c->rope_style = LKV_ROPE_HALF; c->norm_eps = 1e-5f; c->tied = 1; c->bos_id = 1;
+    c->eos_id = 2; c->n_stop = 0;
+    int D = c->dim, H = c->hidden_dim, QD = c->n_heads * c->head_dim,
+        KVD = c->n_kv_heads * c->head_dim;
+    Weights *w = &m->w;
+    w->tok_embeddings = random_tensor((size_t)c->vocab_size * D, 0.1f, 0);
+    w->layers = xmalloc(c->n_layers * sizeof(LayerWeights));
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerWeights *L = &w->layers[l];
+        L->attn_norm = random_tensor(D, 0, 1.0f);
+        L->ffn_norm = random_tensor(D, 0, 1.0f);
+        L->wq = random_tensor((size_t)QD * D, 1.0f / sqrtf(D), 0);
+        L->wk = random_tensor((size_t)KVD * D, 1.0f / sqrtf(D), 0);
+        L->wv = random_tensor((size_t)KVD * D, 1.0f / sqrtf(D), 0);
+        L->wo = random_tensor((size_t)D * QD, 0.5f / sqrtf(QD), 0);
+        L->w1 = random_tensor((size_t)H * D, 1.0f / sqrtf(D), 0);
+        L->w3 = random_tensor((size_t)H * D, 1.0f / sqrtf(D), 0);
+        L->w2 = random_tensor((size_t)D * H, 0.5f / sqrtf(H), 0);
+    }
+    w->norm = random_tensor(D, 0, 1.0f);
+    w->output = w->tok_embeddings;
+}
+
+static void load_model(Model *m, const char *path) {
+    if (!strcmp(path, "random")) build_random_model(m);
+    else build_model(m, path, NULL);
+}
+
+static GpuEngine *gpu_engine(Model *m, int slots, int chunk, int ctx, size_t kv_mem_mib) {
+    char err[256];
+    GpuEngine *g = gpu_build(&m->c, &m->w, slots, chunk, ctx, kv_mem_mib, err, sizeof err);
+    if (!g) die("GPU: %s", err);
+    return g;
+}
+
+static void random_ids(int *ids, int n, int vocab) {
+    for (int i = 0; i < n; i++) ids[i] = (int)(rng_u32() % (uint32_t)vocab);
+}
+
+/* ----------------------------------------------------------------------------------------
+ * check: the CPU reference and the GPU see the same tokens (the CPU's greedy choices); at each
+ * step compare the logits (relative L2 error) and the greedy token. */
+
+static int gpu_mode_check(Model *m, const BenchOptions *o) {
+    Config *c = &m->c;
+    int P = o->prompt_len, G = o->gen_len, T = P + G, V = c->vocab_size;
+    build_runstate(m, T + 1);
+    KVCache kv;
+    build_kvcache(&kv, c, 1, T + 1, 0, (LkvPrecision){16, 16, 1});   /* fp16, as on the GPU */
+    int *seq = xmalloc((T + 1) * sizeof(int));
+    random_ids(seq, P, V);
+    float *cpu = xmalloc((size_t)T * V * sizeof(float)), *gpu = xmalloc((size_t)T * V * sizeof(float));
+    double t0 = now_s();
+    for (int t = 0; t < T; t++) {
+        reserve_or_die(&kv, 0, t + 1);
+        float *lg = forward(m, &kv, 0, seq[t], t);
+        memcpy(cpu + (size_t)t * V, lg, V * sizeof(float));
+        if (t + 1 >= P) seq[t + 1] = argmax(lg, V);
+    }
+    fprintf(stderr, "check: CPU reference %d steps in %.1f s\n", T, now_s() - t0);
+
+    GpuEngine *g = gpu_engine(m, 1, o->chunk, T + 1, 64);
+    int next, first_bad = -1;
+    if (gpu_prefill(g, 0, seq, P, &next, gpu) != 0) die("GPU prefill failed");
+    int *gtok = xmalloc(T * sizeof(int));
+    gtok[P - 1] = next;
+    for (int t = P; t < T; t++) {
+        int slot = 0;
+        if (gpu_decode(g, 1, &slot, &seq[t], &gtok[t], gpu + (size_t)t * V) != 0)
+            die("GPU decode failed at step %d", t);
+    }
+    double max_err = 0, sum_err = 0;
+    for (int t = 0; t < T; t++) {
+        double num = 0, den = 0;
+        for (int i = 0; i < V; i++) {
+            double d = (double)gpu[(size_t)t * V + i] - cpu[(size_t)t * V + i];
+            num += d * d;
+            den += (double)cpu[(size_t)t * V + i] * cpu[(size_t)t * V + i];
+        }
+        double e = sqrt(num / (den + 1e-30));
+        if (!(e <= max_err)) max_err = e;   /* NaN propagates */
+        sum_err += e;
+        if (t >= P - 1) {   /* greedy steps: the token after the prompt and every generated one */
+            int ga = argmax(gpu + (size_t)t * V, V);
+            if (t >= P && ga != gtok[t]) die("GPU argmax kernel disagrees with its logits at %d", t);
+            if (first_bad < 0 && ga != argmax(cpu + (size_t)t * V, V)) first_bad = t - (P - 1);
+        }
+    }
+    int match = first_bad < 0 ? G + 1 : first_bad;
+    printf("check: %d prompt + %d generated steps, chunk %d: logits rel err max %.3e mean %.3e; "
+           "greedy tokens identical for the first %d of %d steps\n", P, G, o->chunk, max_err,
+           sum_err / T, match, G + 1);
+    gpu_free(g);
+    int ok = max_err <= 1e-2 && match >= (G + 1 < 33 ? G + 1 : 33);
+    printf("check: %s\n", ok ? "PASS" : "FAIL");
+    return ok ? 0 : 1;
+}
+
+/* ----------------------------------------------------------------------------------------
+ * batch: n requests with prompts of different lengths, greedy, a fixed number of new tokens.
+ * run_requests is a small continuous-batching scheduler over the engine's API: a request joins
+ * when a slot and the pages of its prompt are free, leaves (freeing its pages) when done, and
+ * when a decode step lacks pages the latest-admitted request is preempted: its pages are
+ * freed and it goes back to the front of the queue, to be recomputed from its prompt and the
+ * tokens it already generated. */
+
+typedef struct {
+    int *prompt, n_prompt;
+    int *out, n_out;        /* generated tokens */
+    int slot;               /* -1 when not running */
+    long admitted;          /* admission order, for choosing whom to preempt */
+} GpuRequest;
+
+static int run_requests(GpuEngine *g, GpuRequest *rq, int n, int max_batch, int gen, int *peak) {
+    GpuInfo info;
+    gpu_info(g, &info);
+    int *queue = xmalloc(n * sizeof(int)), qh = 0, qn = n;   /* waiting requests, FIFO */
+    for (int i = 0; i < n; i++) { queue[i] = i; rq[i].slot = -1; rq[i].n_out = 0; }
+    int *slot_free = xmalloc(max_batch * sizeof(int));
+    for (int i = 0; i < max_batch; i++) slot_free[i] = 1;
+    int *run = xmalloc(max_batch * sizeof(int)), n_run = 0, preemptions = 0, done = 0;
+    int *slots = xmalloc(max_batch * sizeof(int)), *toks = xmalloc(max_batch * sizeof(int)),
+        *next = xmalloc(max_batch * sizeof(int));
+    int *ctx = xmalloc((size_t)info.ctx * sizeof(int));
+    long clock = 0;
+    *peak = 0;
+    while (done < n) {
+        /* admit: prompt plus what was generated before a preemption, recomputed in one prefill */
+        while (qn > 0 && n_run < max_batch) {
+            GpuRequest *r = &rq[queue[qh]];
+            int s = 0;
+            while (!slot_free[s]) s++;
+            int len = r->n_prompt + r->n_out;
+            GpuInfo now;
+            gpu_info(g, &now);
+            if (gpu_pages_needed(g, s, len) > now.free_pages) break;
+            memcpy(ctx, r->prompt, r->n_prompt * sizeof(int));
+            memcpy(ctx + r->n_prompt, r->out, r->n_out * sizeof(int));
+            int nx;
+            if (gpu_prefill(g, s, ctx, len, &nx, NULL) != 0) die("prefill failed after the check");
+            r->out[r->n_out++] = nx;
+            slot_free[s] = 0; r->slot = s; r->admitted = clock++;
+            run[n_run++] = queue[qh];
+            qh = (qh + 1) % n; qn--;
+        }
+        if (n_run == 0) die("request %d alone does not fit the pool", queue[qh]);
+        if (n_run > *peak) *peak = n_run;
+        /* leave: finished requests free their slot and pages at once */
+        for (int i = 0; i < n_run;) {
+            GpuRequest *r = &rq[run[i]];
+            if (r->n_out >= gen) {
+                gpu_release(g, r->slot); slot_free[r->slot] = 1; r->slot = -1; done++;
+                run[i] = run[--n_run];
+            } else i++;
+        }
+        if (n_run == 0) continue;
+        /* preempt until the step fits: the latest admitted goes back to the queue's front */
+        for (;;) {
+            int need = 0;
+            for (int i = 0; i < n_run; i++) need += gpu_pages_needed(g, rq[run[i]].slot, 1);
+            GpuInfo now;
+            gpu_info(g, &now);
+            if (need <= now.free_pages) break;
+            int v = 0;
+            for (int i = 1; i < n_run; i++) if (rq[run[i]].admitted > rq[run[v]].admitted) v = i;
+            GpuRequest *r = &rq[run[v]];
+            gpu_release(g, r->slot); slot_free[r->slot] = 1; r->slot = -1;
+            qh = (qh - 1 + n) % n; queue[qh] = run[v]; qn++;
+            run[v] = run[--n_run];
+            preemptions++;
+            if (n_run == 0) die("one request alone outgrows the pool");
+        }
+        for (int i = 0; i < n_run; i++) {
+            slots[i] = rq[run[i]].slot;
+            toks[i] = rq[run[i]].out[rq[run[i]].n_out - 1];
+        }
+        if (gpu_decode(g, n_run, slots, toks, next, NULL) != 0) die("decode failed after the check");
+        for (int i = 0; i < n_run; i++) rq[run[i]].out[rq[run[i]].n_out++] = next[i];
+    }
+    free(queue); free(slot_free); free(run); free(slots); free(toks); free(next); free(ctx);
+    return preemptions;
+}
+
+static int gpu_mode_batch(Model *m, const BenchOptions *o) {
+    int n = o->requests, G = o->gen_len, maxp = o->prompt_len;
+    GpuRequest *rq = xmalloc(n * sizeof(GpuRequest));
+    int **ref = xmalloc(n * sizeof(int *));
+    for (int i = 0; i < n; i++) {
+        rq[i].n_prompt = 8 + (int)(rng_u32() % (uint32_t)(maxp - 7));
+        rq[i].prompt = xmalloc(rq[i].n_prompt * sizeof(int));
+        random_ids(rq[i].prompt, rq[i].n_prompt, m->c.vocab_size);
+        rq[i].out = xmalloc((G + 1) * sizeof(int));
+        ref[i] = xmalloc(G * sizeof(int));
+    }
+    int ctx = maxp + G + 1, peak, fails;
+    long need = 0;   /* pages to hold every request at once */
+    for (int i = 0; i < n; i++) need += (rq[i].n_prompt + G + 15) / 16;
+    need *= m->c.n_layers * m->c.n_kv_heads;
+
+    /* 1. each request alone: a batch of one */
+    GpuEngine *g = gpu_engine(m, n, o->chunk, ctx, (size_t)(need * 2 * 4224 >> 20) + 1);
+    double t0 = now_s();
+    for (int i = 0; i < n; i++) {
+        run_requests(g, &rq[i], 1, 1, G, &peak);
+        memcpy(ref[i], rq[i].out, G * sizeof(int));
+    }
+    double t_alone = now_s() - t0;
+
+    /* 2. all at once */
+    t0 = now_s();
+    int pre = run_requests(g, rq, n, n, G, &peak);
+    double t_batch = now_s() - t0;
+    fails = 0;
+    for (int i = 0; i < n; i++) fails += memcmp(ref[i], rq[i].out, G * sizeof(int)) != 0;
+    printf("batch: %d requests (prompts 8..%d tokens, %d generated): batched vs alone: %d of %d "
+           "differ; peak %d in flight, %d preemptions; %.2f s alone, %.2f s batched\n", n, maxp,
+           G, fails, n, peak, pre, t_alone, t_batch);
+    gpu_free(g);
+
+    /* 3. a pool of a quarter of what the batch needs: preemption must keep every request */
+    GpuInfo info;
+    size_t mib = (size_t)(need / 4 * 4224 >> 20) + 1;
+    g = gpu_engine(m, n, o->chunk, ctx, o->kv_mem_mib ? o->kv_mem_mib : mib);
+    gpu_info(g, &info);
+    pre = run_requests(g, rq, n, n, G, &peak);
+    int fails_small = 0;
+    for (int i = 0; i < n; i++) fails_small += memcmp(ref[i], rq[i].out, G * sizeof(int)) != 0;
+    printf("batch: small pool (%d pages, %ld needed for all at once): %d preemptions, peak %d in "
+           "flight, every request completed; %d of %d differ from alone\n", info.n_pages, need,
+           pre, peak, fails_small, n);
+    gpu_free(g);
+    int ok = fails == 0 && fails_small == 0 && pre > 0;
+    printf("batch: %s\n", ok ? "PASS" : "FAIL");
+    return ok ? 0 : 1;
+}
+
+/* ----------------------------------------------------------------------------------------
+ * bench: --requests prompts of --prompt-len random ids, served --batch at a time; each makes
+ * exactly --gen-len tokens (the first from its prefill). Median over --runs. */
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int gpu_mode_bench(Model *m, const BenchOptions *o) {
+    Config *c = &m->c;
+    int B = o->batch, P = o->prompt_len, G = o->gen_len, R = o->requests ? o->requests : B;
+    int chunk = P < o->chunk ? P : o->chunk;
+    GpuEngine *g = gpu_engine(m, B, chunk, P + G, o->kv_mem_mib);
+    char name[256];
+    gpu_available(name, sizeof name);
+    double copy_gbs = gpu_copy_bandwidth();
+    int *prompts = xmalloc((size_t)R * P * sizeof(int));
+    random_ids(prompts, R * P, c->vocab_size);
+    int *slots = xmalloc(B * sizeof(int)), *tok = xmalloc(B * sizeof(int));
+    GpuInfo info;
+    gpu_info(g, &info);
+    int runs = o->runs, min_free = info.n_pages;
+    double *pre = xmalloc(runs * sizeof(double)), *dec = xmalloc(runs * sizeof(double)),
+           *tot = xmalloc(runs * sizeof(double)), *step = xmalloc(runs * sizeof(double));
+    for (int run = -1; run < runs; run++) {   /* run -1 warms up: graphs, cuBLAS heuristics */
+        double t_pre = 0, t_dec = 0;
+        long n_dec = 0, n_steps = 0;
+        for (int w0 = 0; w0 < R; w0 += B) {
+            int nb = R - w0 < B ? R - w0 : B;
+            double t0 = now_s();
+            for (int i = 0; i < nb; i++) {
+                slots[i] = i;
+                if (gpu_prefill(g, i, prompts + (size_t)(w0 + i) * P, P, &tok[i], NULL) != 0)
+                    die("bench: the pool is too small for %d x %d tokens (--kv-mem)", nb, P + G);
+            }
+            double t1 = now_s();
+            for (int s = 1; s < G; s++) {
+                if (gpu_decode(g, nb, slots, tok, tok, NULL) != 0) die("bench: pool full");
+                n_dec += nb;
+                n_steps++;
+            }
+            double t2 = now_s();
+            gpu_info(g, &info);
+            if (info.free_pages < min_free) min_free = info.free_pages;
+            for (int i = 0; i < nb; i++) gpu_release(g, i);
+            t_pre += t1 - t0;
+            t_dec += t2 - t1;
+        }
+        if (run < 0) continue;
+        pre[run] = (double)R * P / t_pre;
+        dec[run] = n_dec / t_dec;
+        tot[run] = ((double)R * P + (double)R * G) / (t_pre + t_dec);
+        step[run] = t_dec / n_steps;
+    }
+    qsort(pre, runs, sizeof(double), cmp_double); qsort(dec, runs, sizeof(double), cmp_double);
+    qsort(tot, runs, sizeof(double), cmp_double); qsort(step, runs, sizeof(double), cmp_double);
+    double p50 = pre[runs / 2], d50 = dec[runs / 2], t50 = tot[runs / 2], s50 = step[runs / 2];
+    /* bytes one decode step must move: every fp16 weight matrix once, the classifier, and the
+     * K and V of every cached token of every sequence (at the average length P + G/2) */
+    double D = c->dim, H = c->hidden_dim, QD = c->n_heads * c->head_dim,
+           KVD = c->n_kv_heads * c->head_dim, V = c->vocab_size;
+    double wbytes = 2.0 * (c->n_layers * ((QD + 2 * KVD) * D + D * QD + 3 * H * D) + V * D);
+    double kvbytes = (double)(R < B ? R : B) * (P + G / 2.0) * c->n_layers * KVD * 2 * 2;
+    double bw = (wbytes + kvbytes) / s50 / 1e9;
+    int pages_used = info.n_pages - min_free;
+    printf("bench: %s, batch %d, prompt %d, generate %d, %d requests, median of %d runs\n", name,
+           B, P, G, R, runs);
+    printf("  prefill   %10.0f tok/s\n  decode    %10.0f tok/s  (%.3f ms a step)\n"
+           "  total     %10.0f tok/s\n  peak      %d sequences in flight, %d of %d KV pages\n"
+           "  decode step moves %.0f MB (weights %.0f, KV %.0f): %.0f GB/s = %.2f of the copy "
+           "bandwidth (%.0f GB/s)\n", p50, d50, s50 * 1e3, t50, R < B ? R : B, pages_used,
+           info.n_pages, (wbytes + kvbytes) / 1e6, wbytes / 1e6, kvbytes / 1e6, bw, bw / copy_gbs,
+           copy_gbs);
+    printf("{\"device\": \"%s\", \"batch\": %d, \"prompt_len\": %d, \"gen_len\": %d, "
+           "\"requests\": %d, \"runs\": %d, \"prefill_tok_s\": %.0f, \"decode_tok_s\": %.0f, "
+           "\"total_tok_s\": %.0f, \"decode_step_ms\": %.4f, \"peak_seqs\": %d, "
+           "\"kv_pages_used\": %d, \"kv_pages\": %d, \"decode_gb_s\": %.0f, \"copy_gb_s\": %.0f, "
+           "\"bw_fraction\": %.3f}\n", name, B, P, G, R, runs, p50, d50, t50, s50 * 1e3,
+           R < B ? R : B, pages_used, info.n_pages, bw, copy_gbs, bw / copy_gbs);
+    gpu_free(g);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    BenchOptions o = {0};
+    o.prompt_len = 64; o.gen_len = 64; o.batch = 1; o.requests = 0; o.chunk = 512; o.runs = 3;
+    if (argc < 3) die("usage: leankv-gpu-bench check|batch|bench MODEL.bin|random [options]");
+    o.mode = argv[1];
+    o.model = argv[2];
+    for (int i = 3; i < argc; i++) {
+        if (i + 1 >= argc) die("%s needs a value", argv[i]);
+        long v = parse_long(argv[i + 1], argv[i], 0, 1L << 30);
+        if (!strcmp(argv[i], "--prompt-len")) o.prompt_len = (int)v;
+        else if (!strcmp(argv[i], "--gen-len")) o.gen_len = (int)v;
+        else if (!strcmp(argv[i], "--batch")) o.batch = (int)v;
+        else if (!strcmp(argv[i], "--requests")) o.requests = (int)v;
+        else if (!strcmp(argv[i], "--chunk")) o.chunk = (int)v;
+        else if (!strcmp(argv[i], "--kv-mem")) o.kv_mem_mib = (size_t)v;
+        else if (!strcmp(argv[i], "--runs")) o.runs = (int)v;
+        else if (!strcmp(argv[i], "--seed")) rng_state = (uint64_t)v * 2654435761u + 1;
+        else die("unknown option %s", argv[i]);
+        i++;
+    }
+    if (o.prompt_len < 8 || o.gen_len < 1 || o.batch < 1 || o.chunk < 1 || o.runs < 1)
+        die("--prompt-len >= 8, --gen-len, --batch, --chunk, --runs >= 1");
+    char name[256];
+    if (!gpu_available(name, sizeof name)) die("no usable CUDA device: %s", name);
+    build_h2f_table();
+    Model m;
+    load_model(&m, o.model);
+    if (!strcmp(o.mode, "check")) return gpu_mode_check(&m, &o);
+    if (!strcmp(o.mode, "batch")) { if (!o.requests) o.requests = 64; return gpu_mode_batch(&m, &o); }
+    if (!strcmp(o.mode, "bench")) return gpu_mode_bench(&m, &o);
+    die("unknown mode '%s' (check, batch, bench)", o.mode);
+}

@@ -1,0 +1,1096 @@
+/* leankv.cu: the GPU twin of leankv.c. Same model, same page layout, same function names.
+ *
+ * leankv.c runs one token at a time on the CPU. Here a forward pass takes a batch of "rows",
+ * each row one token of one sequence at that sequence's next position, so the same code serves
+ * a chunk of a prompt (many rows of one sequence) and a decode step (one row of each of many
+ * sequences). The KV cache is the CPU's: fp16 pages of one (sequence, layer, KV head), a page
+ * table per such head, a circular array of free page ids -- only it lives in GPU memory and is
+ * managed by kernels (../shared/LEANKV.md sections 5 and 6).
+ *
+ * Sections, in the order data flows (the same as leankv.c):
+ *   errors | model (weights upload, activations) | KV cache | forward | argmax | engine API
+ *
+ * Precision: weights and matrix inputs fp16, every accumulation fp32 (cuBLAS with fp32
+ * compute), the residual stream fp32, logits fp32. */
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cublas_v2.h>
+#include <cuda_profiler_api.h>
+#include <cub/block/block_scan.cuh>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef LKV_CUDA
+#define LKV_CUDA   /* this file is the GPU side: declare the engine API, not the stubs */
+#endif
+#include "leankv.h"
+
+/* ----------------------------------------------------------------------------------------
+ * Errors: a failed CUDA or cuBLAS call is a bug or a broken device; say where and stop. */
+
+static void cuda_check(cudaError_t e, const char *what, const char *file, int line) {
+    if (e == cudaSuccess) return;
+    fprintf(stderr, "leankv: error: CUDA %s at %s:%d: %s\n", what, file, line,
+            cudaGetErrorString(e));
+    exit(1);
+}
+#define CUDA_CHECK(call) cuda_check((call), #call, __FILE__, __LINE__)
+/* after every kernel launch: catches a bad launch configuration at once */
+#define LAUNCH_CHECK() cuda_check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+
+static void cublas_check(cublasStatus_t s, const char *what, const char *file, int line) {
+    if (s == CUBLAS_STATUS_SUCCESS) return;
+    fprintf(stderr, "leankv: error: cuBLAS %s at %s:%d: status %d\n", what, file, line, (int)s);
+    exit(1);
+}
+#define CUBLAS_CHECK(call) cublas_check((call), #call, __FILE__, __LINE__)
+
+static void *dmalloc(size_t bytes) {   /* device memory; only ever called from gpu_build */
+    void *p = NULL;
+    CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1));
+    return p;
+}
+
+/* ----------------------------------------------------------------------------------------
+ * Model on the GPU: fp16 matrices, fp32 norms and biases, and the activations of one step.
+ *
+ * Projections that read the same input are stacked into one matrix so that one GEMM does
+ * them: wq, wk, wv -> wqkv and w1, w3 -> w13. */
+
+typedef struct {
+    __half *wqkv;      /* (QD + 2*KVD, dim) rows of wq, then wk, then wv */
+    float *bqkv;       /* (QD + 2*KVD) the biases, or NULL */
+    __half *wo;        /* (dim, QD) */
+    __half *w13;       /* (2*hidden_dim, dim) rows of w1 (gate), then w3 (up) */
+    __half *w2;        /* (dim, hidden_dim) */
+    float *attn_norm;  /* (dim) */
+    float *ffn_norm;   /* (dim) */
+} DeviceLayer;
+
+typedef struct {
+    __half *tok_embeddings; /* (vocab, dim) */
+    DeviceLayer *layers;    /* (n_layers) host array of device pointers */
+    float *norm;            /* (dim) */
+    __half *output;         /* (vocab, dim), = tok_embeddings when tied */
+} DeviceWeights;
+
+/* Every buffer holds max_rows rows; a step uses the first n_rows. */
+typedef struct {
+    int *rows;         /* (4, max_rows) device: slot, token, pos, out_row of each row */
+    int *row_slot;     /* = rows + 0*max_rows: the sequence's slot */
+    int *row_token;    /* = rows + 1*max_rows: the token id */
+    int *row_pos;      /* = rows + 2*max_rows: its position; -1 marks a padding row */
+    int *out_rows;     /* = rows + 3*max_rows: rows whose logits are wanted, compacted */
+    float *x;          /* (max_rows, dim) residual stream */
+    float *y;          /* (max_rows, dim) output of the last block, not yet added to x */
+    __half *xb;        /* (max_rows, dim) rmsnorm(x), the input of a projection */
+    float *qkv;        /* (max_rows, QD + 2*KVD) Wqkv xb */
+    float *q;          /* (max_rows, QD) queries after RoPE */
+    __half *o;         /* (max_rows, QD) attention output */
+    float *att_part;   /* (max_rows, n_heads, max_splits, head_dim + 2) split partials */
+    float *gu;         /* (max_rows, 2*hidden_dim) W13 xb: gate, then up */
+    __half *hb;        /* (max_rows, hidden_dim) silu(gate) * up */
+    __half *xo;        /* (max_rows, dim) final rmsnorm of the rows in out_rows */
+    float *logits;     /* (max_rows, vocab) */
+    int *next;         /* (max_rows) argmax of each logits row */
+    int *h_rows;       /* (4, max_rows) pinned host staging for rows */
+    int *h_next;       /* (max_rows) pinned host copy of next */
+} RunState;
+
+/* fp32 host values -> fp16 device buffer at dst, through the shared lkv_f2h */
+static void upload_f16(__half *dst, const float *src, size_t n, uint16_t *stage) {
+    for (size_t i = 0; i < n; i++) stage[i] = lkv_f2h(src[i]);
+    CUDA_CHECK(cudaMemcpy(dst, stage, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+}
+
+static float *upload_f32(const float *src, size_t n) {
+    float *d = (float *)dmalloc(n * sizeof(float));
+    CUDA_CHECK(cudaMemcpy(d, src, n * sizeof(float), cudaMemcpyHostToDevice));
+    return d;
+}
+
+static void build_weights(DeviceWeights *dw, const Config *c, const Weights *w) {
+    size_t D = c->dim, H = c->hidden_dim, V = c->vocab_size;
+    size_t QD = (size_t)c->n_heads * c->head_dim, KVD = (size_t)c->n_kv_heads * c->head_dim;
+    size_t biggest = V * D > 2 * H * D ? V * D : 2 * H * D;
+    if ((QD + 2 * KVD) * D > biggest) biggest = (QD + 2 * KVD) * D;
+    uint16_t *stage = (uint16_t *)malloc(biggest * sizeof(uint16_t));
+    if (!stage) { fprintf(stderr, "leankv: error: out of host memory\n"); exit(1); }
+
+    dw->tok_embeddings = (__half *)dmalloc(V * D * sizeof(__half));
+    upload_f16(dw->tok_embeddings, w->tok_embeddings, V * D, stage);
+    dw->layers = (DeviceLayer *)calloc(c->n_layers, sizeof(DeviceLayer));
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerWeights *L = &w->layers[l];
+        DeviceLayer *dl = &dw->layers[l];
+        dl->wqkv = (__half *)dmalloc((QD + 2 * KVD) * D * sizeof(__half));
+        upload_f16(dl->wqkv, L->wq, QD * D, stage);
+        upload_f16(dl->wqkv + QD * D, L->wk, KVD * D, stage);
+        upload_f16(dl->wqkv + (QD + KVD) * D, L->wv, KVD * D, stage);
+        dl->bqkv = NULL;
+        if (c->qkv_bias) {
+            dl->bqkv = (float *)dmalloc((QD + 2 * KVD) * sizeof(float));
+            CUDA_CHECK(cudaMemcpy(dl->bqkv, L->bq, QD * 4, cudaMemcpyHostToDevice));
+            CUDA_CHECK(cudaMemcpy(dl->bqkv + QD, L->bk, KVD * 4, cudaMemcpyHostToDevice));
+            CUDA_CHECK(cudaMemcpy(dl->bqkv + QD + KVD, L->bv, KVD * 4, cudaMemcpyHostToDevice));
+        }
+        dl->wo = (__half *)dmalloc(D * QD * sizeof(__half));
+        upload_f16(dl->wo, L->wo, D * QD, stage);
+        dl->w13 = (__half *)dmalloc(2 * H * D * sizeof(__half));
+        upload_f16(dl->w13, L->w1, H * D, stage);
+        upload_f16(dl->w13 + H * D, L->w3, H * D, stage);
+        dl->w2 = (__half *)dmalloc(D * H * sizeof(__half));
+        upload_f16(dl->w2, L->w2, D * H, stage);
+        dl->attn_norm = upload_f32(L->attn_norm, D);
+        dl->ffn_norm = upload_f32(L->ffn_norm, D);
+    }
+    dw->norm = upload_f32(w->norm, D);
+    if (c->tied) dw->output = dw->tok_embeddings;
+    else {
+        dw->output = (__half *)dmalloc(V * D * sizeof(__half));
+        upload_f16(dw->output, w->output, V * D, stage);
+    }
+    free(stage);
+}
+
+static void free_weights(DeviceWeights *dw, const Config *c) {
+    for (int l = 0; l < c->n_layers; l++) {
+        DeviceLayer *dl = &dw->layers[l];
+        cudaFree(dl->wqkv); cudaFree(dl->bqkv); cudaFree(dl->wo); cudaFree(dl->w13);
+        cudaFree(dl->w2); cudaFree(dl->attn_norm); cudaFree(dl->ffn_norm);
+    }
+    if (dw->output != dw->tok_embeddings) cudaFree(dw->output);
+    cudaFree(dw->tok_embeddings); cudaFree(dw->norm);
+    free(dw->layers);
+}
+
+static void build_runstate(RunState *s, const Config *c, int max_rows, int max_splits) {
+    size_t R = max_rows, D = c->dim, H = c->hidden_dim, V = c->vocab_size;
+    size_t QD = (size_t)c->n_heads * c->head_dim, KVD = (size_t)c->n_kv_heads * c->head_dim;
+    s->rows = (int *)dmalloc(4 * R * sizeof(int));
+    s->row_slot = s->rows; s->row_token = s->rows + R; s->row_pos = s->rows + 2 * R;
+    s->out_rows = s->rows + 3 * R;
+    s->x = (float *)dmalloc(R * D * sizeof(float));
+    s->y = (float *)dmalloc(R * D * sizeof(float));
+    s->xb = (__half *)dmalloc(R * D * sizeof(__half));
+    s->qkv = (float *)dmalloc(R * (QD + 2 * KVD) * sizeof(float));
+    s->q = (float *)dmalloc(R * QD * sizeof(float));
+    s->o = (__half *)dmalloc(R * QD * sizeof(__half));
+    s->att_part = (float *)dmalloc(R * max_splits * c->n_heads * (c->head_dim + 2) * sizeof(float));
+    s->gu = (float *)dmalloc(R * 2 * H * sizeof(float));
+    s->hb = (__half *)dmalloc(R * H * sizeof(__half));
+    s->xo = (__half *)dmalloc(R * D * sizeof(__half));
+    s->logits = (float *)dmalloc(R * V * sizeof(float));
+    s->next = (int *)dmalloc(R * sizeof(int));
+    CUDA_CHECK(cudaMallocHost(&s->h_rows, 4 * R * sizeof(int)));
+    CUDA_CHECK(cudaMallocHost(&s->h_next, R * sizeof(int)));
+}
+
+static void free_runstate(RunState *s) {
+    cudaFree(s->rows); cudaFree(s->x); cudaFree(s->y); cudaFree(s->xb); cudaFree(s->qkv);
+    cudaFree(s->q); cudaFree(s->o); cudaFree(s->att_part); cudaFree(s->gu); cudaFree(s->hb);
+    cudaFree(s->xo); cudaFree(s->logits); cudaFree(s->next);
+    cudaFreeHost(s->h_rows); cudaFreeHost(s->h_next);
+}
+
+/* ----------------------------------------------------------------------------------------
+ * KV cache on the GPU: the same pages, page tables and free ring as leankv.c's KVCache.
+ *
+ * Pages are taken and given back by kernels, in the three parallel steps of LEANKV.md
+ * section 6: each row (or head) says how many pages it takes, a prefix sum turns the counts
+ * into disjoint ranges of the free ring, and each one moves its own range. The host never
+ * touches a page id; it keeps only the counts it needs to decide what fits (free_count and
+ * each slot's length), which are exact because every page a slot holds is a full or the last
+ * partial page of its tokens: ceil(len / tpp) pages per head. */
+
+typedef struct {
+    int n_layers;
+    int n_kv_heads;
+    int width;          /* page-table entries per head */
+    int tpp;            /* tokens per page */
+    int page_bytes;
+    int k_codes, v_codes, scores, pos;  /* segment offsets inside a page (lkv_layout) */
+    int n_pages;        /* pages in the pool */
+} KvGeom;               /* what a kernel needs to find token i of a head: passed by value */
+
+typedef struct {
+    KvGeom geom;
+    LkvPageLayout layout; /* the fp16 tier's layout, from leankv.h */
+    uint8_t *pool;        /* (n_pages, page_bytes) device */
+    int *free_ids;        /* (n_pages) device, circular array of free page ids */
+    int *ring;            /* (2) device: free_start, free_count */
+    int *table;           /* (max_slots, n_layers, n_kv_heads, width) device page ids */
+    int free_count;       /* host copy of ring[1], kept exact without reading it back */
+    int *slot_len;        /* (max_slots) host: tokens each slot holds */
+    int max_slots;
+} KVCache;
+
+/* index of the page table of (slot, layer, KV head) */
+__device__ __forceinline__ size_t kv_head(const KvGeom &g, int slot, int layer, int h) {
+    return ((size_t)slot * g.n_layers + layer) * g.n_kv_heads + h;
+}
+
+__global__ void init_free_ring(int *free_ids, int *ring, int n_pages) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n_pages) free_ids[i] = i;
+    if (i == 0) { ring[0] = 0; ring[1] = n_pages; }
+}
+
+static void build_kvcache(KVCache *kv, const Config *c, int max_slots, int ctx, size_t kv_mem_mib,
+                          cudaStream_t st) {
+    memset(kv, 0, sizeof *kv);
+    LkvPrecision fp16 = {16, 16, 1};
+    int page_bytes = lkv_page_bytes(&fp16, 1, c->head_dim, NULL);
+    lkv_layout_fit(&kv->layout, fp16, c->head_dim, page_bytes);
+    KvGeom *g = &kv->geom;
+    g->n_layers = c->n_layers; g->n_kv_heads = c->n_kv_heads;
+    g->tpp = kv->layout.tokens; g->page_bytes = page_bytes;
+    g->width = (ctx + g->tpp - 1) / g->tpp + 2;
+    g->k_codes = kv->layout.k_codes; g->v_codes = kv->layout.v_codes;
+    g->scores = kv->layout.scores; g->pos = kv->layout.pos;
+    kv->max_slots = max_slots;
+    size_t bytes;
+    if (kv_mem_mib) bytes = kv_mem_mib << 20;
+    else {  /* default: 90% of what is free now, less 512 MiB for cuBLAS and graphs */
+        size_t free_b, total_b;
+        CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+        bytes = free_b > (1024u << 20) ? (size_t)(free_b * 0.9) - (512u << 20) : free_b / 2;
+    }
+    size_t n_pages = bytes / page_bytes;
+    if (n_pages > (1u << 30)) n_pages = 1u << 30;
+    g->n_pages = (int)n_pages;
+    kv->pool = (uint8_t *)dmalloc(n_pages * page_bytes);
+    kv->free_ids = (int *)dmalloc(n_pages * sizeof(int));
+    kv->ring = (int *)dmalloc(2 * sizeof(int));
+    kv->table = (int *)dmalloc((size_t)max_slots * c->n_layers * c->n_kv_heads * g->width * 4);
+    init_free_ring<<<(g->n_pages + 255) / 256, 256, 0, st>>>(kv->free_ids, kv->ring, g->n_pages);
+    LAUNCH_CHECK();
+    kv->free_count = g->n_pages;
+    kv->slot_len = (int *)calloc(max_slots, sizeof(int));
+}
+
+static void free_kvcache(KVCache *kv) {
+    cudaFree(kv->pool); cudaFree(kv->free_ids); cudaFree(kv->ring); cudaFree(kv->table);
+    free(kv->slot_len);
+}
+
+/* Before a step: a row whose position is the first slot of a page opens a new page in every
+ * (layer, KV head) of its sequence. One block: (1) each row's count is 1 or 0, (2) a block-wide
+ * prefix sum gives each row its offset in the free ring, (3) each (row, head) takes its page.
+ * The host has checked that the ring holds enough. */
+#define RESERVE_THREADS 1024
+__global__ void __launch_bounds__(RESERVE_THREADS)
+kv_reserve(int *table, int *free_ids, int *ring, const int *row_slot, const int *row_pos,
+           int n_rows, KvGeom g) {
+    typedef cub::BlockScan<int, RESERVE_THREADS> Scan;
+    __shared__ typename Scan::TempStorage tmp;
+    __shared__ int offset[RESERVE_THREADS];
+    int heads = g.n_layers * g.n_kv_heads;   /* pages a new row takes */
+    int start = ring[0], taken = 0;          /* rows that took pages in earlier tiles */
+    for (int base = 0; base < n_rows; base += RESERVE_THREADS) {
+        int r = base + threadIdx.x;
+        int pos = r < n_rows ? row_pos[r] : -1;
+        int opens = pos >= 0 && pos % g.tpp == 0;
+        int off, total;
+        Scan(tmp).ExclusiveSum(opens, off, total);
+        offset[threadIdx.x] = opens ? taken + off : -1;
+        __syncthreads();
+        int tile = min(RESERVE_THREADS, n_rows - base);
+        for (int i = threadIdx.x; i < tile * heads; i += RESERVE_THREADS) {
+            int rr = i / heads, hh = i % heads;   /* hh = layer * n_kv_heads + kv head */
+            if (offset[rr] < 0) continue;
+            int page = free_ids[(start + (size_t)offset[rr] * heads + hh) % g.n_pages];
+            int p = row_pos[base + rr];
+            size_t head = (size_t)row_slot[base + rr] * heads + hh;
+            table[head * g.width + p / g.tpp] = page;
+        }
+        taken += total;
+        __syncthreads();
+    }
+    __syncthreads();   /* every thread has read ring[0] before thread 0 moves it */
+    if (threadIdx.x == 0) {
+        ring[0] = (int)((start + (size_t)taken * heads) % g.n_pages);
+        ring[1] -= taken * heads;
+    }
+}
+
+/* Gives back the n_pg pages of every head of slot: they land as one contiguous run at the
+ * end of the free ring (the "parallel compaction"); no token data moves. */
+__global__ void kv_release(int *free_ids, int *ring, const int *table, int slot, int n_pg,
+                           KvGeom g) {
+    int heads = g.n_layers * g.n_kv_heads, total = heads * n_pg;
+    int end = ring[0] + ring[1];
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+        int hh = i / n_pg, p = i % n_pg;
+        free_ids[((size_t)end + i) % g.n_pages] = table[((size_t)slot * heads + hh) * g.width + p];
+    }
+    __syncthreads();   /* every thread read ring before thread 0 moves it */
+    if (threadIdx.x == 0) ring[1] += total;
+}
+
+/* Stores one token's key (after RoPE) or value channel pair into its page, as fp16. The
+ * CPU's kv_append writes a whole head vector; here each thread writes its own pair. */
+__device__ __forceinline__ __half *kv_slot(uint8_t *pool, const int *table, const KvGeom &g,
+                                           size_t head, int pos, int segment) {
+    uint8_t *page = pool + (size_t)table[head * g.width + pos / g.tpp] * g.page_bytes;
+    return (__half *)(page + segment);
+}
+
+__device__ __forceinline__ void kv_append(uint8_t *pool, const int *table, const KvGeom &g,
+                                          size_t head, int pos, int segment, int head_dim,
+                                          int a, float va, int b, float vb) {
+    __half *row = kv_slot(pool, table, g, head, pos, segment) + (size_t)(pos % g.tpp) * head_dim;
+    row[a] = __float2half_rn(va);   /* round to nearest even, the bits of lkv_f2h */
+    row[b] = __float2half_rn(vb);
+}
+
+/* ----------------------------------------------------------------------------------------
+ * Forward pass over a batch of rows. The kernels carry the names of their CPU twins. */
+
+/* sum of v over the block (blockDim.x a multiple of 32, at most 1024) */
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();                /* part may still be read by a previous call */
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x / 32) ? part[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* x[r] = tok_embeddings[token[r]] */
+__global__ void embed(float *x, const __half *emb, const int *row_token, int dim) {
+    const __half *e = emb + (size_t)row_token[blockIdx.x] * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x)
+        x[(size_t)blockIdx.x * dim + i] = __half2float(e[i]);
+}
+
+/* One block per output row b, reading row r = rows ? rows[b] : b:
+ *   x[r] += y[r]  (the residual add of the previous block, when y is given)
+ *   out[b] = x[r] / sqrt(mean(x[r]^2) + eps) * w
+ * Each thread keeps its (at most RMS_PER_THREAD) elements in registers, so every load of x,
+ * y and w goes out at once and x is read from memory once. */
+#define RMS_PER_THREAD 8
+__global__ void rmsnorm(__half *out, float *x, const float *y, const float *w, const int *rows,
+                        int dim, float eps) {
+    int b = blockIdx.x, r = rows ? rows[b] : b;
+    float *xr = x + (size_t)r * dim;
+    float v[RMS_PER_THREAD], ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < RMS_PER_THREAD; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        v[k] = i < dim ? xr[i] + (y ? y[(size_t)r * dim + i] : 0.0f) : 0.0f;
+        ss += v[k] * v[k];
+    }
+    if (y) {
+#pragma unroll
+        for (int k = 0; k < RMS_PER_THREAD; k++) {
+            int i = threadIdx.x + k * blockDim.x;
+            if (i < dim) xr[i] = v[k];
+        }
+    }
+    ss = block_sum(ss);
+    float inv = 1.0f / sqrtf(ss / dim + eps);
+#pragma unroll
+    for (int k = 0; k < RMS_PER_THREAD; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i < dim) out[(size_t)b * dim + i] = __float2half_rn(w[i] * (v[k] * inv));
+    }
+}
+
+/* threads for rmsnorm over dim: a whole number of warps, each thread RMS_PER_THREAD at most */
+static int rmsnorm_threads(int dim) {
+    int t = (dim + RMS_PER_THREAD - 1) / RMS_PER_THREAD;
+    return (t + 31) / 32 * 32;
+}
+
+/* y (rows, d) = x (rows, n) W^T with W stored (d, n), as the CPU's matmul(y, x, W, n, d) does
+ * for one row. cuBLAS is column-major, so it sees our row-major W (d, n) as an (n, d) matrix
+ * and x as (n, rows); it computes y^T (d, rows) = op_T(W) x, which in row-major is y. fp16
+ * inputs, fp32 accumulation on the tensor cores, fp32 output. */
+static void matmul(cublasHandle_t blas, float *y, const __half *x, const __half *W, int rows,
+                   int n, int d) {
+    const float one = 1.0f, zero = 0.0f;
+    CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, d, rows, n, &one, W, CUDA_R_16F, n,
+                              x, CUDA_R_16F, n, &zero, y, CUDA_R_32F, d, CUBLAS_COMPUTE_32F,
+                              CUBLAS_GEMM_DEFAULT));
+}
+
+/* RoPE for pair p of one head vector x (its biases xb, or NULL) at position pos: rotates
+ * channels (a, b) by the angle pos * theta^(-2p/head_dim) -- cos and sin come from a table the
+ * host filled with the CPU rope's own formulas. rotate = 0 passes the pair through (values). */
+__device__ __forceinline__ void rope_pair(const float *x, const float *xb, const float2 *cos_sin,
+                                          int pos, int p, int head_dim, int style, int rotate,
+                                          int *a, int *b, float *y0, float *y1) {
+    int half = head_dim / 2;
+    *a = style == LKV_ROPE_INTERLEAVED ? 2 * p : p;
+    *b = style == LKV_ROPE_INTERLEAVED ? 2 * p + 1 : p + half;
+    float x0 = x[*a], x1 = x[*b];
+    if (xb) { x0 += xb[*a]; x1 += xb[*b]; }
+    if (!rotate) { *y0 = x0; *y1 = x1; return; }
+    float2 cs = cos_sin[(size_t)pos * half + p];
+    *y0 = x0 * cs.x - x1 * cs.y;
+    *y1 = x0 * cs.y + x1 * cs.x;
+}
+
+/* appends the key (rotated) and value of KV head h of one row to its page, and the page's
+ * metadata for that token; threads tid .. of nthreads share the work */
+__device__ void kv_append_head(uint8_t *pool, const int *table, const KvGeom &g, size_t head,
+                               const float *k, const float *v, const float *bk, const float *bv,
+                               const float2 *cos_sin, int pos, int head_dim, int style, int tid,
+                               int nthreads) {
+    for (int i = tid; i < head_dim; i += nthreads) {   /* half the threads keys, half values */
+        int is_v = i >= head_dim / 2, p = i % (head_dim / 2), a, b;
+        float y0, y1;
+        rope_pair(is_v ? v : k, is_v ? bv : bk, cos_sin, pos, p, head_dim, style, !is_v, &a, &b,
+                  &y0, &y1);
+        kv_append(pool, table, g, head, pos, is_v ? g.v_codes : g.k_codes, head_dim, a, y0, b, y1);
+    }
+    if (tid == 0) {
+        uint8_t *page = pool + (size_t)table[head * g.width + pos / g.tpp] * g.page_bytes;
+        ((float *)(page + g.scores))[pos % g.tpp] = 0.0f;
+        ((int *)(page + g.pos))[pos % g.tpp] = pos;
+    }
+}
+
+/* One block per row: adds the biases, rotates every query and key head (rope_pair), writes the
+ * queries to q and appends the keys and values to the row's pages. Padding rows (pos < 0) do
+ * nothing. Used for prompt chunks; a decode step does this inside attention_paged. */
+__global__ void rope(float *q, uint8_t *pool, const float *qkv, const float *bqkv,
+                     const float2 *cos_sin, const int *table, const int *row_slot,
+                     const int *row_pos, int layer, KvGeom g, int n_heads, int head_dim,
+                     int style) {
+    int r = blockIdx.x, pos = row_pos[r];
+    if (pos < 0) return;
+    int half = head_dim / 2, n_kv = g.n_kv_heads;
+    int QD = n_heads * head_dim, KVD = n_kv * head_dim, ld = QD + 2 * KVD;
+    const float *in = qkv + (size_t)r * ld;
+    for (int i = threadIdx.x; i < n_heads * half; i += blockDim.x) {
+        int h = i / half, a, b;
+        float y0, y1;
+        rope_pair(in + h * head_dim, bqkv ? bqkv + h * head_dim : NULL, cos_sin, pos, i % half,
+                  head_dim, style, 1, &a, &b, &y0, &y1);
+        q[(size_t)r * QD + h * head_dim + a] = y0;
+        q[(size_t)r * QD + h * head_dim + b] = y1;
+    }
+    /* one group of head_dim threads per KV head */
+    for (int h = threadIdx.x / head_dim; h < n_kv; h += blockDim.x / head_dim) {
+        int ko = QD + h * head_dim, vo = QD + KVD + h * head_dim;
+        kv_append_head(pool, table, g, kv_head(g, row_slot[r], layer, h), in + ko, in + vo,
+                       bqkv ? bqkv + ko : NULL, bqkv ? bqkv + vo : NULL, cos_sin, pos, head_dim,
+                       style, threadIdx.x % head_dim, head_dim);
+    }
+}
+
+/* Decode attention over the paged cache, for the G query heads that share KV head kvh:
+ *   a_t = softmax_t(q . k_t / sqrt(head_dim)),  o = sum_t a_t v_t,  t = 0 .. pos
+ * Block (split, kvh, row). A block walks the pages of its split of the row's sequence, one
+ * token per group of HD/8 threads, each thread owning 8 channels (a 16-byte load of K and of V).
+ * Each group keeps a running max m, sum l and output acc for its tokens (online softmax), and
+ * the groups are merged in shared memory at the end. Reading K and V once for all G query heads
+ * is what grouped-query attention buys. Decode attention only streams K and V, so what counts
+ * is bytes in flight: pages go ATT_STEP at a time, and the next ATT_STEP pages' loads are
+ * issued before the current ones are used.
+ * Long contexts are cut into splits of pages_per_split pages at fixed boundaries; with more
+ * than one split each block writes its unnormalised (acc, m, l) and attention_combine merges. */
+#ifndef ATT_STEP
+#define ATT_STEP 3            /* pages per iteration of attention_paged (measured: 2-4) */
+#endif
+#ifndef ATT_BLOCKS_PER_SM
+#define ATT_BLOCKS_PER_SM 3   /* blocks of attention_paged<64, G> resident per SM */
+#endif
+template <int HD, int G>
+__global__ void __launch_bounds__(HD * 2, HD == 64 ? ATT_BLOCKS_PER_SM : 1)
+attention_paged(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
+                const float2 *cos_sin, int style, uint8_t *pool, const int *table,
+                const int *row_slot, const int *row_pos, int layer, KvGeom g, int n_heads,
+                int pages_per_split) {
+    constexpr int LANES = HD / 8;           /* threads per token */
+    int split = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z, splits = gridDim.x;
+    int tok = threadIdx.x / LANES, lane = threadIdx.x % LANES;
+    int n = row_pos[r] + 1;                 /* tokens to attend (0 for a padding row) */
+    int p0 = split * pages_per_split;
+    int p1 = min(p0 + pages_per_split, (n + g.tpp - 1) / g.tpp);
+
+    /* The queries, rotated. In a decode step (qkv given: every row a different sequence) the
+     * block does rope itself, and the block whose split holds the new token appends its key and
+     * value first -- no other block reads that page -- which saves a kernel launch per layer. */
+    __shared__ float q_sm[G * HD];
+    const float *qrow = q + ((size_t)r * n_heads + kvh * G) * HD;
+    if (qkv) {
+        int pos = n - 1, QD = n_heads * HD, KVD = g.n_kv_heads * HD;
+        const float *in = qkv + (size_t)r * (QD + 2 * KVD);
+        for (int i = threadIdx.x; i < G * HD / 2 && pos >= 0; i += blockDim.x) {
+            int off = (kvh * G + i / (HD / 2)) * HD, a, b;
+            float y0, y1;
+            rope_pair(in + off, bqkv ? bqkv + off : NULL, cos_sin, pos, i % (HD / 2), HD, style,
+                      1, &a, &b, &y0, &y1);
+            q_sm[off - kvh * G * HD + a] = y0;
+            q_sm[off - kvh * G * HD + b] = y1;
+        }
+        if (pos >= 0 && (pos / g.tpp) / pages_per_split == split) {
+            int ko = QD + kvh * HD, vo = QD + KVD + kvh * HD;
+            kv_append_head(pool, table, g, kv_head(g, row_slot[r], layer, kvh), in + ko, in + vo,
+                           bqkv ? bqkv + ko : NULL, bqkv ? bqkv + vo : NULL, cos_sin, pos, HD,
+                           style, threadIdx.x, blockDim.x);
+        }
+        __syncthreads();   /* q_sm is complete and the new K, V are in the page */
+        qrow = q_sm;
+    }
+
+    float qr[G][8], m[G], l[G], acc[G][8];
+    const float scale = 1.0f / sqrtf((float)HD);
+#pragma unroll
+    for (int h = 0; h < G; h++) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) qr[h][j] = n > 0 ? qrow[h * HD + lane * 8 + j] * scale : 0.0f;
+        m[h] = -INFINITY; l[h] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[h][j] = 0.0f;
+    }
+
+    if (p0 < p1) {
+        const int *tab = table + kv_head(g, row_slot[r], layer, kvh) * g.width;
+        size_t koff = g.k_codes + ((size_t)tok * HD + lane * 8) * 2;
+        size_t voff = g.v_codes + ((size_t)tok * HD + lane * 8) * 2;
+        /* STEP pages per iteration, and the next STEP pages' loads go out before this
+         * iteration's math: up to 2*STEP pages in flight per block */
+        constexpr int STEP = ATT_STEP;
+        uint4 k[STEP], v[STEP];
+        auto load = [&](int p, uint4 *kk, uint4 *vv) {
+#pragma unroll
+            for (int s = 0; s < STEP; s++) {
+                kk[s] = make_uint4(0, 0, 0, 0); vv[s] = kk[s];
+                if (p + s < p1) {
+                    const uint8_t *page = pool + (size_t)tab[p + s] * g.page_bytes;
+                    kk[s] = *(const uint4 *)(page + koff);
+                    vv[s] = *(const uint4 *)(page + voff);
+                }
+            }
+        };
+        load(p0, k, v);
+        for (int p = p0; p < p1; p += STEP) {
+            uint4 kn[STEP], vn[STEP];
+            load(p + STEP, kn, vn);
+#pragma unroll
+            for (int st = 0; st < STEP; st++) {
+                const __half2 *k2 = (const __half2 *)&k[st], *v2 = (const __half2 *)&v[st];
+                float kf[8], vf[8];
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    float2 a = __half22float2(k2[j]), b = __half22float2(v2[j]);
+                    kf[2 * j] = a.x; kf[2 * j + 1] = a.y; vf[2 * j] = b.x; vf[2 * j + 1] = b.y;
+                }
+                bool valid = p + st < p1 && (p + st) * g.tpp + tok < n;
+#pragma unroll
+                for (int h = 0; h < G; h++) {
+                    float s = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 8; j++) s += qr[h][j] * kf[j];
+#pragma unroll
+                    for (int off = LANES / 2; off > 0; off >>= 1)
+                        s += __shfl_xor_sync(0xffffffffu, s, off);
+                    if (valid) {
+                        float mn = fmaxf(m[h], s), corr = __expf(m[h] - mn), e = __expf(s - mn);
+                        l[h] = l[h] * corr + e;
+#pragma unroll
+                        for (int j = 0; j < 8; j++) acc[h][j] = acc[h][j] * corr + e * vf[j];
+                        m[h] = mn;
+                    }
+                }
+            }
+#pragma unroll
+            for (int st = 0; st < STEP; st++) { k[st] = kn[st]; v[st] = vn[st]; }
+        }
+    }
+
+    /* merge the token groups: shared [tpp][G] m and l, then [tpp][G][HD] acc */
+    extern __shared__ float sm[];
+    int tpp = blockDim.x / LANES;
+    float *sm_m = sm, *sm_l = sm + tpp * G, *sm_acc = sm + 2 * tpp * G;
+#pragma unroll
+    for (int h = 0; h < G; h++) {
+        if (lane == 0) { sm_m[tok * G + h] = m[h]; sm_l[tok * G + h] = l[h]; }
+#pragma unroll
+        for (int j = 0; j < 8; j++) sm_acc[(tok * G + h) * HD + lane * 8 + j] = acc[h][j];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+        int h = i / HD, c = i % HD, head = kvh * G + h;
+        float M = -INFINITY, L = 0.0f, A = 0.0f;
+        for (int t = 0; t < tpp; t++) M = fmaxf(M, sm_m[t * G + h]);
+        for (int t = 0; t < tpp; t++) {
+            if (sm_l[t * G + h] == 0.0f) continue;   /* a group that saw no token */
+            float w = __expf(sm_m[t * G + h] - M);
+            L += sm_l[t * G + h] * w;
+            A += sm_acc[(t * G + h) * HD + c] * w;
+        }
+        if (splits == 1) {
+            o[((size_t)r * n_heads + head) * HD + c] = __float2half_rn(L > 0.0f ? A / L : 0.0f);
+        } else {
+            float *pp = part + (((size_t)r * n_heads + head) * splits + split) * (HD + 2);
+            pp[c] = A;
+            if (c == 0) { pp[HD] = M; pp[HD + 1] = L; }
+        }
+    }
+}
+
+/* o = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s, over the splits s of one
+ * (row, head); one thread per channel */
+__global__ void attention_combine(__half *o, const float *part, int n_heads, int head_dim,
+                                  int splits) {
+    int head = blockIdx.x, r = blockIdx.y, c = threadIdx.x;
+    const float *pp = part + ((size_t)r * n_heads + head) * splits * (head_dim + 2);
+    float M = -INFINITY, L = 0.0f, A = 0.0f;
+    for (int s = 0; s < splits; s++)
+        if (pp[s * (head_dim + 2) + head_dim + 1] > 0.0f) M = fmaxf(M, pp[s * (head_dim + 2) + head_dim]);
+    for (int s = 0; s < splits; s++) {
+        const float *ps = pp + s * (head_dim + 2);
+        if (ps[head_dim + 1] == 0.0f) continue;   /* a split past the row's last token */
+        float w = __expf(ps[head_dim] - M);
+        L += ps[head_dim + 1] * w;
+        A += ps[c] * w;
+    }
+    o[((size_t)r * n_heads + head) * head_dim + c] = __float2half_rn(L > 0.0f ? A / L : 0.0f);
+}
+
+/* hb = silu(g) * u, with silu(g) = g * sigmoid(g); gu holds g then u for each row */
+__global__ void swiglu(__half *hb, const float *gu, int rows, int hidden) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * hidden) return;
+    size_t r = i / hidden, j = i % hidden;
+    float g = gu[r * 2 * hidden + j], u = gu[r * 2 * hidden + hidden + j];
+    hb[i] = __float2half_rn(g / (1.0f + expf(-g)) * u);
+}
+
+/* ----------------------------------------------------------------------------------------
+ * Greedy sampling on the GPU, so that a step sends back one int per row, not the logits. */
+
+/* next[b] = the index of the largest logit of row b; ties go to the smaller index, as on the CPU */
+__global__ void argmax(int *next, const float *logits, int vocab) {
+    const float *x = logits + (size_t)blockIdx.x * vocab;
+    float best = -INFINITY;
+    int bi = vocab;
+    /* 16-byte loads, four in flight; a thread's indices only grow, so '>' keeps the first */
+    int v4 = (vocab % 4 == 0) ? vocab / 4 : 0;
+#pragma unroll 4
+    for (int j = threadIdx.x; j < v4; j += blockDim.x) {
+        float4 f = ((const float4 *)x)[j];
+        if (f.x > best) { best = f.x; bi = 4 * j; }
+        if (f.y > best) { best = f.y; bi = 4 * j + 1; }
+        if (f.z > best) { best = f.z; bi = 4 * j + 2; }
+        if (f.w > best) { best = f.w; bi = 4 * j + 3; }
+    }
+    for (int i = 4 * v4 + threadIdx.x; i < vocab; i += blockDim.x)   /* vocab not a multiple of 4 */
+        if (x[i] > best) { best = x[i]; bi = i; }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+    }
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) { sv[warp] = best; si[warp] = bi; }
+    __syncthreads();
+    if (warp == 0) {
+        best = lane < (int)(blockDim.x / 32) ? sv[lane] : -INFINITY;
+        bi = lane < (int)(blockDim.x / 32) ? si[lane] : vocab;
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+        }
+        if (lane == 0) next[blockIdx.x] = bi < vocab ? bi : 0;
+    }
+}
+
+/* ----------------------------------------------------------------------------------------
+ * The engine: the model, the cache and the activations, and the steps that drive them. */
+
+#define MAX_BUCKETS 16          /* decode graphs for batch sizes 1, 2, 4, ... 2^15 */
+
+struct GpuEngine {
+    Config c;                               /* the model's hyperparameters */
+    int max_slots;                          /* sequences held at once */
+    int max_rows;                           /* rows of every activation buffer */
+    int chunk;                              /* prompt rows per forward pass */
+    int ctx;                                /* tokens a slot can hold */
+    int n_sms;                              /* multiprocessors, to size attention splits */
+    int pages_per_split;                    /* attention splits: this many pages each */
+    int max_splits;                         /* splits of a ctx-token sequence */
+    int profile_step, steps;                /* LEANKV_PROFILE_STEP: profile that decode step */
+    cudaStream_t stream;                    /* every launch and copy, in order */
+    cublasHandle_t blas;
+    void *blas_ws;                          /* cuBLAS workspace, set once so graphs can hold it */
+    DeviceWeights w;
+    float2 *rope_cs;                        /* (ctx, head_dim/2) cos, sin of pos * freq_i */
+    KVCache kv;
+    RunState s;
+    cudaGraphExec_t graph[MAX_BUCKETS];     /* decode step per batch size 2^i, made on first use */
+};
+
+/* Attention for n_rows rows whose positions are below att_ctx. Splits sit at fixed multiples
+ * of pages_per_split pages, the same for every step of an engine, so that a row's arithmetic
+ * does not depend on the rest of the batch (batched output = output alone). */
+static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int fused_rope) {
+    Config *c = &g->c;
+    RunState *s = &g->s;
+    KvGeom kg = g->kv.geom;
+    int pages = (att_ctx + kg.tpp - 1) / kg.tpp;
+    int splits = (pages + g->pages_per_split - 1) / g->pages_per_split;
+    if (splits < 1) splits = 1;
+    int G = c->n_heads / c->n_kv_heads, hd = c->head_dim;
+    dim3 grid(splits, c->n_kv_heads, n_rows), block(kg.tpp * hd / 8);
+    size_t smem = (size_t)kg.tpp * G * (hd + 2) * sizeof(float);
+    DeviceLayer *L = &g->w.layers[layer];
+    int launched = 0;
+#define ATTENTION(HD_, G_)                                                                     \
+    if (hd == HD_ && G == G_) {                                                                \
+        attention_paged<HD_, G_><<<grid, block, smem, g->stream>>>(                            \
+            s->o, s->att_part, s->q, fused_rope ? s->qkv : NULL, L->bqkv, g->rope_cs,           \
+            c->rope_style, g->kv.pool, g->kv.table, s->row_slot, s->row_pos, layer, kg,        \
+            c->n_heads, g->pages_per_split);                                                   \
+        launched = 1;                                                                          \
+    }
+    ATTENTION(64, 1) ATTENTION(64, 2) ATTENTION(64, 3) ATTENTION(64, 4) ATTENTION(64, 5)
+    ATTENTION(64, 6) ATTENTION(64, 7) ATTENTION(64, 8)
+    ATTENTION(128, 1) ATTENTION(128, 2) ATTENTION(128, 3) ATTENTION(128, 4) ATTENTION(128, 5)
+    ATTENTION(128, 6) ATTENTION(128, 7) ATTENTION(128, 8)
+#undef ATTENTION
+    if (!launched) { fprintf(stderr, "leankv: error: no attention kernel for this shape\n"); exit(1); }
+    LAUNCH_CHECK();
+    if (splits > 1) {
+        attention_combine<<<dim3(c->n_heads, n_rows), hd, 0, g->stream>>>(s->o, s->att_part,
+                                                                           c->n_heads, hd, splits);
+        LAUNCH_CHECK();
+    }
+}
+
+/* Runs the n_rows rows staged in s->rows through the model; the n_out rows listed in out_rows
+ * get logits and an argmax in next. Every position is below att_ctx; decode = 1 when every row
+ * is a different sequence. Enqueues only: no host synchronisation, so that a decode step can be
+ * captured into a graph. */
+static void forward(GpuEngine *g, int n_rows, int n_out, int att_ctx, int decode) {
+    Config *c = &g->c;
+    RunState *s = &g->s;
+    DeviceWeights *w = &g->w;
+    cudaStream_t st = g->stream;
+    int D = c->dim, H = c->hidden_dim, hd = c->head_dim;
+    int QD = c->n_heads * hd, KVD = c->n_kv_heads * hd;
+    int rms_t = rmsnorm_threads(D);
+    int rope_t = c->n_kv_heads * hd > c->n_heads * hd / 2 ? c->n_kv_heads * hd : c->n_heads * hd / 2;
+    rope_t = rope_t > 1024 ? 1024 : (rope_t + 31) / 32 * 32;
+
+    embed<<<n_rows, 256, 0, st>>>(s->x, w->tok_embeddings, s->row_token, D);
+    LAUNCH_CHECK();
+    for (int l = 0; l < c->n_layers; l++) {
+        DeviceLayer *L = &w->layers[l];
+        /* attention block: x += Wo attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x);
+         * the previous layer's FFN output y joins x inside this rmsnorm */
+        rmsnorm<<<n_rows, rms_t, 0, st>>>(s->xb, s->x, l ? s->y : NULL, L->attn_norm, NULL, D,
+                                          c->norm_eps);
+        LAUNCH_CHECK();
+        matmul(g->blas, s->qkv, s->xb, L->wqkv, n_rows, D, QD + 2 * KVD);
+        if (!decode) {   /* a prompt chunk: all keys in the cache before any row attends */
+            rope<<<n_rows, rope_t, 0, st>>>(s->q, g->kv.pool, s->qkv, L->bqkv, g->rope_cs,
+                                            g->kv.table, s->row_slot, s->row_pos, l, g->kv.geom,
+                                            c->n_heads, hd, c->rope_style);
+            LAUNCH_CHECK();
+        }
+        attention(g, l, n_rows, att_ctx, decode);   /* a decode step ropes inside */
+        matmul(g->blas, s->y, s->o, L->wo, n_rows, QD, D);
+
+        /* feed-forward block: x += W2 (silu(W1 xn) * W3 xn), xn = rmsnorm(x) */
+        rmsnorm<<<n_rows, rms_t, 0, st>>>(s->xb, s->x, s->y, L->ffn_norm, NULL, D, c->norm_eps);
+        LAUNCH_CHECK();
+        matmul(g->blas, s->gu, s->xb, L->w13, n_rows, D, 2 * H);
+        swiglu<<<(n_rows * H + 255) / 256, 256, 0, st>>>(s->hb, s->gu, n_rows, H);
+        LAUNCH_CHECK();
+        matmul(g->blas, s->y, s->hb, L->w2, n_rows, H, D);
+    }
+    if (n_out == 0) return;   /* a middle chunk of a prompt: only its KV entries matter */
+    /* logits = Wout rmsnorm(x), for the wanted rows only */
+    rmsnorm<<<n_out, rms_t, 0, st>>>(s->xo, s->x, s->y, w->norm, s->out_rows, D, c->norm_eps);
+    LAUNCH_CHECK();
+    matmul(g->blas, s->logits, s->xo, w->output, n_out, D, c->vocab_size);
+    argmax<<<n_out, 1024, 0, st>>>(s->next, s->logits, c->vocab_size);
+    LAUNCH_CHECK();
+}
+
+/* RoPE angles, once, on the host with the CPU rope's formulas: the GPU rotates by the very
+ * same cos and sin */
+static void build_rope_table(GpuEngine *g) {
+    int half = g->c.head_dim / 2;
+    float2 *t = (float2 *)malloc((size_t)g->ctx * half * sizeof(float2));
+    for (int i = 0; i < half; i++) {
+        float freq = powf(g->c.rope_theta, -(float)(2 * i) / (float)g->c.head_dim);
+        for (int pos = 0; pos < g->ctx; pos++) {
+            float ang = pos * freq;
+            t[(size_t)pos * half + i] = make_float2(cosf(ang), sinf(ang));
+        }
+    }
+    g->rope_cs = (float2 *)dmalloc((size_t)g->ctx * half * sizeof(float2));
+    CUDA_CHECK(cudaMemcpy(g->rope_cs, t, (size_t)g->ctx * half * sizeof(float2),
+                          cudaMemcpyHostToDevice));
+    free(t);
+}
+
+/* page reservation for the rows staged in s->rows (see kv_reserve) */
+static void reserve(GpuEngine *g, int n_rows) {
+    kv_reserve<<<1, RESERVE_THREADS, 0, g->stream>>>(g->kv.table, g->kv.free_ids, g->kv.ring,
+                                                      g->s.row_slot, g->s.row_pos, n_rows,
+                                                      g->kv.geom);
+    LAUNCH_CHECK();
+}
+
+/* pages a run of rows at positions pos0 .. pos0+n-1 opens, over all heads */
+static int pages_opened(const GpuEngine *g, int pos0, int n) {
+    int tpp = g->kv.geom.tpp;
+    int pages_before = (pos0 + tpp - 1) / tpp, pages_after = (pos0 + n + tpp - 1) / tpp;
+    return (pages_after - pages_before) * g->c.n_layers * g->c.n_kv_heads;
+}
+
+/* A decode step of `rows` rows: page reservation, then the forward pass with every row's
+ * logits (out_rows holds 0 .. rows-1). */
+static void decode_step(GpuEngine *g, int rows) {
+    reserve(g, rows);
+    forward(g, rows, rows, g->ctx, 1);
+}
+
+extern "C" int gpu_available(char *name, size_t len) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        snprintf(name, len, "%s", e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device");
+        cudaGetLastError();   /* clear the sticky error of a failed probe */
+        return 0;
+    }
+    cudaDeviceProp p;
+    if (cudaGetDeviceProperties(&p, 0) != cudaSuccess) { snprintf(name, len, "no device 0"); return 0; }
+    snprintf(name, len, "%s", p.name);
+    return 1;
+}
+
+extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, int max_slots,
+                                int prefill_chunk, int ctx, size_t kv_mem_mib, char *err,
+                                size_t errlen) {
+    int G = c->n_heads / c->n_kv_heads;
+    if (c->dim > 1024 * RMS_PER_THREAD) {
+        snprintf(err, errlen, "the GPU engine serves dim up to %d (this model: %d)",
+                 1024 * RMS_PER_THREAD, c->dim);
+        return NULL;
+    }
+    if ((c->head_dim != 64 && c->head_dim != 128) || G < 1 || G > 8) {
+        snprintf(err, errlen, "the GPU engine serves head dim 64 or 128 with at most 8 query heads "
+                 "per KV head (this model: %d, %d)", c->head_dim, G);
+        return NULL;
+    }
+    char name[256];
+    if (!gpu_available(name, sizeof name)) {
+        snprintf(err, errlen, "no usable CUDA device: %s", name);
+        return NULL;
+    }
+    GpuEngine *g = (GpuEngine *)calloc(1, sizeof(GpuEngine));
+    g->c = *c;
+    g->max_slots = max_slots;
+    g->chunk = prefill_chunk;
+    g->ctx = ctx;
+    int rows = 1;   /* decode batches are padded to a power of two */
+    while (rows < max_slots) rows *= 2;
+    g->max_rows = rows > prefill_chunk ? rows : prefill_chunk;
+    CUDA_CHECK(cudaDeviceGetAttribute(&g->n_sms, cudaDevAttrMultiProcessorCount, 0));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
+    CUBLAS_CHECK(cublasCreate(&g->blas));
+    CUBLAS_CHECK(cublasSetStream(g->blas, g->stream));
+    size_t ws = 32u << 20;
+    g->blas_ws = dmalloc(ws);
+    CUBLAS_CHECK(cublasSetWorkspace(g->blas, g->blas_ws, ws));
+
+    build_weights(&g->w, c, w);
+    build_rope_table(g);
+    /* Attention splits: about enough blocks to fill the GPU once (ATT_BLOCKS_PER_SM resident
+     * per SM) when every slot is busy -- measured: splitting further costs more in partials
+     * and merging than it gains -- but no split shorter than 2 pages. */
+    int tpp_guess = 16;   /* splits are sized before the cache exists; checked below */
+    int pages = (ctx + tpp_guess - 1) / tpp_guess;
+    int want = (ATT_BLOCKS_PER_SM * g->n_sms + max_slots * c->n_kv_heads - 1) / (max_slots * c->n_kv_heads);
+    g->pages_per_split = (pages + want - 1) / want;
+    if (g->pages_per_split < 2) g->pages_per_split = 2;
+    g->max_splits = (pages + g->pages_per_split - 1) / g->pages_per_split;
+    g->profile_step = getenv("LEANKV_PROFILE_STEP") ? atoi(getenv("LEANKV_PROFILE_STEP")) : -1;
+    build_runstate(&g->s, c, g->max_rows, g->max_splits);
+    build_kvcache(&g->kv, c, max_slots, ctx, kv_mem_mib, g->stream);
+    if (g->kv.geom.tpp != tpp_guess) {
+        snprintf(err, errlen, "unexpected fp16 page of %d tokens", g->kv.geom.tpp);
+        gpu_free(g);
+        return NULL;
+    }
+    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    KvGeom *kg = &g->kv.geom;
+    fprintf(stderr, "leankv: GPU %s: KV pool %.0f MiB, %d pages of %d bytes (%d tokens); "
+            "%d slots of up to %d tokens\n", name, (double)kg->n_pages * kg->page_bytes / (1 << 20),
+            kg->n_pages, kg->page_bytes, kg->tpp, max_slots, ctx);
+    return g;
+}
+
+extern "C" void gpu_free(GpuEngine *g) {
+    if (!g) return;
+    for (int i = 0; i < MAX_BUCKETS; i++) if (g->graph[i]) cudaGraphExecDestroy(g->graph[i]);
+    free_kvcache(&g->kv);
+    free_runstate(&g->s);
+    free_weights(&g->w, &g->c);
+    cudaFree(g->rope_cs);
+    cublasDestroy(g->blas);
+    cudaFree(g->blas_ws);
+    cudaStreamDestroy(g->stream);
+    free(g);
+}
+
+extern "C" int gpu_pages_needed(const GpuEngine *g, int slot, int n_new) {
+    return pages_opened(g, g->kv.slot_len[slot], n_new);
+}
+
+extern "C" int gpu_slot_len(const GpuEngine *g, int slot) { return g->kv.slot_len[slot]; }
+
+extern "C" void gpu_info(const GpuEngine *g, GpuInfo *info) {
+    info->n_pages = g->kv.geom.n_pages;
+    info->free_pages = g->kv.free_count;
+    info->page_bytes = g->kv.geom.page_bytes;
+    info->tokens_per_page = g->kv.geom.tpp;
+    info->max_slots = g->max_slots;
+    info->max_rows = g->max_rows;
+    info->ctx = g->ctx;
+}
+
+extern "C" int gpu_prefill(GpuEngine *g, int slot, const int *tokens, int n, int *next,
+                           float *logits) {
+    KVCache *kv = &g->kv;
+    cudaStream_t st = g->stream;
+    int len = kv->slot_len[slot], V = g->c.vocab_size;
+    if (n <= 0) return 0;
+    if (len + n > g->ctx) return -2;
+    int need = pages_opened(g, len, n);
+    if (need > kv->free_count) return -1;     /* all or nothing, as the CPU's kv_reserve */
+    RunState *s = &g->s;
+    int R = g->max_rows;
+    for (int done = 0; done < n; done += g->chunk) {
+        int cnt = n - done < g->chunk ? n - done : g->chunk, last = done + cnt == n;
+        int n_out = logits ? cnt : last;      /* all rows' logits, or the final row's only */
+        for (int i = 0; i < cnt; i++) {
+            s->h_rows[i] = slot;
+            s->h_rows[R + i] = tokens[done + i];
+            s->h_rows[2 * R + i] = len + done + i;
+            s->h_rows[3 * R + i] = logits ? i : cnt - 1;
+        }
+        /* the four arrays are copied as one block; the unused tails are never read */
+        CUDA_CHECK(cudaMemcpyAsync(s->rows, s->h_rows, 4 * (size_t)R * sizeof(int),
+                                   cudaMemcpyHostToDevice, st));
+        reserve(g, cnt);
+        forward(g, cnt, n_out, len + done + cnt, 0);
+        if (logits)
+            CUDA_CHECK(cudaMemcpyAsync(logits + (size_t)done * V, s->logits,
+                                       (size_t)cnt * V * sizeof(float), cudaMemcpyDeviceToHost,
+                                       st));
+        if (last)
+            CUDA_CHECK(cudaMemcpyAsync(s->h_next, s->next + n_out - 1, sizeof(int),
+                                       cudaMemcpyDeviceToHost, st));
+        CUDA_CHECK(cudaStreamSynchronize(st));   /* h_rows is reused by the next chunk */
+    }
+    if (next) *next = s->h_next[0];
+    kv->slot_len[slot] = len + n;
+    kv->free_count -= need;
+    return 0;
+}
+
+extern "C" int gpu_decode(GpuEngine *g, int n, const int *slots, const int *tokens, int *next,
+                          float *logits) {
+    KVCache *kv = &g->kv;
+    cudaStream_t st = g->stream;
+    RunState *s = &g->s;
+    if (n <= 0) return 0;
+    if (n > g->max_slots) return -2;
+    int need = 0;
+    for (int i = 0; i < n; i++) {
+        if (kv->slot_len[slots[i]] >= g->ctx) return -2;
+        need += pages_opened(g, kv->slot_len[slots[i]], 1);
+    }
+    if (need > kv->free_count) return -1;
+    int bucket = 0, rows = 1;                 /* the graph for the next power of two */
+    while (rows < n) { rows *= 2; bucket++; }
+    int R = g->max_rows;
+    for (int i = 0; i < rows; i++) {          /* padding rows: position -1, skipped everywhere */
+        s->h_rows[i] = i < n ? slots[i] : 0;
+        s->h_rows[R + i] = i < n ? tokens[i] : 0;
+        s->h_rows[2 * R + i] = i < n ? kv->slot_len[slots[i]] : -1;
+        s->h_rows[3 * R + i] = i;
+    }
+    CUDA_CHECK(cudaMemcpyAsync(s->rows, s->h_rows, 4 * (size_t)R * sizeof(int),
+                               cudaMemcpyHostToDevice, st));
+    if (g->steps++ == g->profile_step) {   /* one step's kernels, one by one, for ncu */
+        CUDA_CHECK(cudaStreamSynchronize(st));
+        CUDA_CHECK(cudaProfilerStart());
+        decode_step(g, rows);
+        CUDA_CHECK(cudaStreamSynchronize(st));
+        CUDA_CHECK(cudaProfilerStop());
+    } else {
+        if (!g->graph[bucket]) {   /* capture: reserve + forward with every row's logits */
+            cudaGraph_t graph;
+            CUDA_CHECK(cudaStreamSynchronize(st));
+            CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+            decode_step(g, rows);
+            CUDA_CHECK(cudaStreamEndCapture(st, &graph));
+            CUDA_CHECK(cudaGraphInstantiate(&g->graph[bucket], graph, 0));
+            CUDA_CHECK(cudaGraphDestroy(graph));
+        }
+        CUDA_CHECK(cudaGraphLaunch(g->graph[bucket], st));
+    }
+    CUDA_CHECK(cudaMemcpyAsync(s->h_next, s->next, n * sizeof(int), cudaMemcpyDeviceToHost,
+                               st));
+    if (logits)
+        CUDA_CHECK(cudaMemcpyAsync(logits, s->logits, (size_t)n * g->c.vocab_size * sizeof(float),
+                                   cudaMemcpyDeviceToHost, st));
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    for (int i = 0; i < n; i++) {
+        next[i] = s->h_next[i];
+        kv->slot_len[slots[i]]++;
+    }
+    kv->free_count -= need;
+    return 0;
+}
+
+extern "C" void gpu_release(GpuEngine *g, int slot) {
+    KVCache *kv = &g->kv;
+    cudaStream_t st = g->stream;
+    int tpp = kv->geom.tpp, n_pg = (kv->slot_len[slot] + tpp - 1) / tpp;
+    if (n_pg == 0) return;
+    kv_release<<<1, 1024, 0, st>>>(kv->free_ids, kv->ring, kv->table, slot, n_pg, kv->geom);
+    LAUNCH_CHECK();
+    kv->free_count += n_pg * g->c.n_layers * g->c.n_kv_heads;
+    kv->slot_len[slot] = 0;
+}
+
+extern "C" double gpu_copy_bandwidth(void) {
+    size_t bytes = 1u << 30;
+    void *a = dmalloc(bytes), *b = dmalloc(bytes);
+    CUDA_CHECK(cudaMemset(a, 1, bytes));
+    cudaEvent_t e0, e1;
+    CUDA_CHECK(cudaEventCreate(&e0));
+    CUDA_CHECK(cudaEventCreate(&e1));
+    CUDA_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));   /* warm-up */
+    int iters = 10;
+    CUDA_CHECK(cudaEventRecord(e0));
+    for (int i = 0; i < iters; i++)
+        CUDA_CHECK(cudaMemcpy(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice));
+    CUDA_CHECK(cudaEventRecord(e1));
+    CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    cudaEventDestroy(e0); cudaEventDestroy(e1); cudaFree(a); cudaFree(b);
+    return 2.0 * bytes * iters / (ms * 1e-3) / 1e9;
+}
