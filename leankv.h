@@ -4,6 +4,7 @@
  *   2. the tokenizer interface (tokenizer.c)
  *   3. fp16 <-> fp32 conversion, bit-exact on host and device
  *   4. the page layout of the KV cache (../shared/LEANKV.md section 5)
+ *   4b. quantization of a head vector (../shared/LEANKV.md section 2)
  *
  * Every formula that both sides need lives here once, as static inline functions that nvcc
  * compiles for the device too (LKV_HD). */
@@ -13,6 +14,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
+#include <math.h>
 
 #ifdef __CUDACC__
 #define LKV_HD __host__ __device__ __forceinline__
@@ -200,10 +202,11 @@ LKV_HD uint16_t lkv_f2h(float f) {
  *
  * A page holds tokens of one (sequence, layer, KV head), all at one precision. Inside a page
  * of T tokens at precision (kbits, vbits) with g channel groups per head vector, in order:
- *   K codes    T * head_dim * kbits / 8 bytes   (kbits 16: the fp16 values themselves)
- *   K scale/zero  T * g * 2 fp16                 (absent when kbits is 16)
+ *   K codes    T * head_dim * kbits / 8 bytes   (kbits 16: the fp16 values themselves,
+ *                                               kbits 32: the fp32 values, a debug cache)
+ *   K scale/zero  T * g * 2 fp16                 (absent when kbits is 16 or 32)
  *   V codes    T * head_dim * vbits / 8
- *   V scale/zero  T * g * 2 fp16                 (absent when vbits is 16)
+ *   V scale/zero  T * g * 2 fp16                 (absent when vbits is 16 or 32)
  *   scores     T fp32    (attention-mass sums, section 3)
  *   positions  T int32   (the token's position in its sequence)
  * each segment starting at a multiple of LKV_SEG_ALIGN bytes so that 16-byte loads work.
@@ -215,7 +218,7 @@ LKV_HD uint16_t lkv_f2h(float f) {
 #define LKV_MAX_TIERS 2
 
 typedef struct {
-    int kbits, vbits;   /* 16, 8, 4 or 2 */
+    int kbits, vbits;   /* 32, 16, 8, 4 or 2 */
     int groups;         /* channel groups per head vector (scale/zero pairs) */
 } LkvPrecision;
 
@@ -229,14 +232,19 @@ typedef struct {
 
 LKV_HD int lkv_align(int x) { return (x + LKV_SEG_ALIGN - 1) / LKV_SEG_ALIGN * LKV_SEG_ALIGN; }
 
+/* Bytes of one token's head vector in a page: its codes, and its scale/zero pairs (fp16
+ * each). Section 4b writes exactly these; 16 and 32 bits store plain values and no pairs. */
+LKV_HD int lkv_code_bytes(int head_dim, int bits) { return head_dim * bits / 8; }
+LKV_HD int lkv_sz_bytes(int groups, int bits) { return bits <= 8 ? groups * 2 * 2 : 0; }
+
 /* segment offsets for T tokens; returns the bytes they need */
 LKV_HD int lkv_layout(LkvPageLayout *L, LkvPrecision p, int head_dim, int T) {
     int off = 0;
     L->tokens = T;
-    L->k_codes = off; off = lkv_align(off + T * head_dim * p.kbits / 8);
-    L->k_sz = off;    off = lkv_align(off + (p.kbits < 16 ? T * p.groups * 4 : 0));
-    L->v_codes = off; off = lkv_align(off + T * head_dim * p.vbits / 8);
-    L->v_sz = off;    off = lkv_align(off + (p.vbits < 16 ? T * p.groups * 4 : 0));
+    L->k_codes = off; off = lkv_align(off + T * lkv_code_bytes(head_dim, p.kbits));
+    L->k_sz = off;    off = lkv_align(off + T * lkv_sz_bytes(p.groups, p.kbits));
+    L->v_codes = off; off = lkv_align(off + T * lkv_code_bytes(head_dim, p.vbits));
+    L->v_sz = off;    off = lkv_align(off + T * lkv_sz_bytes(p.groups, p.vbits));
     L->scores = off;  off = lkv_align(off + T * 4);
     L->pos = off;     off = lkv_align(off + T * 4);
     L->used = off;
@@ -245,9 +253,10 @@ LKV_HD int lkv_layout(LkvPageLayout *L, LkvPrecision p, int head_dim, int T) {
 
 /* the most tokens at precision p that fit a page of page_bytes; fills L */
 LKV_HD int lkv_layout_fit(LkvPageLayout *L, LkvPrecision p, int head_dim, int page_bytes) {
-    /* the size grows monotonically with T, so step down from an upper estimate */
-    int per_token = head_dim * (p.kbits + p.vbits) / 8 + 8 +
-                    (p.kbits < 16 ? p.groups * 4 : 0) + (p.vbits < 16 ? p.groups * 4 : 0);
+    /* the size grows monotonically with T and is at least T * per_token (alignment only
+     * adds), so page_bytes / per_token + 1 is an upper estimate to step down from */
+    int per_token = lkv_code_bytes(head_dim, p.kbits) + lkv_sz_bytes(p.groups, p.kbits) +
+                    lkv_code_bytes(head_dim, p.vbits) + lkv_sz_bytes(p.groups, p.vbits) + 8;
     int T = page_bytes / per_token + 1;
     while (T > 0 && lkv_layout(L, p, head_dim, T) > page_bytes) T--;
     if (T <= 0) { lkv_layout(L, p, head_dim, 0); return 0; }
@@ -284,6 +293,160 @@ LKV_HD int lkv_page_bytes(const LkvPrecision *tiers, int n_tiers, int head_dim, 
     }
     if (worst_waste) *worst_waste = best_waste;
     return best;
+}
+
+/* ----------------------------------------------------------------------------------------
+ * 4b. Quantization of a head vector (../shared/LEANKV.md section 2)
+ *
+ * A head vector of d channels is split into `groups` groups of d/groups channels; each group
+ * is quantized asymmetrically to `bits` bits (L = 2^bits - 1 levels above zero):
+ *   zero  = fp16(min)                 scale = fp16((max - min) / L)    (fp32, then fp16)
+ *   q     = clamp(rint((x - zero) / scale), 0, L)    with the fp16-rounded zero and scale
+ *   x'    = fmaf(q, scale, zero)
+ * rint is round-half-even; x - zero and / scale are each one IEEE fp32 operation. A group whose
+ * range is zero, or whose fp16 scale rounds to 0 (ranges below ~L * 3e-8), stores scale 0 and
+ * q = 0: it comes back as zero. A zero of -0 is stored as +0, so that a min/max reduction in
+ * any order (where -0 and +0 tie) gives the same bytes.
+ *
+ * Storage, per token: codes packed low bits first (bits 4: byte j holds element 2j in bits 0-3
+ * and 2j+1 in bits 4-7; bits 2: element 4j in bits 0-1 ... 4j+3 in bits 6-7; bits 8: one per
+ * byte), then sz[2g] = scale, sz[2g+1] = zero of group g, as fp16 bits. Bits 16 stores the
+ * fp16 values as codes (2 bytes each) and bits 32 the fp32 values (an exact debug cache);
+ * both leave sz alone. Byte counts are lkv_code_bytes and lkv_sz_bytes (section 4).
+ * Requires bits in {2, 4, 8, 16, 32}, d divisible by groups and by 8 / bits, codes aligned
+ * to 2 (bits 16) or 4 (bits 32) bytes.
+ *
+ * Identical codes on host and device. The only rounding steps are the fp32 subtract and
+ * divide (the same on both sides when each is one IEEE operation), fp16 rounding (lkv_f2h,
+ * integer code), rintf and the fmaf of dequantization (correctly rounded on both sides).
+ * Nothing here multiplies and then adds, so FMA contraction (gcc -ffp-contract=fast, nvcc
+ * -fmad=true) has nothing to fuse; dequantization calls fmaf itself rather than hoping for a
+ * contraction (q * scale has at most 8 + 11 significant bits, so it is exact in fp32 and a
+ * kernel's plain q * scale + zero, fused or not, gives the same bits as fmaf). On the device
+ * the subtract and divide are __fsub_rn / __fdiv_rn, which --use_fast_math does not turn into
+ * approximate division and which are never fused. Flushing subnormals (-ftz)
+ * changes no code or value: zero and scale are fp16 (multiples of 2^-24), so x - zero and x'
+ * are never fp32-subnormal unless zero is 0 and x is tiny, and then q is 0 either way. On the
+ * host a division is IEEE unless -ffast-math (reciprocal multiply) or x87 excess precision is
+ * on, which is refused below.
+ *
+ * Inputs are finite and inside the fp16 range (|x| < 65520), as for the fp16 cache: beyond
+ * it zero or scale become infinite. Codes stay in 0..L whatever the input (NaN gives 0).
+ *
+ * Error (proved in tests/test_quant.c, which checks it element by element): with s, z the
+ * stored scale and zero, u = 2^-24 and hulp(y) half an fp32 ulp of y,
+ *   |x' - x| <= max(s/2 + (2u + u^2) |x - z|,  z - min,  max - z - L s) + hulp(x')
+ * The last two terms are the clamps at 0 and L that the fp16 rounding of zero and scale cause.
+ * For a group with min <= 0 <= max and s >= 2^-14 (fp16 normal) they stay below s/2, so
+ * |x' - x| <= s/2 + 2^-14 s, with s <= (max - min) / L * (1 + 2^-11 + 2^-21): the ideal
+ * min-max error plus the fp16 rounding of the scale. Elsewhere (e.g. values 1000.3..1001)
+ * the fp16 rounding of zero can dominate: up to half an fp16 ulp of min.
+ * ---------------------------------------------------------------------------------------- */
+
+#if !defined(__CUDA_ARCH__) && (defined(__FAST_MATH__) || \
+    (defined(__FLT_EVAL_METHOD__) && __FLT_EVAL_METHOD__ != 0))
+#error "leankv.h 4b: quantization needs IEEE fp32 division (no -ffast-math, no x87 excess precision) so that host and device codes agree"
+#endif
+
+LKV_HD int lkv_levels(int bits) { return (1 << bits) - 1; }
+
+/* one IEEE fp32 subtract / divide, rounded to nearest, on either side (see above) */
+LKV_HD float lkv_sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fsub_rn(a, b);
+#else
+    return a - b;
+#endif
+}
+
+LKV_HD float lkv_div_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fdiv_rn(a, b);
+#else
+    return a / b;
+#endif
+}
+
+/* A group's fp16 scale and zero from its min and max (bits 2, 4 or 8). Kernels that reduce
+ * min and max in parallel call this with the result; any reduction order gives the same. */
+LKV_HD void lkv_quant_params(float mn, float mx, int bits, uint16_t *scale_h, uint16_t *zero_h) {
+    uint16_t z = lkv_f2h(mn), s = lkv_f2h(lkv_div_rn(lkv_sub_rn(mx, mn), (float)lkv_levels(bits)));
+    if (z == 0x8000u) z = 0;           /* -0 -> +0 */
+    if ((s & 0x7fffu) == 0) s = 0;     /* zero range (or -0 from -0 - +0), or underflow */
+    *scale_h = s;
+    *zero_h = z;
+}
+
+/* the code of one value given its group's scale and zero (as floats, from lkv_h2f) */
+LKV_HD int lkv_quant_code(float x, float scale, float zero, int bits) {
+    if (!(scale > 0.0f)) return 0;
+    float t = rintf(lkv_div_rn(lkv_sub_rn(x, zero), scale));
+    if (!(t > 0.0f)) return 0;        /* below the range, or NaN */
+    int top = lkv_levels(bits);
+    return t >= (float)top ? top : (int)t;
+}
+
+/* code j of a packed vector (bits 2, 4 or 8) */
+LKV_HD int lkv_code_at(const uint8_t *codes, int bits, int j) {
+    int per_byte = 8 / bits;
+    return (codes[j / per_byte] >> (j % per_byte * bits)) & lkv_levels(bits);
+}
+
+/* x (d) -> codes (lkv_code_bytes(d, bits)) and sz (groups scale/zero pairs) */
+LKV_HD void lkv_quantize(const float *x, int d, int bits, int groups, uint8_t *codes,
+                         uint16_t *sz) {
+    if (bits == 32) { memcpy(codes, x, (size_t)d * sizeof(float)); return; }
+    if (bits == 16) {
+        uint16_t *h = (uint16_t *)codes;
+        for (int j = 0; j < d; j++) h[j] = lkv_f2h(x[j]);
+        return;
+    }
+    int gs = d / groups, filled = 0;   /* filled: bits already in the byte being built */
+    uint32_t byte = 0;
+    for (int g = 0; g < groups; g++) {
+        const float *xg = x + g * gs;
+        float mn = xg[0], mx = xg[0];
+        for (int j = 1; j < gs; j++) {
+            if (xg[j] < mn) mn = xg[j];
+            if (xg[j] > mx) mx = xg[j];
+        }
+        uint16_t sh, zh;
+        lkv_quant_params(mn, mx, bits, &sh, &zh);
+        sz[2 * g] = sh;
+        sz[2 * g + 1] = zh;
+        float scale = lkv_h2f(sh), zero = lkv_h2f(zh);
+        for (int j = 0; j < gs; j++) {
+            byte |= (uint32_t)lkv_quant_code(xg[j], scale, zero, bits) << filled;
+            filled += bits;
+            if (filled == 8) { *codes++ = (uint8_t)byte; byte = 0; filled = 0; }
+        }
+    }
+}
+
+/* element j of a stored vector, for kernels that dequantize in registers */
+LKV_HD float lkv_dequant_at(const uint8_t *codes, const uint16_t *sz, int d, int bits,
+                            int groups, int j) {
+    if (bits == 32) return ((const float *)codes)[j];
+    if (bits == 16) return lkv_h2f(((const uint16_t *)codes)[j]);
+    int g = j / (d / groups);
+    return fmaf((float)lkv_code_at(codes, bits, j), lkv_h2f(sz[2 * g]), lkv_h2f(sz[2 * g + 1]));
+}
+
+/* the whole vector: x (d) = dequantized codes */
+LKV_HD void lkv_dequantize(const uint8_t *codes, const uint16_t *sz, int d, int bits, int groups,
+                           float *x) {
+    if (bits == 32) { memcpy(x, codes, (size_t)d * sizeof(float)); return; }
+    if (bits == 16) {
+        const uint16_t *h = (const uint16_t *)codes;
+        for (int j = 0; j < d; j++) x[j] = lkv_h2f(h[j]);
+        return;
+    }
+    int gs = d / groups;
+    for (int g = 0; g < groups; g++) {
+        float scale = lkv_h2f(sz[2 * g]), zero = lkv_h2f(sz[2 * g + 1]);
+        for (int j = g * gs; j < (g + 1) * gs; j++)
+            x[j] = fmaf((float)lkv_code_at(codes, bits, j), scale, zero);
+    }
 }
 
 /* ----------------------------------------------------------------------------------------
