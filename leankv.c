@@ -1,9 +1,10 @@
 /* leankv.c: inference for Llama-family models with a paged KV cache, on the CPU.
  *
  * This file is the reference: it loads model.bin (written by export.py) or a llama2.c
- * checkpoint, tokenizes (tokenizer.c), runs the forward pass one token at a time against a
- * paged KV cache laid out as ../shared/LEANKV.md section 5 describes, samples, and drives
- * the modes (generate, chat, tokenize, ppl, logits). leankv.cu is the GPU twin.
+ * checkpoint, tokenizes (tokenizer.c), runs the forward pass (a prompt in chunks of rows, then
+ * one token at a time) against a paged KV cache laid out as ../shared/LEANKV.md section 5
+ * describes, samples, and drives the modes (generate, chat, tokenize, ppl, logits). leankv.cu
+ * is the GPU twin.
  *
  * Sections, in the order data flows:
  *   errors | model | KV cache | forward | sampler | modes | command line */
@@ -57,18 +58,23 @@ static double now_s(void) {
 /* ----------------------------------------------------------------------------------------
  * Model: hyperparameters, weights, activations */
 
+#define ATT_LANES 16   /* prompt rows that attention_rows() takes at once: its vector lanes */
+
+/* Activations for up to `chunk` rows (tokens) at once: forward() uses row 0, forward_rows()
+ * a prompt chunk of n <= chunk rows, as leankv.cu's RunState holds max_rows. */
 typedef struct {
-    float *x;      /* (dim) residual stream */
-    float *xb;     /* (dim) normed input of a block */
-    float *xb2;    /* (dim) block output before the residual add */
-    float *q;      /* (n_heads*head_dim) */
-    float *k;      /* (n_kv_heads*head_dim) */
-    float *v;      /* (n_kv_heads*head_dim) */
-    float *att;    /* (n_heads, ctx) attention scores */
-    float *o;      /* (n_heads*head_dim) attention output */
-    float *hb;     /* (hidden_dim) */
-    float *hb2;    /* (hidden_dim) */
-    float *logits; /* (vocab) */
+    int chunk;     /* rows per prefill pass (--prefill-chunk): the leading dimension below */
+    float *x;      /* (chunk, dim) residual stream */
+    float *xb;     /* (chunk, dim) normed input of a block */
+    float *xb2;    /* (chunk, dim) block output before the residual add */
+    float *q;      /* (chunk, n_heads*head_dim) */
+    float *k;      /* (chunk, n_kv_heads*head_dim) */
+    float *v;      /* (chunk, n_kv_heads*head_dim) */
+    float *att;    /* (n_heads, ctx, ATT_LANES) attention scores of ATT_LANES rows */
+    float *o;      /* (chunk, n_heads*head_dim) attention output */
+    float *hb;     /* (chunk, hidden_dim) */
+    float *hb2;    /* (chunk, hidden_dim) */
+    float *logits; /* (chunk, vocab) */
 } RunState;
 
 typedef struct {
@@ -164,21 +170,23 @@ static void map_file(Model *m, const char *path) {
     if (m->map == MAP_FAILED) die("cannot map '%s': %s", path, strerror(errno));
 }
 
-static void build_runstate(Model *m, int ctx) {
+/* activations for contexts of ctx tokens, prompts going in chunk rows at a time */
+static void build_runstate(Model *m, int ctx, int chunk) {
     Config *c = &m->c;
     RunState *s = &m->s;
-    int qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
-    s->x = xmalloc(c->dim * sizeof(float));
-    s->xb = xmalloc(c->dim * sizeof(float));
-    s->xb2 = xmalloc(c->dim * sizeof(float));
-    s->q = xmalloc(qd * sizeof(float));
-    s->k = xmalloc(kvd * sizeof(float));
-    s->v = xmalloc(kvd * sizeof(float));
-    s->o = xmalloc(qd * sizeof(float));
-    s->att = xmalloc((size_t)c->n_heads * ctx * sizeof(float));
-    s->hb = xmalloc(c->hidden_dim * sizeof(float));
-    s->hb2 = xmalloc(c->hidden_dim * sizeof(float));
-    s->logits = xmalloc(c->vocab_size * sizeof(float));
+    size_t qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim, rows = chunk;
+    s->chunk = chunk;
+    s->x = xmalloc(rows * c->dim * sizeof(float));
+    s->xb = xmalloc(rows * c->dim * sizeof(float));
+    s->xb2 = xmalloc(rows * c->dim * sizeof(float));
+    s->q = xmalloc(rows * qd * sizeof(float));
+    s->k = xmalloc(rows * kvd * sizeof(float));
+    s->v = xmalloc(rows * kvd * sizeof(float));
+    s->o = xmalloc(rows * qd * sizeof(float));
+    s->att = xmalloc((size_t)c->n_heads * ctx * ATT_LANES * sizeof(float));
+    s->hb = xmalloc(rows * c->hidden_dim * sizeof(float));
+    s->hb2 = xmalloc(rows * c->hidden_dim * sizeof(float));
+    s->logits = xmalloc(rows * c->vocab_size * sizeof(float));
 }
 
 static void free_runstate(RunState *s) {
@@ -493,22 +501,21 @@ static void build_h2f_table(void) {
  * to `bits` (leankv.h section 4b; 16 = fp16, 32 = fp32 exact) */
 static inline void kv_store(uint8_t *codes, uint8_t *sz, LkvPrecision p, int bits, int slot,
                             int d, const float *x) {
-    (void)sz; (void)p;
-    if (bits == 32) memcpy((float *)codes + (size_t)slot * d, x, d * sizeof(float));
-    else if (bits == 16)
-        for (int j = 0; j < d; j++) ((uint16_t *)codes)[(size_t)slot * d + j] = lkv_f2h(x[j]);
-    else die("quantized caches are not built yet");   /* QUANT-PENDING */
+    lkv_quantize(x, d, bits, p.groups, codes + (size_t)slot * lkv_code_bytes(d, bits),
+                 (uint16_t *)(sz + (size_t)slot * lkv_sz_bytes(p.groups, bits)));
 }
 
 /* the inverse: the stored head vector, dequantized to fp32 */
 static inline void kv_load(const uint8_t *codes, const uint8_t *sz, LkvPrecision p, int bits,
                            int slot, int d, float *x) {
-    (void)sz; (void)p;
-    if (bits == 32) memcpy(x, (const float *)codes + (size_t)slot * d, d * sizeof(float));
-    else {
+    if (bits == 16) {   /* the common case, through a table rather than bit by bit */
         const uint16_t *h = (const uint16_t *)codes + (size_t)slot * d;
         for (int j = 0; j < d; j++) x[j] = h2f_table[h[j]];
+        return;
     }
+    lkv_dequantize(codes + (size_t)slot * lkv_code_bytes(d, bits),
+                   (const uint16_t *)(sz + (size_t)slot * lkv_sz_bytes(p.groups, bits)), d, bits,
+                   p.groups, x);
 }
 
 /* Appends one token's key (after RoPE) and value to the high tier of head hh. */
@@ -526,7 +533,9 @@ static void kv_append(KVCache *kv, int hh, const float *k, const float *v, int p
 }
 
 /* ----------------------------------------------------------------------------------------
- * Forward pass, one token at a time. The equations are in the comments. */
+ * Forward pass: one token at a time (forward, the decode step), or a prompt chunk of rows at
+ * once (forward_rows, the prefill), which reads each weight matrix once for all its rows.
+ * The equations are in the comments. */
 
 /* o = x / sqrt(mean(x^2) + eps) * w */
 static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
@@ -546,6 +555,51 @@ static void matmul(float *y, const float *x, const float *W, int n, int d) {
 #pragma omp simd reduction(+ : acc)
         for (int j = 0; j < n; j++) acc += row[j] * x[j];
         y[i] = acc;
+    }
+}
+
+/* a . b, summed in vector lanes as matmul does */
+static inline float dot(const float *a, const float *b, int n) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int j = 0; j < n; j++) acc += a[j] * b[j];
+    return acc;
+}
+
+/* Y (n, d) = X (n, k) W^T, W (d, k): y = W x for each of n rows. One task is 4 rows of W
+ * against all n rows of X, 4 at a time: the 16 dot products of a 4x4 tile share every load,
+ * and the 4 weight rows stay in L1 while the chunk streams past, so W comes from memory once
+ * per chunk rather than once per row. Most of prefill's speedup is here. */
+static void matmul_rows(float *Y, const float *X, const float *W, int n, int k, int d) {
+    int i;
+#pragma omp parallel for private(i) schedule(static)
+    for (i = 0; i < d; i += 4) {
+        int t = 0;
+        for (; t + 4 <= n && i + 4 <= d; t += 4) {
+            const float *w0 = W + (size_t)i * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+            const float *x0 = X + (size_t)t * k, *x1 = x0 + k, *x2 = x1 + k, *x3 = x2 + k;
+            /* a_ru = sum_j W[i+r, j] X[t+u, j] */
+            float a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
+            float a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
+#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, \
+                                a20, a21, a22, a23, a30, a31, a32, a33)
+            for (int j = 0; j < k; j++) {
+                float v0 = w0[j], v1 = w1[j], v2 = w2[j], v3 = w3[j];
+                a00 += v0 * x0[j]; a01 += v0 * x1[j]; a02 += v0 * x2[j]; a03 += v0 * x3[j];
+                a10 += v1 * x0[j]; a11 += v1 * x1[j]; a12 += v1 * x2[j]; a13 += v1 * x3[j];
+                a20 += v2 * x0[j]; a21 += v2 * x1[j]; a22 += v2 * x2[j]; a23 += v2 * x3[j];
+                a30 += v3 * x0[j]; a31 += v3 * x1[j]; a32 += v3 * x2[j]; a33 += v3 * x3[j];
+            }
+            float *y = Y + (size_t)t * d + i;
+            y[0] = a00; y[1] = a10; y[2] = a20; y[3] = a30; y += d;
+            y[0] = a01; y[1] = a11; y[2] = a21; y[3] = a31; y += d;
+            y[0] = a02; y[1] = a12; y[2] = a22; y[3] = a32; y += d;
+            y[0] = a03; y[1] = a13; y[2] = a23; y[3] = a33;
+        }
+        /* the edges: rows of X past the last full tile (n % 4), rows of W past it (d % 4) */
+        for (; t < n; t++)
+            for (int r = i; r < i + 4 && r < d; r++)
+                Y[(size_t)t * d + r] = dot(W + (size_t)r * k, X + (size_t)t * k, k);
     }
 }
 
@@ -593,6 +647,72 @@ static void attention_paged(const KVCache *kv, int hh, const float *q, float *at
         float a = att[t] / sum;
         for (int j = 0; j < d; j++) o[j] += a * x[j];
     }
+}
+
+/* attention_paged for n <= ATT_LANES consecutive rows of a prompt chunk, all for one query
+ * head of KV head hh; row r sees the first n0 + r tokens (those before it, and itself). Each
+ * key and value is read once for the n rows instead of once per row, and the rows are the
+ * vector lanes: lane r does row r's sums in attention_paged's order, so each row gets what
+ * attention_paged gives it (to rounding). q and o: (n, stride); att: (n0 + n - 1, ATT_LANES)
+ * scratch. */
+static void attention_rows(const KVCache *kv, int hh, int n0, int n, const float *q, float *o,
+                           int stride, float *att) {
+    int d = kv->head_dim, n_all = n0 + n - 1;   /* the tokens the last row sees */
+    const LkvPageLayout *L = &kv->layout[0];
+    float scale = 1.0f / sqrtf((float)d), x[LKV_MAX_HEAD_DIM], sum[ATT_LANES];
+    float qo[LKV_MAX_HEAD_DIM][ATT_LANES];   /* the queries, later the outputs: [j][row] */
+    for (int j = 0; j < d; j++)
+        for (int r = 0; r < ATT_LANES; r++) qo[j][r] = r < n ? q[(size_t)r * stride + j] : 0.0f;
+    /* s_rt = q_r . k_t / sqrt(d) for every row, 4 keys at a time so that each lane has 4
+     * independent sums in flight; the keys after a row's own go unused */
+    for (int t0 = 0; t0 < n_all; t0 += 4) {
+        float k4[4][LKV_MAX_HEAD_DIM];
+        int nk = n_all - t0 < 4 ? n_all - t0 : 4;
+        for (int i = 0; i < 4; i++) {
+            int slot;
+            if (i >= nk) { memset(k4[i], 0, d * sizeof(float)); continue; }
+            const uint8_t *page = kv_high_page(kv, hh, t0 + i, &slot);
+            kv_load(page + L->k_codes, page + L->k_sz, kv->tier[0], kv->tier[0].kbits, slot, d,
+                    k4[i]);
+        }
+        float s[4][ATT_LANES] = {{0}};   /* s[i][r]: key t0+i, row r */
+        for (int j = 0; j < d; j++)
+#pragma omp simd
+            for (int r = 0; r < ATT_LANES; r++) {
+                s[0][r] += qo[j][r] * k4[0][j]; s[1][r] += qo[j][r] * k4[1][j];
+                s[2][r] += qo[j][r] * k4[2][j]; s[3][r] += qo[j][r] * k4[3][j];
+            }
+        for (int i = 0; i < nk; i++)
+            for (int r = 0; r < ATT_LANES; r++)
+                att[(size_t)(t0 + i) * ATT_LANES + r] = s[i][r] * scale;
+    }
+    /* a_rt = exp(s_rt - max_t s_rt) over row r's tokens; sum_r normalizes them below */
+    for (int r = 0; r < n; r++) {
+        float mx = -INFINITY, *a = att + r;
+        for (int t = 0; t < n0 + r; t++)
+            if (a[(size_t)t * ATT_LANES] > mx) mx = a[(size_t)t * ATT_LANES];
+        sum[r] = 0.0f;
+        for (int t = 0; t < n0 + r; t++) {
+            a[(size_t)t * ATT_LANES] = expf(a[(size_t)t * ATT_LANES] - mx);
+            sum[r] += a[(size_t)t * ATT_LANES];
+        }
+    }
+    /* o_r = sum_t (a_rt / sum_r) v_t; a lane past its row's tokens adds 0 */
+    for (int j = 0; j < d; j++)
+        for (int r = 0; r < ATT_LANES; r++) qo[j][r] = 0.0f;
+    for (int t = 0; t < n_all; t++) {
+        int slot;
+        const uint8_t *page = kv_high_page(kv, hh, t, &slot);
+        kv_load(page + L->v_codes, page + L->v_sz, kv->tier[0], kv->tier[0].vbits, slot, d, x);
+        float a[ATT_LANES];
+        for (int r = 0; r < ATT_LANES; r++)
+            a[r] = r < n && t < n0 + r ? att[(size_t)t * ATT_LANES + r] / sum[r] : 0.0f;
+        for (int j = 0; j < d; j++)
+#pragma omp simd
+            for (int r = 0; r < ATT_LANES; r++) qo[j][r] += a[r] * x[j];
+    }
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < d; j++) o[(size_t)r * stride + j] = qo[j][r];
 }
 
 /* silu(g) * u, with silu(g) = g * sigmoid(g) */
@@ -644,6 +764,75 @@ static float *forward(Model *m, KVCache *kv, int seq, int token, int pos) {
     /* logits = Wout rmsnorm(x) */
     rmsnorm(s->x, s->x, w->norm, D, c->norm_eps);
     matmul(s->logits, s->x, w->output, D, c->vocab_size);
+    return s->logits;
+}
+
+/* Runs a prompt chunk through the model: tokens[0..n) at positions pos0 .. pos0+n-1 of
+ * sequence seq, n <= s->chunk. The math of n calls of forward(), but every matrix product
+ * takes all n rows at once (matmul_rows), attention ATT_LANES of them (attention_rows).
+ * The last n_out rows get logits, returned as (n_out, vocab): 1 for a prompt, n for ppl and
+ * -m logits, 0 for a chunk mid-prompt. The caller has reserved cache room for pos0 + n tokens
+ * of seq. leankv.cu's forward(g, n_rows, n_out, ...) is the GPU twin. */
+static float *forward_rows(Model *m, KVCache *kv, int seq, const int *tokens, int n, int pos0,
+                           int n_out) {
+    Config *c = &m->c;
+    Weights *w = &m->w;
+    RunState *s = &m->s;
+    int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QD = c->n_heads * hd;
+    int KVD = c->n_kv_heads * hd, group = c->n_heads / c->n_kv_heads;
+    if (n == 1) return forward(m, kv, seq, tokens[0], pos0);   /* --prefill-chunk 1, or a tail */
+
+    for (int r = 0; r < n; r++)
+        memcpy(s->x + (size_t)r * D, w->tok_embeddings + (size_t)tokens[r] * D, D * sizeof(float));
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerWeights *L = &w->layers[l];
+        /* attention block: x += Wo attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x) */
+        for (int r = 0; r < n; r++)
+            rmsnorm(s->xb + (size_t)r * D, s->x + (size_t)r * D, L->attn_norm, D, c->norm_eps);
+        matmul_rows(s->q, s->xb, L->wq, n, D, QD);
+        matmul_rows(s->k, s->xb, L->wk, n, D, KVD);
+        matmul_rows(s->v, s->xb, L->wv, n, D, KVD);
+        for (int r = 0; r < n; r++) {   /* each row at its own position, into the cache in order */
+            float *q = s->q + (size_t)r * QD, *k = s->k + (size_t)r * KVD;
+            float *v = s->v + (size_t)r * KVD;
+            if (L->bq) {
+                for (int i = 0; i < QD; i++) q[i] += L->bq[i];
+                for (int i = 0; i < KVD; i++) { k[i] += L->bk[i]; v[i] += L->bv[i]; }
+            }
+            rope(q, c->n_heads, hd, pos0 + r, c->rope_theta, c->rope_style);
+            rope(k, c->n_kv_heads, hd, pos0 + r, c->rope_theta, c->rope_style);
+            for (int h = 0; h < c->n_kv_heads; h++)
+                kv_append(kv, kv_head(kv, seq, l, h), k + h * hd, v + h * hd, pos0 + r);
+        }
+        int h;
+#pragma omp parallel for private(h)
+        for (h = 0; h < c->n_heads; h++) {
+            /* causal: the chunk's keys are all cached now, so row r sees all but the n-1-r
+             * rows after it */
+            int hh = kv_head(kv, seq, l, h / group), n_tok = kv->n_tok[hh * LKV_MAX_TIERS];
+            for (int r = 0; r < n; r += ATT_LANES)
+                attention_rows(kv, hh, n_tok - (n - 1 - r), n - r < ATT_LANES ? n - r : ATT_LANES,
+                               s->q + (size_t)r * QD + h * hd, s->o + (size_t)r * QD + h * hd, QD,
+                               s->att + (size_t)h * (pos0 + n) * ATT_LANES);
+        }
+        matmul_rows(s->xb2, s->o, L->wo, n, QD, D);
+        for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->xb2[i];
+
+        /* feed-forward block: x += W2 (silu(W1 xn) * W3 xn), xn = rmsnorm(x) */
+        for (int r = 0; r < n; r++)
+            rmsnorm(s->xb + (size_t)r * D, s->x + (size_t)r * D, L->ffn_norm, D, c->norm_eps);
+        matmul_rows(s->hb, s->xb, L->w1, n, D, H);
+        matmul_rows(s->hb2, s->xb, L->w3, n, D, H);
+        swiglu(s->hb, s->hb2, n * H);
+        matmul_rows(s->xb2, s->hb, L->w2, n, H, D);
+        for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->xb2[i];
+    }
+    if (n_out == 0) return NULL;
+    /* logits = Wout rmsnorm(x), for the last n_out rows only: the classifier is the largest
+     * matrix, and a prompt needs just its last row */
+    for (int r = 0; r < n_out; r++)
+        rmsnorm(s->xb + (size_t)r * D, s->x + (size_t)(n - n_out + r) * D, w->norm, D, c->norm_eps);
+    matmul_rows(s->logits, s->xb, w->output, n_out, D, c->vocab_size);
     return s->logits;
 }
 
@@ -746,6 +935,7 @@ typedef struct {
     int batch;                  /* --batch: sequences in flight at most (0: per device) */
     int requests;               /* --requests (bench) */
     int prompt_len, gen_len;    /* --prompt-len, --gen-len (bench) */
+    int prefill_chunk;          /* --prefill-chunk: prompt rows per CPU forward pass */
 } Options;
 
 static int is_stop(const Config *c, int id) {
@@ -807,12 +997,14 @@ static int reserve_or_die(KVCache *kv, int seq, int n) {
     return r;
 }
 
-/* feeds ids[0..n) from position pos0; returns the logits of the last */
+/* feeds ids[0..n) from position pos0, a chunk of rows per pass; returns the logits of the
+ * last */
 static float *feed(Model *m, KVCache *kv, const int *ids, int n, int pos0) {
     float *logits = NULL;
-    for (int i = 0; i < n; i++) {
-        reserve_or_die(kv, 0, pos0 + i + 1);
-        logits = forward(m, kv, 0, ids[i], pos0 + i);
+    for (int i = 0; i < n; i += m->s.chunk) {
+        int rows = n - i < m->s.chunk ? n - i : m->s.chunk;
+        reserve_or_die(kv, 0, pos0 + i + rows);
+        logits = forward_rows(m, kv, 0, ids + i, rows, pos0 + i, i + rows == n);
     }
     return logits;
 }
@@ -1026,24 +1218,30 @@ static void mode_ppl(Model *m, KVCache *kv, const Options *o) {
     KVCache ref;
     if (o->ref) build_kvcache(&ref, &m->c, 1, o->ctx, o->kv_mem_mib, o->ref_kv);
     kv_describe(kv, stderr);
-    float *ref_logits = xmalloc((size_t)V * sizeof(float));
+    float *ref_logits = xmalloc((size_t)m->s.chunk * V * sizeof(float));   /* (chunk, vocab) */
     double nll = 0.0, nll_ref = 0.0, kl = 0.0;
     long agree = 0;
     double t0 = now_s();
-    for (int t = 0; t < n - 1; t++) {
-        /* rows t < n_prefill are the prompt; the CPU runs both the same way, the split is
-         * where a compressing cache decides what to keep of the prompt */
+    for (int t = 0; t < n - 1;) {
+        /* rows t < n_prefill are the prompt, a chunk of rows at a time; the rest are decode
+         * steps, one row each. The split is where a compressing cache decides what to keep of
+         * the prompt. Every row's logits are wanted. */
+        int rows = t >= n_prefill ? 1 : n_prefill - t < m->s.chunk ? n_prefill - t : m->s.chunk;
         if (o->ref) {
-            reserve_or_die(&ref, 0, t + 1);
-            memcpy(ref_logits, forward(m, &ref, 0, ids[t], t), (size_t)V * sizeof(float));
-            nll_ref -= ref_logits[ids[t + 1]] - log_sum_exp(ref_logits, V);
+            reserve_or_die(&ref, 0, t + rows);
+            memcpy(ref_logits, forward_rows(m, &ref, 0, ids + t, rows, t, rows),
+                   (size_t)rows * V * sizeof(float));
         }
-        reserve_or_die(kv, 0, t + 1);
-        float *logits = forward(m, kv, 0, ids[t], t);
-        nll -= logits[ids[t + 1]] - log_sum_exp(logits, V);
-        if (o->ref) {
-            kl += kl_divergence(ref_logits, logits, V);
-            agree += argmax(ref_logits, V) == argmax(logits, V);
+        reserve_or_die(kv, 0, t + rows);
+        float *lg = forward_rows(m, kv, 0, ids + t, rows, t, rows);
+        for (int i = 0; i < rows; i++, t++) {
+            float *logits = lg + (size_t)i * V, *rl = ref_logits + (size_t)i * V;
+            nll -= logits[ids[t + 1]] - log_sum_exp(logits, V);
+            if (o->ref) {
+                nll_ref -= rl[ids[t + 1]] - log_sum_exp(rl, V);
+                kl += kl_divergence(rl, logits, V);
+                agree += argmax(rl, V) == argmax(logits, V);
+            }
         }
     }
     double bits_only, physical;
@@ -1157,11 +1355,12 @@ static void mode_logits(Model *m, KVCache *kv, const Options *o) {
     if (n > o->ctx) die("%d ids exceed the context (--ctx) of %d", n, o->ctx);
     FILE *f = fopen(o->out, "wb");
     if (!f) die("cannot write '%s': %s", o->out, strerror(errno));
-    for (int t = 0; t < n; t++) {
-        reserve_or_die(kv, 0, t + 1);
-        float *logits = forward(m, kv, 0, ids[t], t);
-        if (fwrite(logits, sizeof(float), m->c.vocab_size, f) != (size_t)m->c.vocab_size)
-            die("cannot write '%s'", o->out);
+    for (int t = 0; t < n; t += m->s.chunk) {   /* every row's logits, a chunk at a time */
+        int rows = n - t < m->s.chunk ? n - t : m->s.chunk;
+        reserve_or_die(kv, 0, t + rows);
+        float *logits = forward_rows(m, kv, 0, ids + t, rows, t, rows);
+        size_t count = (size_t)rows * m->c.vocab_size;
+        if (fwrite(logits, sizeof(float), count, f) != count) die("cannot write '%s'", o->out);
     }
     if (fclose(f) != 0) die("cannot write '%s'", o->out);
     kv_release(kv, 0);
@@ -1178,8 +1377,9 @@ static void mode_logits(Model *m, KVCache *kv, const Options *o) {
  * last is preempted: its pages are freed and it goes back to the front of the queue, to be
  * recomputed (prompt + what it had generated) when pages allow. Nothing is lost.
  *
- * The same scheduler drives the CPU (forward() per row) and the GPU (leankv.cu's batched
- * gpu_prefill / gpu_decode); only the four engine_* functions below differ. */
+ * The same scheduler drives the CPU (forward_rows() per prompt chunk, forward() per decode
+ * row) and the GPU (leankv.cu's batched gpu_prefill / gpu_decode); only the four engine_*
+ * functions below differ. */
 
 enum { REQ_QUEUED, REQ_RUNNING, REQ_DONE };
 
@@ -1284,7 +1484,11 @@ static int engine_prefill(Batch *b, Request *r) {
     {
         if (kv_reserve(b->kv, r->slot, r->n_cached + n) != 0) die("internal: prefill pages");
         float *lg = NULL;
-        for (int i = 0; i < n; i++) lg = forward(b->m, b->kv, r->slot, toks[i], r->n_cached + i);
+        for (int i = 0, chunk = b->m->s.chunk; i < n; i += chunk) {
+            int rows = n - i < chunk ? n - i : chunk;
+            lg = forward_rows(b->m, b->kv, r->slot, toks + i, rows, r->n_cached + i,
+                              i + rows == n);   /* the last chunk: its last row's logits */
+        }
         next = sample_request(b, r, lg);
     }
     b->t_prefill += now_s() - t0;
@@ -1898,6 +2102,8 @@ static void usage(FILE *f) {
         "      --requests N    bench: requests (default: --batch)\n"
         "      --prompt-len N  bench: prompt tokens (default 128)\n"
         "      --gen-len N     bench: generated tokens (default 128)\n"
+        "      --prefill-chunk N  prompt tokens per CPU forward pass (64); 1 feeds them one by\n"
+        "                      one, the path the chunked one is tested against\n"
         "  -h, --help          this help\n");
 }
 
@@ -1948,6 +2154,7 @@ static void parse_options(Options *o, int argc, char **argv) {
     int groups = 1;
     o->prompt_len = 128;
     o->gen_len = 128;
+    o->prefill_chunk = 64;
     int seed_given = 0;
     static const struct option longopts[] = {
         {"mode", required_argument, 0, 'm'},   {"input", required_argument, 0, 'i'},
@@ -1963,6 +2170,7 @@ static void parse_options(Options *o, int argc, char **argv) {
         {"kv-groups", required_argument, 0, 1010}, {"ref", required_argument, 0, 1011},
         {"ppl-prefill", required_argument, 0, 1012}, {"ctx-len", required_argument, 0, 1013},
         {"trials", required_argument, 0, 1014},
+        {"prefill-chunk", required_argument, 0, 1030},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     opterr = 0;
@@ -2002,6 +2210,7 @@ static void parse_options(Options *o, int argc, char **argv) {
         case 1012: o->ppl_prefill = (int)parse_long(optarg, "--ppl-prefill", 0, 1 << 24); break;
         case 1013: o->ctx_len = (int)parse_long(optarg, "--ctx-len", 64, 1 << 24); break;
         case 1014: o->trials = (int)parse_long(optarg, "--trials", 1, 100000); break;
+        case 1030: o->prefill_chunk = (int)parse_long(optarg, "--prefill-chunk", 1, 1024); break;
         case 'h': usage(stdout); exit(0);
         case ':': die("option '%s' needs a value (see --help)", argv[optind - 1]);
         default:
@@ -2047,7 +2256,7 @@ int main(int argc, char **argv) {
     if (o.ctx > m.c.seq_len)
         die("--ctx %d exceeds the model's context of %d", o.ctx, m.c.seq_len);
     if (o.ctx < 0) o.ctx = m.c.seq_len < 4096 ? m.c.seq_len : 4096;
-    build_runstate(&m, o.ctx);
+    build_runstate(&m, o.ctx, o.prefill_chunk);
     char device[300];
     int batched = !strcmp(o.mode, "bench") || (!strcmp(o.mode, "generate") && o.file);
     int gpu = 0;

@@ -91,7 +91,7 @@ static void random_ids(int *ids, int n, int vocab) {
 static int gpu_mode_check(Model *m, const BenchOptions *o) {
     Config *c = &m->c;
     int P = o->prompt_len, G = o->gen_len, T = P + G, V = c->vocab_size;
-    build_runstate(m, T + 1);
+    build_runstate(m, T + 1, 1);   /* forward() only: one row */
     KVCache kv;
     build_kvcache(&kv, c, 1, T + 1, 0, (LkvPrecision){16, 16, 1});   /* fp16, as on the GPU */
     int *seq = xmalloc((T + 1) * sizeof(int));

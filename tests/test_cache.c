@@ -216,12 +216,66 @@ static void test_paged_attention(void) {
     free_kvcache(&kv);
 }
 
+/* the prefill kernels against the decode ones: matmul_rows (4x4 tiles and their edges) equals
+ * matmul row by row, and attention_rows gives each row of a chunk what attention_paged gives
+ * it over the tokens that row may see */
+static void test_chunk_kernels(void) {
+    int shapes[][3] = {{7, 19, 6}, {8, 64, 12}, {1, 33, 5}, {13, 40, 3}};   /* n, k, d */
+    double worst = 0;
+    for (int c = 0; c < 4; c++) {
+        int n = shapes[c][0], k = shapes[c][1], d = shapes[c][2];
+        float *X = malloc(n * k * sizeof(float)), *W = malloc(d * k * sizeof(float));
+        float *Y = malloc(n * d * sizeof(float)), y[16];
+        for (int i = 0; i < n * k; i++) X[i] = rndf();
+        for (int i = 0; i < d * k; i++) W[i] = rndf();
+        matmul_rows(Y, X, W, n, k, d);
+        for (int t = 0; t < n; t++) {
+            matmul(y, X + t * k, W, k, d);
+            for (int i = 0; i < d; i++) worst = fmax(worst, fabs(Y[t * d + i] - y[i]));
+        }
+        free(X); free(W); free(Y);
+    }
+    CHECK(worst < 1e-5, "matmul_rows differs from matmul by %.3g", worst);
+
+    int hd = 64, n_tok = 150;
+    Config c = tiny_config(1, 1, hd);
+    KVCache kv;
+    build_kvcache(&kv, &c, 1, 256, 0, (LkvPrecision){16, 16, 1});
+    int hh = kv_head(&kv, 0, 0, 0);
+    if (kv_reserve(&kv, 0, n_tok)) { CHECK(0, "reserve failed"); return; }
+    float x[64], v[64];
+    for (int t = 0; t < n_tok; t++) {
+        for (int j = 0; j < hd; j++) { x[j] = rndf() * 3; v[j] = rndf(); }
+        kv_append(&kv, hh, x, v, t);
+    }
+    float q[ATT_LANES * 64], o[ATT_LANES * 64], want[64];
+    float *att = malloc(256 * ATT_LANES * sizeof(float));
+    for (int i = 0; i < ATT_LANES * hd; i++) q[i] = rndf();
+    worst = 0;
+    int tiles[][2] = {{n_tok - ATT_LANES + 1, ATT_LANES}, {n_tok - 4, 5}, {1, 3}};   /* n0, n */
+    for (int tl = 0; tl < 3; tl++) {
+        int n0 = tiles[tl][0], rows = tiles[tl][1];
+        attention_rows(&kv, hh, n0, rows, q, o, hd, att);
+        for (int r = 0; r < rows; r++) {
+            kv.n_tok[hh * LKV_MAX_TIERS] = n0 + r;   /* what row r sees */
+            attention_paged(&kv, hh, q + r * hd, att, want);
+            kv.n_tok[hh * LKV_MAX_TIERS] = n_tok;
+            for (int j = 0; j < hd; j++) worst = fmax(worst, fabs(o[r * hd + j] - want[j]));
+        }
+    }
+    CHECK(worst < 1e-6, "attention_rows differs from attention_paged by %.3g", worst);
+    printf("chunk kernels vs decode kernels: attention max abs error %.3g\n", worst);
+    free(att);
+    free_kvcache(&kv);
+}
+
 int main(void) {
     build_h2f_table();
     test_fp16();
     test_layout();
     test_manager();
     test_paged_attention();
+    test_chunk_kernels();
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;
 }
