@@ -119,3 +119,31 @@ def test_device_cuda_without_gpu(leankv_bin, smollm2_bin):
     if "device: cuda" in r.stderr:
         pytest.skip("this machine has a GPU")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no usable GPU" in r.stderr
+
+
+@pytest.mark.parametrize("kv,groups", [("k8v4", 1), ("k4v2", 2), ("fp16", 1)])
+def test_ppl_ratios_and_ref(leankv_bin, smollm2_bin, tmp_path, kv, groups):
+    """-m ppl on a quantized cache: the compression ratios it prints are the ones the test
+    counts from the page layout it printed (bits-only = 32 / (kbits + vbits); physical = fp16
+    bytes of K and V over the bytes of the pages held), and --ref fp16 compares sanely"""
+    import re
+    text = tmp_path / "t.txt"
+    text.write_text(open("/usr/share/common-licenses/BSD").read()[:700])
+    r = subprocess.run([str(leankv_bin), str(smollm2_bin), "-m", "ppl", "-f", str(text), "--kv",
+                        kv, "--kv-groups", str(groups), "--ref", "fp16", "--ppl-prefill", "64"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = dict(l.split(": ", 1) for l in r.stdout.strip().splitlines() if ": " in l)
+    n = int(out["tokens"]) - 1                       # tokens written to the cache
+    page, tpp = map(int, re.search(r"page (\d+) bytes, (\d+) tokens per page", r.stderr).groups())
+    kb, vb = (16, 16) if kv == "fp16" else map(int, re.match(r"k(\d+)v(\d+)", kv).groups())
+    bits, phys = map(float, re.search(r"([\d.]+)x bits-only, ([\d.]+)x physical", out["kv"]).groups())
+    heads = 30 * 3
+    assert abs(bits - 32 / (kb + vb)) < 0.01
+    pages = heads * -(-n // tpp)
+    assert abs(phys - n * heads * 64 * 4 / (pages * page)) < 0.01
+    kl, top1 = float(out["mean KL(ref || kv)"]), float(out["top-1 agreement"])
+    if kv == "fp16":   # the same cache twice
+        assert kl < 1e-9 and top1 == 1.0 and out["perplexity"] == out["ref fp16 perplexity"]
+    else:
+        assert 0 < kl < 5 and 0 < top1 <= 1
