@@ -343,8 +343,9 @@ LKV_HD int lkv_page_bytes(const LkvPrecision *tiers, int n_tiers, int head_dim, 
  * the fp16 rounding of zero can dominate: up to half an fp16 ulp of min.
  * ---------------------------------------------------------------------------------------- */
 
+/* FLT_EVAL_METHOD 16 (newer gcc on CPUs with AVX512-FP16) still evaluates float as float */
 #if !defined(__CUDA_ARCH__) && (defined(__FAST_MATH__) || \
-    (defined(__FLT_EVAL_METHOD__) && __FLT_EVAL_METHOD__ != 0))
+    (defined(__FLT_EVAL_METHOD__) && __FLT_EVAL_METHOD__ != 0 && __FLT_EVAL_METHOD__ != 16))
 #error "leankv.h 4b: quantization needs IEEE fp32 division (no -ffast-math, no x87 excess precision) so that host and device codes agree"
 #endif
 
