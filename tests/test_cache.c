@@ -7,14 +7,7 @@
 #define TESTING
 #include "../leankv.c"
 
-static int n_pass, n_fail;
-
-#define CHECK(cond, ...)                                                            \
-    do {                                                                            \
-        if (cond) n_pass++;                                                         \
-        else { n_fail++; printf("FAIL %s:%d: ", __FILE__, __LINE__);                \
-               printf(__VA_ARGS__); printf("\n"); }                                 \
-    } while (0)
+#include "check.h"
 
 static uint64_t rng = 88172645463325252ull;
 static uint32_t rnd(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return (uint32_t)rng; }
@@ -276,6 +269,5 @@ int main(void) {
     test_manager();
     test_paged_attention();
     test_chunk_kernels();
-    printf("%d passed, %d failed\n", n_pass, n_fail);
-    return n_fail != 0;
+    return check_summary();
 }

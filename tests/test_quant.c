@@ -25,14 +25,9 @@
 
 #include "leankv.h"
 
-static int n_pass, n_fail, verbose;
+#include "check.h"
 
-#define CHECK(cond, ...)                                                            \
-    do {                                                                            \
-        if (cond) n_pass++;                                                         \
-        else { n_fail++; printf("FAIL %s:%d: ", __FILE__, __LINE__);                \
-               printf(__VA_ARGS__); printf("\n"); }                                 \
-    } while (0)
+static int verbose;
 
 #define INFO(...) do { if (verbose) { printf("info: "); printf(__VA_ARGS__); printf("\n"); } } while (0)
 
@@ -552,6 +547,5 @@ int main(int argc, char **argv) {
     test_packing();
     test_exact_paths();
     test_layout_bytes();
-    printf("%d passed, %d failed\n", n_pass, n_fail);
-    return n_fail != 0;
+    return check_summary();
 }
