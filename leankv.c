@@ -1925,7 +1925,8 @@ static void build_batch(Batch *b, Model *m, KVCache *kv, const Options *o, int u
     b->logits = xmalloc(m->c.vocab_size * sizeof(float));
     if (use_gpu) {
         char err[256];
-        b->gpu = gpu_build(&m->c, &m->w, b->max_batch, 512, o->ctx, o->kv_mem_mib, err, sizeof err);
+        b->gpu = gpu_build(&m->c, &m->w, o->kv, b->max_batch, 512, o->ctx, o->kv_mem_mib, err,
+                           sizeof err);
         if (!b->gpu) die("cuda: %s", err);
     } else {
         build_kvcache(kv, &m->c, b->max_batch, o->ctx, o->kv_mem_mib, o->kv);
@@ -2237,10 +2238,16 @@ static void parse_options(Options *o, int argc, char **argv) {
 
 /* --device: auto takes the GPU when one is usable; which one it took goes to stderr when
  * the work starts (so that an input error is still the only line) */
-static int choose_device(const Options *o, char *what, size_t n) {
+static int choose_device(const Options *o, int head_dim, char *what, size_t n) {
     char name[256] = "";
     int have = o->device[1] != 'p' && gpu_available(name, sizeof name);  /* not "cpu" */
     if (!strcmp(o->device, "cuda") && !have) die("--device cuda: no usable GPU (%s)", name);
+    const char *refused = lkv_gpu_refuses(o->kv, head_dim);
+    if (have && refused) {   /* a cache type only the CPU keeps */
+        if (!strcmp(o->device, "cuda")) die("--device cuda --kv %s: %s", o->kv_name, refused);
+        snprintf(what, n, "device: cpu (--kv %s: %s)", o->kv_name, refused);
+        return 0;
+    }
     if (have) snprintf(what, n, "device: cuda (%s)", name);
     else snprintf(what, n, "device: cpu%s%s%s", *name ? " (" : "", name, *name ? ")" : "");
     return have;
@@ -2260,7 +2267,7 @@ int main(int argc, char **argv) {
     char device[300];
     int batched = !strcmp(o.mode, "bench") || (!strcmp(o.mode, "generate") && o.file);
     int gpu = 0;
-    if (batched || !strcmp(o.mode, "generate")) gpu = choose_device(&o, device, sizeof device);
+    if (batched || !strcmp(o.mode, "generate")) gpu = choose_device(&o, m.c.head_dim, device, sizeof device);
     else if (!strcmp(o.device, "cuda")) die("-m %s runs on the CPU only", o.mode);
     if (o.batch == 0) o.batch = gpu ? 256 : 8;
     if (batched) {

@@ -212,13 +212,18 @@ typedef struct {
     int width;          /* page-table entries per head */
     int tpp;            /* tokens per page */
     int page_bytes;
-    int k_codes, v_codes, scores, pos;  /* segment offsets inside a page (lkv_layout) */
+    int k_codes, k_sz;  /* segment offsets inside a page (lkv_layout) */
+    int v_codes, v_sz;
+    int scores, pos;
+    int kbits, vbits;   /* 16 (fp16), 8, 4 or 2 */
+    int groups;         /* scale/zero groups per head vector */
     int n_pages;        /* pages in the pool */
 } KvGeom;               /* what a kernel needs to find token i of a head: passed by value */
 
 typedef struct {
     KvGeom geom;
-    LkvPageLayout layout; /* the fp16 tier's layout, from leankv.h */
+    LkvPrecision prec;    /* the cache's precision (--kv) */
+    LkvPageLayout layout; /* its page layout, from leankv.h */
     uint8_t *pool;        /* (n_pages, page_bytes) device */
     int *free_ids;        /* (n_pages) device, circular array of free page ids */
     int *ring;            /* (2) device: free_start, free_count */
@@ -239,18 +244,20 @@ __global__ void init_free_ring(int *free_ids, int *ring, int n_pages) {
     if (i == 0) { ring[0] = 0; ring[1] = n_pages; }
 }
 
-static void build_kvcache(KVCache *kv, const Config *c, int max_slots, int ctx, size_t kv_mem_mib,
-                          cudaStream_t st) {
+static void build_kvcache(KVCache *kv, const Config *c, LkvPrecision prec, int max_slots,
+                          int ctx, size_t kv_mem_mib, cudaStream_t st) {
     memset(kv, 0, sizeof *kv);
-    LkvPrecision fp16 = {16, 16, 1};
-    int page_bytes = lkv_page_bytes(&fp16, 1, c->head_dim, NULL);
-    lkv_layout_fit(&kv->layout, fp16, c->head_dim, page_bytes);
+    kv->prec = prec;
+    int page_bytes = lkv_page_bytes(&prec, 1, c->head_dim, NULL);
+    lkv_layout_fit(&kv->layout, prec, c->head_dim, page_bytes);
     KvGeom *g = &kv->geom;
+    const LkvPageLayout *L = &kv->layout;
     g->n_layers = c->n_layers; g->n_kv_heads = c->n_kv_heads;
-    g->tpp = kv->layout.tokens; g->page_bytes = page_bytes;
+    g->tpp = L->tokens; g->page_bytes = page_bytes;
     g->width = (ctx + g->tpp - 1) / g->tpp + 2;
-    g->k_codes = kv->layout.k_codes; g->v_codes = kv->layout.v_codes;
-    g->scores = kv->layout.scores; g->pos = kv->layout.pos;
+    g->k_codes = L->k_codes; g->k_sz = L->k_sz; g->v_codes = L->v_codes; g->v_sz = L->v_sz;
+    g->scores = L->scores; g->pos = L->pos;
+    g->kbits = prec.kbits; g->vbits = prec.vbits; g->groups = prec.groups;
     kv->max_slots = max_slots;
     size_t bytes;
     if (kv_mem_mib) bytes = kv_mem_mib << 20;
@@ -331,20 +338,53 @@ __global__ void kv_release(int *free_ids, int *ring, const int *table, int slot,
     if (threadIdx.x == 0) ring[1] += total;
 }
 
-/* Stores one token's key (after RoPE) or value channel pair into its page, as fp16. The
- * CPU's kv_append writes a whole head vector; here each thread writes its own pair. */
-__device__ __forceinline__ __half *kv_slot(uint8_t *pool, const int *table, const KvGeom &g,
-                                           size_t head, int pos, int segment) {
-    uint8_t *page = pool + (size_t)table[head * g.width + pos / g.tpp] * g.page_bytes;
-    return (__half *)(page + segment);
+/* Stores one head vector x (head_dim floats, in shared memory) into its slot of a page,
+ * quantized exactly as lkv_quantize does on the CPU (leankv.h 4b), by one warp: the lanes
+ * reduce each group's min and max with shuffles (any order gives the same scale and zero),
+ * then each lane packs whole bytes of codes. Same inputs, same bytes as the CPU's kv_store. */
+__device__ void kv_store(uint8_t *codes, uint16_t *sz, const float *x, int d, int bits,
+                         int groups, int lane) {
+    if (bits == 16) {
+        for (int j = lane; j < d; j += 32) ((uint16_t *)codes)[j] = lkv_f2h(x[j]);
+        return;
+    }
+    int gs = d / groups, per_byte = 8 / bits;
+    for (int grp = 0; grp < groups; grp++) {
+        const float *xg = x + grp * gs;
+        float mn = INFINITY, mx = -INFINITY;
+        for (int j = lane; j < gs; j += 32) { mn = fminf(mn, xg[j]); mx = fmaxf(mx, xg[j]); }
+        for (int o = 16; o > 0; o >>= 1) {
+            mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        }
+        uint16_t sh, zh;
+        lkv_quant_params(mn, mx, bits, &sh, &zh);
+        if (lane == 0) { sz[2 * grp] = sh; sz[2 * grp + 1] = zh; }
+        float scale = lkv_h2f(sh), zero = lkv_h2f(zh);
+        for (int b = lane; b < gs / per_byte; b += 32) {
+            uint32_t byte = 0;
+            for (int k = 0; k < per_byte; k++)
+                byte |= (uint32_t)lkv_quant_code(xg[b * per_byte + k], scale, zero, bits) << (k * bits);
+            codes[(grp * gs) / per_byte + b] = (uint8_t)byte;
+        }
+    }
 }
 
-__device__ __forceinline__ void kv_append(uint8_t *pool, const int *table, const KvGeom &g,
-                                          size_t head, int pos, int segment, int head_dim,
-                                          int a, float va, int b, float vb) {
-    __half *row = kv_slot(pool, table, g, head, pos, segment) + (size_t)(pos % g.tpp) * head_dim;
-    row[a] = __float2half_rn(va);   /* round to nearest even, the bits of lkv_f2h */
-    row[b] = __float2half_rn(vb);
+/* Appends one token's key (is_v 0, after RoPE) or value (is_v 1) x to head `head` at pos:
+ * the page is table[pos / tpp], the slot pos % tpp. One warp; the key's warp also writes the
+ * token's metadata (score 0, position). */
+__device__ void kv_append(uint8_t *pool, const int *table, const KvGeom &g, size_t head, int pos,
+                          int is_v, const float *x, int head_dim, int lane) {
+    uint8_t *page = pool + (size_t)table[head * g.width + pos / g.tpp] * g.page_bytes;
+    int slot = pos % g.tpp, bits = is_v ? g.vbits : g.kbits;
+    uint8_t *codes = page + (is_v ? g.v_codes : g.k_codes) + (size_t)slot * lkv_code_bytes(head_dim, bits);
+    uint16_t *sz = (uint16_t *)(page + (is_v ? g.v_sz : g.k_sz) +
+                                (size_t)slot * lkv_sz_bytes(g.groups, bits));
+    kv_store(codes, sz, x, head_dim, bits, g.groups, lane);
+    if (!is_v && lane == 0) {
+        ((float *)(page + g.scores))[slot] = 0.0f;
+        ((int *)(page + g.pos))[slot] = pos;
+    }
 }
 
 /* ----------------------------------------------------------------------------------------
@@ -438,35 +478,33 @@ __device__ __forceinline__ void rope_pair(const float *x, const float *xb, const
     *y1 = x0 * cs.y + x1 * cs.x;
 }
 
-/* appends the key (rotated) and value of KV head h of one row to its page, and the page's
- * metadata for that token; threads tid .. of nthreads share the work */
-__device__ void kv_append_head(uint8_t *pool, const int *table, const KvGeom &g, size_t head,
-                               const float *k, const float *v, const float *bk, const float *bv,
-                               const float2 *cos_sin, int pos, int head_dim, int style, int tid,
-                               int nthreads) {
-    for (int i = tid; i < head_dim; i += nthreads) {   /* half the threads keys, half values */
+/* the rotated key and the value of one KV head of one row, into kv_sm (2, head_dim) floats;
+ * threads tid .. of nthreads share the channel pairs (half of them keys, half values) */
+__device__ void kv_rotate_head(float *kv_sm, const float *k, const float *v, const float *bk,
+                               const float *bv, const float2 *cos_sin, int pos, int head_dim,
+                               int style, int tid, int nthreads) {
+    for (int i = tid; i < head_dim; i += nthreads) {
         int is_v = i >= head_dim / 2, p = i % (head_dim / 2), a, b;
         float y0, y1;
         rope_pair(is_v ? v : k, is_v ? bv : bk, cos_sin, pos, p, head_dim, style, !is_v, &a, &b,
                   &y0, &y1);
-        kv_append(pool, table, g, head, pos, is_v ? g.v_codes : g.k_codes, head_dim, a, y0, b, y1);
-    }
-    if (tid == 0) {
-        uint8_t *page = pool + (size_t)table[head * g.width + pos / g.tpp] * g.page_bytes;
-        ((float *)(page + g.scores))[pos % g.tpp] = 0.0f;
-        ((int *)(page + g.pos))[pos % g.tpp] = pos;
+        kv_sm[is_v * head_dim + a] = y0;
+        kv_sm[is_v * head_dim + b] = y1;
     }
 }
 
 /* One block per row: adds the biases, rotates every query and key head (rope_pair), writes the
- * queries to q and appends the keys and values to the row's pages. Padding rows (pos < 0) do
- * nothing. Used for prompt chunks; a decode step does this inside attention_paged. */
+ * queries to q, and appends the keys and values to the row's pages (kv_append: one warp per
+ * vector, since quantizing a vector needs its min and max). Padding rows (pos < 0) do nothing.
+ * Used for prompt chunks; a decode step does this inside attention_paged.
+ * Dynamic shared memory: (n_kv_heads, 2, head_dim) floats. */
 __global__ void rope(float *q, uint8_t *pool, const float *qkv, const float *bqkv,
                      const float2 *cos_sin, const int *table, const int *row_slot,
                      const int *row_pos, int layer, KvGeom g, int n_heads, int head_dim,
                      int style) {
+    extern __shared__ float kv_sm[];
     int r = blockIdx.x, pos = row_pos[r];
-    if (pos < 0) return;
+    if (pos < 0) return;   /* the whole block leaves */
     int half = head_dim / 2, n_kv = g.n_kv_heads;
     int QD = n_heads * head_dim, KVD = n_kv * head_dim, ld = QD + 2 * KVD;
     const float *in = qkv + (size_t)r * ld;
@@ -478,165 +516,289 @@ __global__ void rope(float *q, uint8_t *pool, const float *qkv, const float *bqk
         q[(size_t)r * QD + h * head_dim + a] = y0;
         q[(size_t)r * QD + h * head_dim + b] = y1;
     }
-    /* one group of head_dim threads per KV head */
-    for (int h = threadIdx.x / head_dim; h < n_kv; h += blockDim.x / head_dim) {
-        int ko = QD + h * head_dim, vo = QD + KVD + h * head_dim;
-        kv_append_head(pool, table, g, kv_head(g, row_slot[r], layer, h), in + ko, in + vo,
-                       bqkv ? bqkv + ko : NULL, bqkv ? bqkv + vo : NULL, cos_sin, pos, head_dim,
-                       style, threadIdx.x % head_dim, head_dim);
+    for (int i = threadIdx.x; i < n_kv * head_dim; i += blockDim.x) {
+        int h = i / head_dim, ko = QD + h * head_dim, vo = QD + KVD + h * head_dim;
+        kv_rotate_head(kv_sm + 2 * h * head_dim, in + ko, in + vo, bqkv ? bqkv + ko : NULL,
+                       bqkv ? bqkv + vo : NULL, cos_sin, pos, head_dim, style, i % head_dim,
+                       head_dim);
+    }
+    __syncthreads();
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int vec = warp; vec < 2 * n_kv; vec += blockDim.x / 32)
+        kv_append(pool, table, g, kv_head(g, row_slot[r], layer, vec / 2), pos, vec % 2,
+                  kv_sm + vec * head_dim, head_dim, lane);
+}
+
+/* What one thread loads of a token's key or value: the codes of its CH channels (8 or 16). */
+template <int BYTES> struct Bytes;
+template <> struct Bytes<16> { typedef uint4 T; };
+template <> struct Bytes<8> { typedef uint2 T; };
+template <> struct Bytes<4> { typedef uint32_t T; };
+template <> struct Bytes<2> { typedef uint16_t T; };
+template <int BITS, int CH> struct CodeVec { typedef typename Bytes<CH * BITS / 8>::T T; };
+
+/* code byte k of w as a float, exactly: 0x4B000000 | c is the float 2^23 + c */
+__device__ __forceinline__ float code_byte(uint32_t w, int k) {
+    return __int_as_float(__byte_perm(w, 0x4B000000u, 0x7540 | k)) - 8388608.0f;
+}
+
+/* The CH channels a thread loaded, in registers: fp16 values as floats, or codes as floats
+ * (the caller applies scale and zero: x = code * scale + zero, leankv.h 4b). Codes are packed
+ * low bits first: byte j of a word holds channel j (8 bits), channels 2j and 2j+1 (4 bits:
+ * masking the low and the high nibbles leaves one code a byte), or 4j .. 4j+3 (2 bits). */
+template <int BITS, int CH>
+__device__ __forceinline__ void unpack(typename CodeVec<BITS, CH>::T c, float *f) {
+    if constexpr (BITS == 16) {
+        const __half2 *h = (const __half2 *)&c;
+#pragma unroll
+        for (int j = 0; j < CH / 2; j++) {
+            float2 a = __half22float2(h[j]);
+            f[2 * j] = a.x; f[2 * j + 1] = a.y;
+        }
+    } else {
+        constexpr int BYTES = CH * BITS / 8, NW = BYTES >= 4 ? BYTES / 4 : 1;
+        uint32_t w[NW];
+        if constexpr (BYTES == 2) w[0] = c;
+        else {
+#pragma unroll
+            for (int i = 0; i < NW; i++) w[i] = ((const uint32_t *)&c)[i];
+        }
+#pragma unroll
+        for (int i = 0; i < NW; i++) {
+            if constexpr (BITS == 8) {
+#pragma unroll
+                for (int j = 0; j < 4; j++) f[4 * i + j] = code_byte(w[i], j);
+            } else if constexpr (BITS == 4) {
+                uint32_t lo = w[i] & 0x0F0F0F0Fu, hi = (w[i] >> 4) & 0x0F0F0F0Fu;
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    f[8 * i + 2 * j] = code_byte(lo, j);
+                    f[8 * i + 2 * j + 1] = code_byte(hi, j);
+                }
+            } else {
+                constexpr int NB = BYTES >= 4 ? 4 : BYTES;   /* bytes in this word */
+#pragma unroll
+                for (int sh = 0; sh < 4; sh++) {
+                    uint32_t m = (w[i] >> (2 * sh)) & 0x03030303u;
+#pragma unroll
+                    for (int j = 0; j < NB; j++) f[16 * i + 4 * j + sh] = code_byte(m, j);
+                }
+            }
+        }
     }
 }
 
-/* Decode attention over the paged cache, for the G query heads that share KV head kvh:
+/* a token's (scale, zero) pair of fp16 bits, as floats */
+__device__ __forceinline__ float2 scale_zero(uint32_t sz) {
+    return make_float2(__half2float(__ushort_as_half((unsigned short)(sz & 0xffffu))),
+                       __half2float(__ushort_as_half((unsigned short)(sz >> 16))));
+}
+
+/* Decode attention over the paged cache, for the gq query heads that share KV head kvh:
  *   a_t = softmax_t(q . k_t / sqrt(head_dim)),  o = sum_t a_t v_t,  t = 0 .. pos
- * Block (split, kvh, row). A block walks the pages of its split of the row's sequence, one
- * token per group of HD/8 threads, each thread owning 8 channels (a 16-byte load of K and of V).
- * Each group keeps a running max m, sum l and output acc for its tokens (online softmax), and
- * the groups are merged in shared memory at the end. Reading K and V once for all G query heads
- * is what grouped-query attention buys. Decode attention only streams K and V, so what counts
- * is bytes in flight: pages go ATT_STEP at a time, and the next ATT_STEP pages' loads are
- * issued before the current ones are used.
+ * Block (split, kvh, row); NT tokens at a time, one per group of HD/CH threads, each thread
+ * owning CH channels (8, or 16 for codes when registers allow). K and V are read as stored -- fp16, or codes of KB and VB bits with a
+ * scale and zero per token and group -- and dequantized in registers, never into memory:
+ *   q . k_t = s_t (q . c_t) + z_t sum(q)       sum_t e_t v_t = sum_t (e_t s_t) c_t + sum_t e_t z_t
+ * (k_t = s_t c_t + z_t), so a quantized key costs one multiply-add per channel, like fp16.
+ * Each token group keeps a running max m, sum l and output acc for its tokens (online softmax,
+ * one rescale per STEP tokens), and the groups are merged in shared memory at the end.
+ * Reading K and V once for all gq query heads is what grouped-query attention buys. Decode
+ * attention only streams K and V, so what counts is bytes in flight: the next ATT_STEP tokens'
+ * loads are issued before the current ones are used.
  * Long contexts are cut into splits of pages_per_split pages at fixed boundaries; with more
- * than one split each block writes its unnormalised (acc, m, l) and attention_combine merges. */
+ * than one split each block writes its unnormalised (acc, m, l) and attention_combine merges.
+ * GM is gq rounded up to an instantiated size (1, 2, 3, 4, 8). */
 #ifndef ATT_STEP
-#define ATT_STEP 3            /* pages per iteration of attention_paged (measured: 2-4) */
+#define ATT_STEP 3            /* tokens per thread per iteration (measured: 2-4) */
 #endif
 #ifndef ATT_BLOCKS_PER_SM
-#define ATT_BLOCKS_PER_SM 3   /* blocks of attention_paged<64, G> resident per SM */
+#define ATT_BLOCKS_PER_SM 3   /* blocks of attention_paged<64, G <= 4> resident per SM */
 #endif
-template <int HD, int G>
-__global__ void __launch_bounds__(HD * 2, HD == 64 ? ATT_BLOCKS_PER_SM : 1)
+#define ATT_THREADS(HD) ((HD) == 64 ? 128 : 256)   /* threads of a block */
+template <int HD, int GM, int KB, int VB>
+__global__ void __launch_bounds__(ATT_THREADS(HD), HD == 64 && GM <= 4 ? ATT_BLOCKS_PER_SM : 1)
 attention_paged(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
                 const float2 *cos_sin, int style, uint8_t *pool, const int *table,
                 const int *row_slot, const int *row_pos, int layer, KvGeom g, int n_heads,
-                int pages_per_split) {
-    constexpr int LANES = HD / 8;           /* threads per token */
+                int gq, int pages_per_split) {
+    /* channels per thread: 16 when keys are codes and the registers allow (a wider load, and
+     * a thread's per-token work shared by more channels), else 8 */
+    constexpr int CH = KB < 16 && GM <= 3 && KB + VB <= 12 ? 16 : 8;
+    constexpr int LANES = HD / CH;          /* threads per token */
+    constexpr int NT = ATT_THREADS(HD) / LANES;   /* tokens read at once by a block */
+    typedef typename CodeVec<KB, CH>::T KT;
+    typedef typename CodeVec<VB, CH>::T VT;
     int split = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z, splits = gridDim.x;
     int tok = threadIdx.x / LANES, lane = threadIdx.x % LANES;
     int n = row_pos[r] + 1;                 /* tokens to attend (0 for a padding row) */
-    int p0 = split * pages_per_split;
-    int p1 = min(p0 + pages_per_split, (n + g.tpp - 1) / g.tpp);
+    int t_begin = split * pages_per_split * g.tpp;
+    int t_end = min(t_begin + pages_per_split * g.tpp, n);
 
     /* The queries, rotated. In a decode step (qkv given: every row a different sequence) the
      * block does rope itself, and the block whose split holds the new token appends its key and
      * value first -- no other block reads that page -- which saves a kernel launch per layer. */
-    __shared__ float q_sm[G * HD];
-    const float *qrow = q + ((size_t)r * n_heads + kvh * G) * HD;
+    __shared__ float q_sm[GM * HD];
+    __shared__ float kv_sm[2 * HD];
+    const float *qrow = q + ((size_t)r * n_heads + kvh * gq) * HD;
     if (qkv) {
         int pos = n - 1, QD = n_heads * HD, KVD = g.n_kv_heads * HD;
         const float *in = qkv + (size_t)r * (QD + 2 * KVD);
-        for (int i = threadIdx.x; i < G * HD / 2 && pos >= 0; i += blockDim.x) {
-            int off = (kvh * G + i / (HD / 2)) * HD, a, b;
+        for (int i = threadIdx.x; i < gq * HD / 2 && pos >= 0; i += blockDim.x) {
+            int off = (kvh * gq + i / (HD / 2)) * HD, a, b;
             float y0, y1;
             rope_pair(in + off, bqkv ? bqkv + off : NULL, cos_sin, pos, i % (HD / 2), HD, style,
                       1, &a, &b, &y0, &y1);
-            q_sm[off - kvh * G * HD + a] = y0;
-            q_sm[off - kvh * G * HD + b] = y1;
+            q_sm[off - kvh * gq * HD + a] = y0;
+            q_sm[off - kvh * gq * HD + b] = y1;
         }
-        if (pos >= 0 && (pos / g.tpp) / pages_per_split == split) {
-            int ko = QD + kvh * HD, vo = QD + KVD + kvh * HD;
-            kv_append_head(pool, table, g, kv_head(g, row_slot[r], layer, kvh), in + ko, in + vo,
-                           bqkv ? bqkv + ko : NULL, bqkv ? bqkv + vo : NULL, cos_sin, pos, HD,
-                           style, threadIdx.x, blockDim.x);
-        }
+        int mine = pos >= 0 && (pos / g.tpp) / pages_per_split == split;
+        int ko = QD + kvh * HD, vo = QD + KVD + kvh * HD;
+        if (mine)
+            kv_rotate_head(kv_sm, in + ko, in + vo, bqkv ? bqkv + ko : NULL,
+                           bqkv ? bqkv + vo : NULL, cos_sin, pos, HD, style, threadIdx.x,
+                           blockDim.x);
+        __syncthreads();
+        if (mine && threadIdx.x < 64)   /* warp 0 stores the key, warp 1 the value */
+            kv_append(pool, table, g, kv_head(g, row_slot[r], layer, kvh), pos, threadIdx.x / 32,
+                      kv_sm + (threadIdx.x / 32) * HD, HD, threadIdx.x % 32);
         __syncthreads();   /* q_sm is complete and the new K, V are in the page */
         qrow = q_sm;
     }
 
-    float qr[G][8], m[G], l[G], acc[G][8];
+    float qr[GM][CH], qsum[GM], m[GM], l[GM], acc[GM][CH], accz[GM];
     const float scale = 1.0f / sqrtf((float)HD);
 #pragma unroll
-    for (int h = 0; h < G; h++) {
+    for (int h = 0; h < GM; h++) {
+        qsum[h] = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 8; j++) qr[h][j] = n > 0 ? qrow[h * HD + lane * 8 + j] * scale : 0.0f;
-        m[h] = -INFINITY; l[h] = 0.0f;
+        for (int j = 0; j < CH; j++) {
+            qr[h][j] = n > 0 && h < gq ? qrow[h * HD + lane * CH + j] * scale : 0.0f;
+            qsum[h] += qr[h][j];
+        }
+        m[h] = -INFINITY; l[h] = 0.0f; accz[h] = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 8; j++) acc[h][j] = 0.0f;
+        for (int j = 0; j < CH; j++) acc[h][j] = 0.0f;
     }
 
-    if (p0 < p1) {
+    if (t_begin < t_end) {
         const int *tab = table + kv_head(g, row_slot[r], layer, kvh) * g.width;
-        size_t koff = g.k_codes + ((size_t)tok * HD + lane * 8) * 2;
-        size_t voff = g.v_codes + ((size_t)tok * HD + lane * 8) * 2;
-        /* STEP pages per iteration, and the next STEP pages' loads go out before this
-         * iteration's math: up to 2*STEP pages in flight per block */
-        constexpr int STEP = ATT_STEP;
-        uint4 k[STEP], v[STEP];
-        auto load = [&](int p, uint4 *kk, uint4 *vv) {
+        int kcb = HD * KB / 8, vcb = HD * VB / 8, szb = g.groups * 4;
+        int grp = lane * CH / (HD / g.groups) * 4;  /* this thread's pair inside a token's sz */
+        /* tokens per thread per iteration: about the bytes in flight of fp16's 3 tokens */
+        constexpr int STEP = KB == 16 ? ATT_STEP : CH == 16 ? (KB + VB <= 6 ? 4 : 2)
+                                                   : (GM <= 4 ? 4 : 2);
+        KT k[STEP]; VT v[STEP];
+        uint32_t ksz[STEP], vsz[STEP];
+        /* pages of a power-of-two number of tokens (every single-precision page) need no
+         * division per token */
+        bool pow2 = (g.tpp & (g.tpp - 1)) == 0;
+        int tsh = __ffs(g.tpp) - 1;
+        auto load = [&](int t0, KT *kk, VT *vv, uint32_t *ks, uint32_t *vs) {
 #pragma unroll
             for (int s = 0; s < STEP; s++) {
-                kk[s] = make_uint4(0, 0, 0, 0); vv[s] = kk[s];
-                if (p + s < p1) {
-                    const uint8_t *page = pool + (size_t)tab[p + s] * g.page_bytes;
-                    kk[s] = *(const uint4 *)(page + koff);
-                    vv[s] = *(const uint4 *)(page + voff);
+                int t = t0 + s * NT + tok;
+                kk[s] = KT{}; vv[s] = VT{}; ks[s] = 0; vs[s] = 0;
+                if (t < t_end) {
+                    int pg = pow2 ? t >> tsh : t / g.tpp;
+                    int slot = pow2 ? t & (g.tpp - 1) : t % g.tpp;
+                    const uint8_t *page = pool + (size_t)tab[pg] * g.page_bytes;
+                    kk[s] = *(const KT *)(page + g.k_codes + slot * kcb + lane * (CH * KB / 8));
+                    vv[s] = *(const VT *)(page + g.v_codes + slot * vcb + lane * (CH * VB / 8));
+                    if constexpr (KB < 16) ks[s] = *(const uint32_t *)(page + g.k_sz + slot * szb + grp);
+                    if constexpr (VB < 16) vs[s] = *(const uint32_t *)(page + g.v_sz + slot * szb + grp);
                 }
             }
         };
-        load(p0, k, v);
-        for (int p = p0; p < p1; p += STEP) {
-            uint4 kn[STEP], vn[STEP];
-            load(p + STEP, kn, vn);
+        load(t_begin, k, v, ksz, vsz);
+        for (int t0 = t_begin; t0 < t_end; t0 += STEP * NT) {
+            KT kn[STEP]; VT vn[STEP];
+            uint32_t kszn[STEP], vszn[STEP];
+            load(t0 + STEP * NT, kn, vn, kszn, vszn);
+            /* scores of this thread's STEP tokens for every query head */
+            float s[STEP][GM];
 #pragma unroll
             for (int st = 0; st < STEP; st++) {
-                const __half2 *k2 = (const __half2 *)&k[st], *v2 = (const __half2 *)&v[st];
-                float kf[8], vf[8];
+                float kf[CH];
+                unpack<KB, CH>(k[st], kf);
+                float2 sz = KB < 16 ? scale_zero(ksz[st]) : make_float2(1.0f, 0.0f);
+                bool valid = t0 + st * NT + tok < t_end;
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    float2 a = __half22float2(k2[j]), b = __half22float2(v2[j]);
-                    kf[2 * j] = a.x; kf[2 * j + 1] = a.y; vf[2 * j] = b.x; vf[2 * j + 1] = b.y;
-                }
-                bool valid = p + st < p1 && (p + st) * g.tpp + tok < n;
+                for (int h = 0; h < GM; h++) {
+                    float d = 0.0f;
 #pragma unroll
-                for (int h = 0; h < G; h++) {
-                    float s = 0.0f;
-#pragma unroll
-                    for (int j = 0; j < 8; j++) s += qr[h][j] * kf[j];
+                    for (int j = 0; j < CH; j++) d += qr[h][j] * kf[j];
+                    if (KB < 16) d = d * sz.x + sz.y * qsum[h];
 #pragma unroll
                     for (int off = LANES / 2; off > 0; off >>= 1)
-                        s += __shfl_xor_sync(0xffffffffu, s, off);
-                    if (valid) {
-                        float mn = fmaxf(m[h], s), corr = __expf(m[h] - mn), e = __expf(s - mn);
-                        l[h] = l[h] * corr + e;
+                        d += __shfl_xor_sync(0xffffffffu, d, off);
+                    s[st][h] = valid ? d : -INFINITY;
+                }
+            }
+            /* online softmax: one rescale of l and acc per STEP tokens */
 #pragma unroll
-                        for (int j = 0; j < 8; j++) acc[h][j] = acc[h][j] * corr + e * vf[j];
-                        m[h] = mn;
-                    }
+            for (int h = 0; h < GM; h++) {
+                float mx = m[h];
+#pragma unroll
+                for (int st = 0; st < STEP; st++) mx = fmaxf(mx, s[st][h]);
+                if (mx == -INFINITY) continue;      /* no token yet */
+                float corr = __expf(m[h] - mx);     /* 0 when m was -inf */
+                l[h] *= corr; accz[h] *= corr;
+#pragma unroll
+                for (int j = 0; j < CH; j++) acc[h][j] *= corr;
+                m[h] = mx;
+            }
+#pragma unroll
+            for (int st = 0; st < STEP; st++) {
+                float vf[CH];
+                unpack<VB, CH>(v[st], vf);
+                float2 sz = VB < 16 ? scale_zero(vsz[st]) : make_float2(1.0f, 0.0f);
+#pragma unroll
+                for (int h = 0; h < GM; h++) {
+                    float e = s[st][h] == -INFINITY ? 0.0f : __expf(s[st][h] - m[h]);
+                    float es = e * sz.x;
+                    l[h] += e;
+                    if (VB < 16) accz[h] += e * sz.y;
+#pragma unroll
+                    for (int j = 0; j < CH; j++) acc[h][j] += es * vf[j];
                 }
             }
 #pragma unroll
-            for (int st = 0; st < STEP; st++) { k[st] = kn[st]; v[st] = vn[st]; }
+            for (int st = 0; st < STEP; st++) {
+                k[st] = kn[st]; v[st] = vn[st]; ksz[st] = kszn[st]; vsz[st] = vszn[st];
+            }
         }
     }
 
-    /* merge the token groups: shared [tpp][G] m and l, then [tpp][G][HD] acc */
-    extern __shared__ float sm[];
-    int tpp = blockDim.x / LANES;
-    float *sm_m = sm, *sm_l = sm + tpp * G, *sm_acc = sm + 2 * tpp * G;
+    /* merge the token groups, one query head at a time: shared [NT] m and l, then [NT][HD]
+     * acc (plus the zero terms of quantized values) */
+    __shared__ float sm_m[NT], sm_l[NT], sm_acc[NT * HD];
 #pragma unroll
-    for (int h = 0; h < G; h++) {
-        if (lane == 0) { sm_m[tok * G + h] = m[h]; sm_l[tok * G + h] = l[h]; }
+    for (int h = 0; h < GM; h++) {
+        if (h >= gq) break;                 /* gq is the same for the whole block */
+        if (lane == 0) { sm_m[tok] = m[h]; sm_l[tok] = l[h]; }
 #pragma unroll
-        for (int j = 0; j < 8; j++) sm_acc[(tok * G + h) * HD + lane * 8 + j] = acc[h][j];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
-        int h = i / HD, c = i % HD, head = kvh * G + h;
-        float M = -INFINITY, L = 0.0f, A = 0.0f;
-        for (int t = 0; t < tpp; t++) M = fmaxf(M, sm_m[t * G + h]);
-        for (int t = 0; t < tpp; t++) {
-            if (sm_l[t * G + h] == 0.0f) continue;   /* a group that saw no token */
-            float w = __expf(sm_m[t * G + h] - M);
-            L += sm_l[t * G + h] * w;
-            A += sm_acc[(t * G + h) * HD + c] * w;
+        for (int j = 0; j < CH; j++) sm_acc[tok * HD + lane * CH + j] = acc[h][j] + accz[h];
+        __syncthreads();
+        for (int c = threadIdx.x; c < HD; c += blockDim.x) {
+            int head = kvh * gq + h;
+            float M = -INFINITY, L = 0.0f, A = 0.0f;
+            for (int t = 0; t < NT; t++) M = fmaxf(M, sm_m[t]);
+            for (int t = 0; t < NT; t++) {
+                if (sm_l[t] == 0.0f) continue;   /* a group that saw no token */
+                float w = __expf(sm_m[t] - M);
+                L += sm_l[t] * w;
+                A += sm_acc[t * HD + c] * w;
+            }
+            if (splits == 1) {
+                o[((size_t)r * n_heads + head) * HD + c] = __float2half_rn(L > 0.0f ? A / L : 0.0f);
+            } else {
+                float *pp = part + (((size_t)r * n_heads + head) * splits + split) * (HD + 2);
+                pp[c] = A;
+                if (c == 0) { pp[HD] = M; pp[HD + 1] = L; }
+            }
         }
-        if (splits == 1) {
-            o[((size_t)r * n_heads + head) * HD + c] = __float2half_rn(L > 0.0f ? A / L : 0.0f);
-        } else {
-            float *pp = part + (((size_t)r * n_heads + head) * splits + split) * (HD + 2);
-            pp[c] = A;
-            if (c == 0) { pp[HD] = M; pp[HD + 1] = L; }
-        }
+        __syncthreads();   /* before the next head overwrites the shared arrays */
     }
 }
 
@@ -731,6 +893,7 @@ struct GpuEngine {
     DeviceWeights w;
     float2 *rope_cs;                        /* (ctx, head_dim/2) cos, sin of pos * freq_i */
     KVCache kv;
+    void (*attention)(GpuEngine *, int, int, int, int); /* attention_paged for this shape */
     RunState s;
     cudaGraphExec_t graph[MAX_BUCKETS];     /* decode step per batch size 2^i, made on first use */
 };
@@ -738,36 +901,55 @@ struct GpuEngine {
 /* Attention for n_rows rows whose positions are below att_ctx. Splits sit at fixed multiples
  * of pages_per_split pages, the same for every step of an engine, so that a row's arithmetic
  * does not depend on the rest of the batch (batched output = output alone). */
-static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int fused_rope) {
+template <int HD, int GM, int KB, int VB>
+static void launch_attention(GpuEngine *g, int layer, int n_rows, int splits, int fused_rope) {
     Config *c = &g->c;
     RunState *s = &g->s;
+    dim3 grid(splits, c->n_kv_heads, n_rows), block(ATT_THREADS(HD));
+    attention_paged<HD, GM, KB, VB><<<grid, block, 0, g->stream>>>(
+        s->o, s->att_part, s->q, fused_rope ? s->qkv : NULL, g->w.layers[layer].bqkv, g->rope_cs,
+        c->rope_style, g->kv.pool, g->kv.table, s->row_slot, s->row_pos, layer, g->kv.geom,
+        c->n_heads, c->n_heads / c->n_kv_heads, g->pages_per_split);
+}
+
+/* the instantiated kernels: head dim 64 or 128; query heads per KV head rounded up to 1, 2, 3,
+ * 4 or 8; keys at 16, 8, 4 or 2 bits and values at no more bits than keys (gpu_build refuses
+ * other caches) */
+typedef void (*AttentionLaunch)(GpuEngine *, int, int, int, int);
+#define ATT_PAIRS(HD, GM) \
+    {16, 16, launch_attention<HD, GM, 16, 16>}, {16, 8, launch_attention<HD, GM, 16, 8>}, \
+    {16, 4, launch_attention<HD, GM, 16, 4>}, {16, 2, launch_attention<HD, GM, 16, 2>},   \
+    {8, 8, launch_attention<HD, GM, 8, 8>}, {8, 4, launch_attention<HD, GM, 8, 4>},       \
+    {8, 2, launch_attention<HD, GM, 8, 2>}, {4, 4, launch_attention<HD, GM, 4, 4>},       \
+    {4, 2, launch_attention<HD, GM, 4, 2>}, {2, 2, launch_attention<HD, GM, 2, 2>}
+#define ATT_GROUPS(HD) \
+    {ATT_PAIRS(HD, 1)}, {ATT_PAIRS(HD, 2)}, {ATT_PAIRS(HD, 3)}, {ATT_PAIRS(HD, 4)}, {ATT_PAIRS(HD, 8)}
+static const struct { int kb, vb; AttentionLaunch fn; } attention_kernels[2][5][10] = {
+    {ATT_GROUPS(64)}, {ATT_GROUPS(128)}};
+#undef ATT_GROUPS
+#undef ATT_PAIRS
+
+static AttentionLaunch find_attention(int head_dim, int gq, int kb, int vb) {
+    int hi = head_dim == 64 ? 0 : head_dim == 128 ? 1 : -1;
+    int gi = gq <= 4 ? gq - 1 : gq <= 8 ? 4 : -1;
+    if (hi < 0 || gi < 0) return NULL;
+    for (int i = 0; i < 10; i++)
+        if (attention_kernels[hi][gi][i].kb == kb && attention_kernels[hi][gi][i].vb == vb)
+            return attention_kernels[hi][gi][i].fn;
+    return NULL;
+}
+
+static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int fused_rope) {
     KvGeom kg = g->kv.geom;
     int pages = (att_ctx + kg.tpp - 1) / kg.tpp;
     int splits = (pages + g->pages_per_split - 1) / g->pages_per_split;
     if (splits < 1) splits = 1;
-    int G = c->n_heads / c->n_kv_heads, hd = c->head_dim;
-    dim3 grid(splits, c->n_kv_heads, n_rows), block(kg.tpp * hd / 8);
-    size_t smem = (size_t)kg.tpp * G * (hd + 2) * sizeof(float);
-    DeviceLayer *L = &g->w.layers[layer];
-    int launched = 0;
-#define ATTENTION(HD_, G_)                                                                     \
-    if (hd == HD_ && G == G_) {                                                                \
-        attention_paged<HD_, G_><<<grid, block, smem, g->stream>>>(                            \
-            s->o, s->att_part, s->q, fused_rope ? s->qkv : NULL, L->bqkv, g->rope_cs,           \
-            c->rope_style, g->kv.pool, g->kv.table, s->row_slot, s->row_pos, layer, kg,        \
-            c->n_heads, g->pages_per_split);                                                   \
-        launched = 1;                                                                          \
-    }
-    ATTENTION(64, 1) ATTENTION(64, 2) ATTENTION(64, 3) ATTENTION(64, 4) ATTENTION(64, 5)
-    ATTENTION(64, 6) ATTENTION(64, 7) ATTENTION(64, 8)
-    ATTENTION(128, 1) ATTENTION(128, 2) ATTENTION(128, 3) ATTENTION(128, 4) ATTENTION(128, 5)
-    ATTENTION(128, 6) ATTENTION(128, 7) ATTENTION(128, 8)
-#undef ATTENTION
-    if (!launched) { fprintf(stderr, "leankv: error: no attention kernel for this shape\n"); exit(1); }
+    g->attention(g, layer, n_rows, splits, fused_rope);
     LAUNCH_CHECK();
     if (splits > 1) {
-        attention_combine<<<dim3(c->n_heads, n_rows), hd, 0, g->stream>>>(s->o, s->att_part,
-                                                                           c->n_heads, hd, splits);
+        Config *c = &g->c;
+        attention_combine<<<dim3(c->n_heads, n_rows), c->head_dim, 0, g->stream>>>(
+            g->s.o, g->s.att_part, c->n_heads, c->head_dim, splits);
         LAUNCH_CHECK();
     }
 }
@@ -798,7 +980,7 @@ static void forward(GpuEngine *g, int n_rows, int n_out, int att_ctx, int decode
         LAUNCH_CHECK();
         matmul(g->blas, s->qkv, s->xb, L->wqkv, n_rows, D, QD + 2 * KVD);
         if (!decode) {   /* a prompt chunk: all keys in the cache before any row attends */
-            rope<<<n_rows, rope_t, 0, st>>>(s->q, g->kv.pool, s->qkv, L->bqkv, g->rope_cs,
+            rope<<<n_rows, rope_t, 2 * KVD * sizeof(float), st>>>(s->q, g->kv.pool, s->qkv, L->bqkv, g->rope_cs,
                                             g->kv.table, s->row_slot, s->row_pos, l, g->kv.geom,
                                             c->n_heads, hd, c->rope_style);
             LAUNCH_CHECK();
@@ -877,9 +1059,9 @@ extern "C" int gpu_available(char *name, size_t len) {
     return 1;
 }
 
-extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, int max_slots,
-                                int prefill_chunk, int ctx, size_t kv_mem_mib, char *err,
-                                size_t errlen) {
+extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, LkvPrecision kv,
+                                int max_slots, int prefill_chunk, int ctx, size_t kv_mem_mib,
+                                char *err, size_t errlen) {
     int G = c->n_heads / c->n_kv_heads;
     if (c->dim > 1024 * RMS_PER_THREAD) {
         snprintf(err, errlen, "the GPU engine serves dim up to %d (this model: %d)",
@@ -889,6 +1071,18 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, int max_slots
     if ((c->head_dim != 64 && c->head_dim != 128) || G < 1 || G > 8) {
         snprintf(err, errlen, "the GPU engine serves head dim 64 or 128 with at most 8 query heads "
                  "per KV head (this model: %d, %d)", c->head_dim, G);
+        return NULL;
+    }
+    const char *refused = lkv_gpu_refuses(kv, c->head_dim);
+    if (refused) {
+        snprintf(err, errlen, "k%dv%d, %d group%s: %s", kv.kbits, kv.vbits, kv.groups,
+                 kv.groups > 1 ? "s" : "", refused);
+        return NULL;
+    }
+    AttentionLaunch att = find_attention(c->head_dim, G, kv.kbits, kv.vbits);
+    if (!att) {
+        snprintf(err, errlen, "no attention kernel for head dim %d, %d query heads per KV head, k%dv%d",
+                 c->head_dim, G, kv.kbits, kv.vbits);
         return NULL;
     }
     char name[256];
@@ -912,30 +1106,28 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, int max_slots
     g->blas_ws = dmalloc(ws);
     CUBLAS_CHECK(cublasSetWorkspace(g->blas, g->blas_ws, ws));
 
+    g->attention = att;
     build_weights(&g->w, c, w);
     build_rope_table(g);
+    build_kvcache(&g->kv, c, kv, max_slots, ctx, kv_mem_mib, g->stream);
     /* Attention splits: about enough blocks to fill the GPU once (ATT_BLOCKS_PER_SM resident
      * per SM) when every slot is busy -- measured: splitting further costs more in partials
      * and merging than it gains -- but no split shorter than 2 pages. */
-    int tpp_guess = 16;   /* splits are sized before the cache exists; checked below */
-    int pages = (ctx + tpp_guess - 1) / tpp_guess;
-    int want = (ATT_BLOCKS_PER_SM * g->n_sms + max_slots * c->n_kv_heads - 1) / (max_slots * c->n_kv_heads);
+    int pages = (ctx + g->kv.geom.tpp - 1) / g->kv.geom.tpp;
+    int want = ATT_BLOCKS_PER_SM * g->n_sms / (max_slots * c->n_kv_heads);
+    if (want < 1) want = 1;   /* rounded down: one wave of blocks, not one and a bit */
     g->pages_per_split = (pages + want - 1) / want;
     if (g->pages_per_split < 2) g->pages_per_split = 2;
     g->max_splits = (pages + g->pages_per_split - 1) / g->pages_per_split;
     g->profile_step = getenv("LEANKV_PROFILE_STEP") ? atoi(getenv("LEANKV_PROFILE_STEP")) : -1;
     build_runstate(&g->s, c, g->max_rows, g->max_splits);
-    build_kvcache(&g->kv, c, max_slots, ctx, kv_mem_mib, g->stream);
-    if (g->kv.geom.tpp != tpp_guess) {
-        snprintf(err, errlen, "unexpected fp16 page of %d tokens", g->kv.geom.tpp);
-        gpu_free(g);
-        return NULL;
-    }
     CUDA_CHECK(cudaStreamSynchronize(g->stream));
     KvGeom *kg = &g->kv.geom;
-    fprintf(stderr, "leankv: GPU %s: KV pool %.0f MiB, %d pages of %d bytes (%d tokens); "
-            "%d slots of up to %d tokens\n", name, (double)kg->n_pages * kg->page_bytes / (1 << 20),
-            kg->n_pages, kg->page_bytes, kg->tpp, max_slots, ctx);
+    fprintf(stderr, "leankv: GPU %s: KV pool %.0f MiB, %d pages of %d bytes (%d tokens at k%dv%d, "
+            "%d group%s, waste %.1f%%); %d slots of up to %d tokens\n", name,
+            (double)kg->n_pages * kg->page_bytes / (1 << 20), kg->n_pages, kg->page_bytes, kg->tpp,
+            kv.kbits, kv.vbits, kv.groups, kv.groups > 1 ? "s" : "",
+            100.0 * (kg->page_bytes - g->kv.layout.used) / kg->page_bytes, max_slots, ctx);
     return g;
 }
 
@@ -1093,4 +1285,206 @@ extern "C" double gpu_copy_bandwidth(void) {
     CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
     cudaEventDestroy(e0); cudaEventDestroy(e1); cudaFree(a); cudaFree(b);
     return 2.0 * bytes * iters / (ms * 1e-3) / 1e9;
+}
+
+/* ----------------------------------------------------------------------------------------
+ * For the tests (tests/test_gpu_quant.c): the device's write path and attention kernel on
+ * pages the caller gives, so that the CPU's kv_store and attention_paged can be held against
+ * them byte for byte and value for value. */
+
+/* one block per token: warp 0 stores the key, warp 1 the value (kv_append) */
+__global__ void kv_store_test(uint8_t *pool, const int *table, KvGeom g, const float *k,
+                              const float *v, int head_dim) {
+    int pos = blockIdx.x, is_v = threadIdx.x / 32;
+    const float *x = (is_v ? v : k) + (size_t)pos * head_dim;
+    kv_append(pool, table, g, 0, pos, is_v, x, head_dim, threadIdx.x % 32);
+}
+
+static KvGeom test_geom(LkvPrecision p, int head_dim, int n_tok, LkvPageLayout *L) {
+    KvGeom g;
+    memset(&g, 0, sizeof g);
+    g.page_bytes = lkv_page_bytes(&p, 1, head_dim, NULL);
+    lkv_layout_fit(L, p, head_dim, g.page_bytes);
+    g.n_layers = 1; g.n_kv_heads = 1; g.tpp = L->tokens;
+    g.width = (n_tok + g.tpp - 1) / g.tpp;
+    g.k_codes = L->k_codes; g.k_sz = L->k_sz; g.v_codes = L->v_codes; g.v_sz = L->v_sz;
+    g.scores = L->scores; g.pos = L->pos;
+    g.kbits = p.kbits; g.vbits = p.vbits; g.groups = p.groups;
+    g.n_pages = g.width;
+    return g;
+}
+
+/* Writes n_tok tokens (k, v: (n_tok, head_dim) fp32) into ceil(n_tok / tpp) pages, page i
+ * holding tokens i*tpp .., and copies them to pages (the pool bytes). Returns 0, or -1 when
+ * the GPU or this shape is not served. */
+extern "C" int gpu_test_store(LkvPrecision p, int head_dim, int n_tok, const float *k,
+                              const float *v, uint8_t *pages) {
+    char name[256];
+    if (!gpu_available(name, sizeof name) || head_dim % 32) return -1;
+    LkvPageLayout L;
+    KvGeom g = test_geom(p, head_dim, n_tok, &L);
+    size_t bytes = (size_t)g.n_pages * g.page_bytes, vec = (size_t)n_tok * head_dim * sizeof(float);
+    uint8_t *pool = (uint8_t *)dmalloc(bytes);
+    int *table = (int *)dmalloc(g.width * sizeof(int)), *ids = (int *)malloc(g.width * sizeof(int));
+    float *dk = (float *)dmalloc(vec), *dv = (float *)dmalloc(vec);
+    for (int i = 0; i < g.width; i++) ids[i] = i;
+    CUDA_CHECK(cudaMemset(pool, 0, bytes));
+    CUDA_CHECK(cudaMemcpy(table, ids, g.width * sizeof(int), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(dk, k, vec, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(dv, v, vec, cudaMemcpyHostToDevice));
+    kv_store_test<<<n_tok, 64>>>(pool, table, g, dk, dv, head_dim);
+    LAUNCH_CHECK();
+    CUDA_CHECK(cudaMemcpy(pages, pool, bytes, cudaMemcpyDeviceToHost));
+    cudaFree(pool); cudaFree(table); cudaFree(dk); cudaFree(dv); free(ids);
+    return 0;
+}
+
+/* attention_paged for one row and one KV head with gq query heads (q: (gq, head_dim), already
+ * rotated) over the n_tok tokens of pages (as gpu_test_store lays them out), in splits of
+ * pages_per_split pages; o gets (gq, head_dim). Returns 0, or -1 when not served. */
+extern "C" int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_tok,
+                                  const uint8_t *pages, const float *q, int pages_per_split,
+                                  float *o) {
+    char name[256];
+    if (!gpu_available(name, sizeof name)) return -1;
+    AttentionLaunch fn = find_attention(head_dim, gq, p.kbits, p.vbits);
+    if (!fn || pages_per_split < 1) return -1;
+    LkvPageLayout L;
+    GpuEngine e;
+    memset(&e, 0, sizeof e);
+    e.kv.geom = test_geom(p, head_dim, n_tok, &L);
+    KvGeom *g = &e.kv.geom;
+    e.c.n_heads = gq; e.c.n_kv_heads = 1; e.c.head_dim = head_dim;
+    e.pages_per_split = pages_per_split;
+    DeviceLayer layer;
+    memset(&layer, 0, sizeof layer);
+    e.w.layers = &layer;
+    int splits = (g->n_pages + pages_per_split - 1) / pages_per_split;
+    size_t bytes = (size_t)g->n_pages * g->page_bytes;
+    int rows[4] = {0, 0, n_tok - 1, 0}, *ids = (int *)malloc(g->width * sizeof(int));
+    for (int i = 0; i < g->width; i++) ids[i] = i;
+    e.kv.pool = (uint8_t *)dmalloc(bytes);
+    e.kv.table = (int *)dmalloc(g->width * sizeof(int));
+    e.s.rows = (int *)dmalloc(sizeof rows);
+    e.s.row_slot = e.s.rows; e.s.row_pos = e.s.rows + 2;
+    e.s.q = (float *)dmalloc((size_t)gq * head_dim * sizeof(float));
+    e.s.o = (__half *)dmalloc((size_t)gq * head_dim * sizeof(__half));
+    e.s.att_part = (float *)dmalloc((size_t)gq * splits * (head_dim + 2) * sizeof(float));
+    CUDA_CHECK(cudaMemcpy(e.kv.pool, pages, bytes, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(e.kv.table, ids, g->width * sizeof(int), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(e.s.rows, rows, sizeof rows, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(e.s.q, q, (size_t)gq * head_dim * sizeof(float), cudaMemcpyHostToDevice));
+    e.attention = fn;
+    e.stream = 0;
+    attention(&e, 0, 1, n_tok, 0);
+    uint16_t *oh = (uint16_t *)malloc((size_t)gq * head_dim * sizeof(uint16_t));
+    CUDA_CHECK(cudaMemcpy(oh, e.s.o, (size_t)gq * head_dim * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    for (int i = 0; i < gq * head_dim; i++) o[i] = lkv_h2f(oh[i]);
+    cudaFree(e.kv.pool); cudaFree(e.kv.table); cudaFree(e.s.rows); cudaFree(e.s.q);
+    cudaFree(e.s.o); cudaFree(e.s.att_part);
+    free(ids); free(oh);
+    return 0;
+}
+
+/* ----------------------------------------------------------------------------------------
+ * For bench/: attention_paged alone, timed with CUDA events over a synthetic cache. */
+
+/* fills page `blockIdx.x` of a synthetic cache: codes from a hash, fp16 values in [-1, 1),
+ * valid scales and zeros, so that every token is a real one */
+__global__ void fill_pages(uint8_t *pool, KvGeom g, int head_dim) {
+    uint8_t *page = pool + (size_t)blockIdx.x * g.page_bytes;
+    for (int t = threadIdx.x; t < g.tpp; t += blockDim.x) {
+        uint32_t h = (blockIdx.x * 2654435761u) ^ (t * 40503u);
+        for (int is_v = 0; is_v < 2; is_v++) {
+            int bits = is_v ? g.vbits : g.kbits, cb = lkv_code_bytes(head_dim, bits);
+            uint8_t *codes = page + (is_v ? g.v_codes : g.k_codes) + (size_t)t * cb;
+            for (int i = 0; i < cb; i += 2) {
+                h = h * 1664525u + 1013904223u;
+                uint16_t x = bits == 16 ? (uint16_t)(0x3800u | ((h >> 16) & 0x83FFu)) : (uint16_t)(h >> 16);
+                codes[i] = (uint8_t)x; codes[i + 1] = (uint8_t)(x >> 8);
+            }
+            if (bits < 16) {
+                uint16_t *sz = (uint16_t *)(page + (is_v ? g.v_sz : g.k_sz)) + (size_t)t * 2 * g.groups;
+                for (int i = 0; i < g.groups; i++) { sz[2 * i] = 0x211Fu; sz[2 * i + 1] = 0xBC00u; }
+            }
+        }
+        ((float *)(page + g.scores))[t] = 0.0f;
+        ((int *)(page + g.pos))[t] = 0;
+    }
+}
+
+static int cmp_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Median milliseconds of one decode attention launch (attention_paged, and attention_combine
+ * when split) for batch sequences of ctx tokens, one query row each, over iters launches after
+ * warm-up; splits chosen as gpu_build does. *bytes: the K and V bytes (codes, scales, zeros) the
+ * launch reads. -1 when the GPU or this shape is not served. */
+extern "C" double gpu_bench_attention(LkvPrecision p, int head_dim, int n_heads, int n_kv_heads,
+                                      int batch, int ctx, int iters, double *bytes) {
+    char name[256];
+    if (!gpu_available(name, sizeof name) || lkv_gpu_refuses(p, head_dim)) return -1;
+    AttentionLaunch fn = find_attention(head_dim, n_heads / n_kv_heads, p.kbits, p.vbits);
+    if (!fn || iters < 1) return -1;
+    GpuEngine e;
+    memset(&e, 0, sizeof e);
+    e.c.n_heads = n_heads; e.c.n_kv_heads = n_kv_heads; e.c.head_dim = head_dim; e.c.n_layers = 1;
+    CUDA_CHECK(cudaDeviceGetAttribute(&e.n_sms, cudaDevAttrMultiProcessorCount, 0));
+    e.attention = fn;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&e.stream, cudaStreamNonBlocking));
+    LkvPageLayout L;
+    KvGeom *g = &e.kv.geom;
+    *g = test_geom(p, head_dim, ctx, &L);
+    g->n_kv_heads = n_kv_heads;
+    int per_head = g->width;                       /* pages of one (sequence, KV head) */
+    g->n_pages = batch * n_kv_heads * per_head;
+    int want = ATT_BLOCKS_PER_SM * e.n_sms / (batch * n_kv_heads);   /* as gpu_build */
+    if (want < 1) want = 1;
+    e.pages_per_split = (per_head + want - 1) / want;
+    if (e.pages_per_split < 2) e.pages_per_split = 2;
+    int splits = (per_head + e.pages_per_split - 1) / e.pages_per_split;
+    DeviceLayer layer;
+    memset(&layer, 0, sizeof layer);
+    e.w.layers = &layer;
+    size_t pool_bytes = (size_t)g->n_pages * g->page_bytes, QD = (size_t)n_heads * head_dim;
+    e.kv.pool = (uint8_t *)dmalloc(pool_bytes);
+    e.kv.table = (int *)dmalloc((size_t)g->n_pages * sizeof(int));
+    int *ids = (int *)malloc((size_t)g->n_pages * sizeof(int)), *rows = (int *)malloc(4 * batch * sizeof(int));
+    for (int i = 0; i < g->n_pages; i++) ids[i] = i;
+    for (int r = 0; r < batch; r++) { rows[r] = r; rows[batch + r] = 0; rows[2 * batch + r] = ctx - 1; rows[3 * batch + r] = r; }
+    float *q = (float *)malloc(batch * QD * sizeof(float));
+    for (size_t i = 0; i < batch * QD; i++) q[i] = (float)((i * 7919) % 1000) / 1000.0f - 0.5f;
+    e.s.rows = (int *)dmalloc(4 * batch * sizeof(int));
+    e.s.row_slot = e.s.rows; e.s.row_pos = e.s.rows + 2 * batch;
+    e.s.q = (float *)dmalloc(batch * QD * sizeof(float));
+    e.s.o = (__half *)dmalloc(batch * QD * sizeof(__half));
+    e.s.att_part = (float *)dmalloc((size_t)batch * n_heads * splits * (head_dim + 2) * sizeof(float));
+    CUDA_CHECK(cudaMemcpy(e.kv.table, ids, (size_t)g->n_pages * sizeof(int), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(e.s.rows, rows, 4 * batch * sizeof(int), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(e.s.q, q, batch * QD * sizeof(float), cudaMemcpyHostToDevice));
+    fill_pages<<<g->n_pages, 64, 0, e.stream>>>(e.kv.pool, *g, head_dim);
+    LAUNCH_CHECK();
+    cudaEvent_t e0, e1;
+    CUDA_CHECK(cudaEventCreate(&e0));
+    CUDA_CHECK(cudaEventCreate(&e1));
+    float *ms = (float *)malloc(iters * sizeof(float));
+    for (int it = -3; it < iters; it++) {   /* three launches warm up */
+        CUDA_CHECK(cudaEventRecord(e0, e.stream));
+        attention(&e, 0, batch, ctx, 0);
+        CUDA_CHECK(cudaEventRecord(e1, e.stream));
+        CUDA_CHECK(cudaEventSynchronize(e1));
+        if (it >= 0) CUDA_CHECK(cudaEventElapsedTime(&ms[it], e0, e1));
+    }
+    qsort(ms, iters, sizeof(float), cmp_float);
+    double med = ms[iters / 2];
+    *bytes = (double)batch * n_kv_heads * ctx *
+             (lkv_code_bytes(head_dim, p.kbits) + lkv_sz_bytes(p.groups, p.kbits) +
+              lkv_code_bytes(head_dim, p.vbits) + lkv_sz_bytes(p.groups, p.vbits));
+    cudaEventDestroy(e0); cudaEventDestroy(e1);
+    cudaFree(e.kv.pool); cudaFree(e.kv.table); cudaFree(e.s.rows); cudaFree(e.s.q);
+    cudaFree(e.s.o); cudaFree(e.s.att_part); cudaStreamDestroy(e.stream);
+    free(ids); free(rows); free(q); free(ms);
+    return med;
 }

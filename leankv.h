@@ -496,11 +496,12 @@ typedef struct {
 /* ----------------------------------------------------------------------------------------
  * 6. GPU engine interface (leankv.cu)
  *
- * The engine keeps the weights (fp16) and a paged fp16 KV cache on the GPU and runs batches
- * of "rows": a row is one token of one sequence at that sequence's next position. A sequence
+ * The engine keeps the weights (fp16) and a paged KV cache on the GPU and runs batches of
+ * "rows": a row is one token of one sequence at that sequence's next position. A sequence
  * lives in a slot (0 .. max_slots-1); the engine remembers how many tokens each slot holds, so
- * callers pass tokens, never positions. Pages are those of section 4 (fp16 tier, the same
- * lkv_page_bytes rule as the CPU cache); each (slot, layer, KV head) has its own page table,
+ * callers pass tokens, never positions. Pages are those of section 4 at the cache's precision
+ * (fp16, or kXvY codes written by section 4b on the device; the same lkv_page_bytes rule as
+ * the CPU cache, so the same bytes); each (slot, layer, KV head) has its own page table,
  * and the free page ids sit in a circular array, all in GPU memory (../shared/LEANKV.md 5-6).
  *
  * A caller that schedules many requests (continuous batching) asks gpu_pages_needed before a
@@ -526,6 +527,19 @@ typedef struct {
     int ctx;              /* tokens a slot can hold */
 } GpuInfo;
 
+/* NULL when the GPU engine serves caches of precision p at this head dim, else why not: it
+ * stores fp16 or codes (fp32 is the CPU's exact debug cache), keys at least as precisely as
+ * values (LeanKV's premise; it halves the kernels to build), and channel groups no smaller
+ * than what one attention thread loads (8 channels, 16 when keys are codes), so that they
+ * share one scale and zero. */
+static inline const char *lkv_gpu_refuses(LkvPrecision p, int head_dim) {
+    if (p.kbits == 32 || p.vbits == 32) return "--kv fp32 is the CPU's exact debug cache";
+    if (p.vbits > p.kbits) return "the GPU engine stores keys at least as precisely as values";
+    if (p.groups < 1 || head_dim % p.groups || (head_dim / p.groups) % (p.kbits == 16 ? 8 : 16))
+        return "the GPU engine needs channel groups of a multiple of 16 channels (8 with fp16 keys)";
+    return NULL;
+}
+
 #ifdef LKV_CUDA
 /* 1 when a CUDA device is usable, with its name in name[len]; else 0 and the reason */
 int gpu_available(char *name, size_t len);
@@ -533,8 +547,8 @@ int gpu_available(char *name, size_t len);
  * (0: most of the free GPU memory), page tables for max_slots sequences of ctx tokens, and
  * activations for max(max_slots, prefill_chunk) rows. Prints the pool size on stderr. Returns
  * NULL with a one-line reason in err when the model or device cannot be served. */
-GpuEngine *gpu_build(const Config *c, const Weights *w, int max_slots, int prefill_chunk,
-                     int ctx, size_t kv_mem_mib, char *err, size_t errlen);
+GpuEngine *gpu_build(const Config *c, const Weights *w, LkvPrecision kv, int max_slots,
+                     int prefill_chunk, int ctx, size_t kv_mem_mib, char *err, size_t errlen);
 void gpu_free(GpuEngine *g);
 /* Appends tokens[0..n) to slot (chunks of prefill_chunk rows). *next gets the greedy token
  * after the last one; logits, if not NULL, gets (n, vocab) fp32, one row per token.
@@ -553,16 +567,28 @@ int gpu_slot_len(const GpuEngine *g, int slot);
 void gpu_info(const GpuEngine *g, GpuInfo *info);
 /* device-to-device copy bandwidth in GB/s (bytes read plus written), for the bench */
 double gpu_copy_bandwidth(void);
+/* For the tests: the device's write path (kv_append) stores n_tok tokens of k, v (n_tok,
+ * head_dim) into pages laid out for precision p, page i holding tokens i*tpp ..; and its
+ * attention kernel, for gq query heads q (gq, head_dim), over such pages, in splits of
+ * pages_per_split pages, into o (gq, head_dim). 0, or -1 when the GPU or shape is not served. */
+int gpu_test_store(LkvPrecision p, int head_dim, int n_tok, const float *k, const float *v,
+                   uint8_t *pages);
+int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_tok, const uint8_t *pages,
+                       const float *q, int pages_per_split, float *o);
+/* For bench/: median ms of one decode attention launch over batch synthetic sequences of ctx
+ * tokens (CUDA events, after warm-up); *bytes = the K/V bytes it reads. -1 when not served. */
+double gpu_bench_attention(LkvPrecision p, int head_dim, int n_heads, int n_kv_heads, int batch,
+                           int ctx, int iters, double *bytes);
 #else
 /* CPU-only build: the GPU is never available */
 static inline int gpu_available(char *name, size_t len) {
     if (len) { strncpy(name, "built without CUDA", len - 1); name[len - 1] = 0; }
     return 0;
 }
-static inline GpuEngine *gpu_build(const Config *c, const Weights *w, int max_slots,
-                                   int prefill_chunk, int ctx, size_t kv_mem_mib, char *err,
-                                   size_t errlen) {
-    (void)c; (void)w; (void)max_slots; (void)prefill_chunk; (void)ctx; (void)kv_mem_mib;
+static inline GpuEngine *gpu_build(const Config *c, const Weights *w, LkvPrecision kv,
+                                   int max_slots, int prefill_chunk, int ctx, size_t kv_mem_mib,
+                                   char *err, size_t errlen) {
+    (void)c; (void)w; (void)kv; (void)max_slots; (void)prefill_chunk; (void)ctx; (void)kv_mem_mib;
     if (errlen) { strncpy(err, "this leankv was built without CUDA", errlen - 1); err[errlen - 1] = 0; }
     return NULL;
 }

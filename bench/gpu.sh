@@ -2,9 +2,15 @@
 # bench/gpu.sh: the one script for a GPU machine. Builds the driver, runs the GPU tests (with
 # compute-sanitizer) and the speed targets of issue 3, and prints a table last.
 #
-#   bench/gpu.sh [tests] [bench] [profile]     (no argument: tests and bench)
+#   bench/gpu.sh [tests] [bench] [quant] [profile] [llama-build] [llama]
+#                                              (no argument: tests and bench)
 #
+# quant: decode attention alone for each cache type (leankv-gpu-bench attn) and the end-to-end
+#        bench for fp16, k8v4 and k4v2 at batch 256 and at batch 1 with a 4k context.
 # profile: per-kernel times of one decode step under ncu (kernels one by one).
+# llama-build: starts building llama.cpp from llama-src/ (outside the repository, in
+#        /root/llama, detached: it goes on between calls); llama: its benchmarks
+#        (bench/llamacpp.sh), once the model is there.
 #
 # The real model: its GGUF travels in two halves (a call carries at most 64 MiB), made with
 # `split -n 2 models/SmolLM2-135M-Instruct.Q4_1.gguf`: one call carries m1/ (the first half,
@@ -33,7 +39,16 @@ fi
 if [ -x leankv-gpu-bench ] && [ -n "${LEANKV_CARRIED:-}" ]; then
     export LEANKV_GPU_BENCH=$PWD/leankv-gpu-bench
 else
-    make -s leankv-gpu-bench 2>&1 | grep -v -e '^ptxas' -e 'warning' || true
+    INC=""; [ -d hfcheck/include ] && INC="-Ihfcheck/include"   # stb headers, carried
+    make -s -j4 leankv leankv-gpu-bench CFLAGS="-O3 -march=native -std=gnu11 $INC" 2>&1 |
+        grep -v -e '^ptxas' -e 'warning' -e 'note:' -e '^ *[0-9]* |' -e '^ *|' -e 'In function' \
+            -e 'inlined from' -e 'In file included' || true
+fi
+MODEL=random; [ -f models/smollm2-135m-instruct.bin ] && MODEL=models/smollm2-135m-instruct.bin
+LLAMA_TB=$(ls llama-src/llama.cpp-*.tar.xz 2>/dev/null | head -1)
+
+if [[ " $STAGES " == *" llama-build "* ]] && [ -n "$LLAMA_TB" ]; then
+    JOBS=12 bash bench/llamacpp.sh build-bg "$LLAMA_TB" /root/llama-log
 fi
 
 if [[ " $STAGES " == *" tests "* ]]; then
@@ -67,4 +82,23 @@ if [[ " $STAGES " == *" bench "* ]]; then
     echo "== $CARD: median of 3 runs (random weights of SmolLM2-135M's shape; the last line"
     echo "   is the real model when models/smollm2-135m-instruct.bin exists)"
     python3 bench/table.py < "$OUT/bench.log"
+fi
+
+if [[ " $STAGES " == *" quant "* ]]; then
+    ./leankv-gpu-bench attn none --runs 21 2>>"$OUT/bench.err" | tee "$OUT/attn.md"
+    : > "$OUT/kvbench.log"
+    for kv in fp16 k8v4 k4v2; do
+        for cfg in "256 512 256" "1 4096 256"; do
+            set -- $cfg
+            ./leankv-gpu-bench bench $MODEL --batch $1 --prompt-len $2 --gen-len $3 --runs 3 \
+                --kv $kv 2>>"$OUT/bench.err" | tee -a "$OUT/kvbench.log" | grep -v '^{'
+        done
+    done
+    echo "== $CARD: median of 3 runs, $MODEL"
+    python3 bench/table.py < "$OUT/kvbench.log"
+fi
+
+if [[ " $STAGES " == *" llama "* ]] && [ -n "$LLAMA_TB" ] && [ -n "$(ls /root/m 2>/dev/null)" ]; then
+    [ -f /tmp/model.gguf ] || cat /root/m/* m2/* > /tmp/model.gguf
+    bash bench/llamacpp.sh bench "$LLAMA_TB" /tmp/model.gguf "$OUT/llama" 2>&1 | tail -40
 fi

@@ -5,11 +5,17 @@
  *   leankv-gpu-bench batch MODEL  many requests: alone vs batched vs a pool small enough to
  *                                 force preemption; the greedy outputs must all agree
  *   leankv-gpu-bench bench MODEL  synthetic throughput (prefill, decode, total tok/s)
+ *   leankv-gpu-bench attn none    decode attention alone, each cache type, CUDA events
+ *   leankv-gpu-bench quant none   the device's write path against the CPU's kv_store, byte for
+ *                                 byte, and its attention kernel against dense fp32 attention
+ *                                 over the dequantized values, for every cache type
  *
  * MODEL is a model.bin, or "random" for random weights of SmolLM2-135M's shape (no file, no
  * tokenizer: enough for speed, and for GPU vs CPU since both run the same weights).
  * Options: --prompt-len N --gen-len N --batch N --requests N --chunk N --kv-mem MIB --runs N
- *          --seed N */
+ *          --seed N --kv TYPE --kv-groups G --tol X --match N --tol-quant F (check: largest
+ *          relative logit error, greedy steps that must agree, and for a quantized cache the
+ *          largest mean error as a multiple of what quantization itself does to the CPU's) */
 #define TESTING
 #include "../leankv.c"
 
@@ -21,6 +27,10 @@ typedef struct {
     int prompt_len, gen_len, batch, requests, chunk, runs;
     size_t kv_mem_mib;
     uint64_t seed;
+    LkvPrecision kv;     /* --kv, --kv-groups */
+    double tol;          /* check: the largest relative logit error that passes */
+    int match;           /* check: greedy steps that must agree (default 33) */
+    double tol_quant;    /* check, quantized cache: GPU-CPU mean error / quantization's own */
 } BenchOptions;
 
 static uint64_t rng_state = 42;
@@ -73,9 +83,10 @@ static void load_model(Model *m, const char *path) {
     else build_model(m, path, NULL);
 }
 
-static GpuEngine *gpu_engine(Model *m, int slots, int chunk, int ctx, size_t kv_mem_mib) {
+static GpuEngine *gpu_engine(Model *m, LkvPrecision kv, int slots, int chunk, int ctx,
+                             size_t kv_mem_mib) {
     char err[256];
-    GpuEngine *g = gpu_build(&m->c, &m->w, slots, chunk, ctx, kv_mem_mib, err, sizeof err);
+    GpuEngine *g = gpu_build(&m->c, &m->w, kv, slots, chunk, ctx, kv_mem_mib, err, sizeof err);
     if (!g) die("GPU: %s", err);
     return g;
 }
@@ -93,7 +104,7 @@ static int gpu_mode_check(Model *m, const BenchOptions *o) {
     int P = o->prompt_len, G = o->gen_len, T = P + G, V = c->vocab_size;
     build_runstate(m, T + 1, 1);   /* forward() only: one row */
     KVCache kv;
-    build_kvcache(&kv, c, 1, T + 1, 0, (LkvPrecision){16, 16, 1});   /* fp16, as on the GPU */
+    build_kvcache(&kv, c, 1, T + 1, 0, o->kv);   /* the GPU's cache type */
     int *seq = xmalloc((T + 1) * sizeof(int));
     random_ids(seq, P, V);
     float *cpu = xmalloc((size_t)T * V * sizeof(float)), *gpu = xmalloc((size_t)T * V * sizeof(float));
@@ -105,8 +116,28 @@ static int gpu_mode_check(Model *m, const BenchOptions *o) {
         if (t + 1 >= P) seq[t + 1] = argmax(lg, V);
     }
     fprintf(stderr, "check: CPU reference %d steps in %.1f s\n", T, now_s() - t0);
+    /* a quantized cache: how far quantization itself moves the CPU's logits (the same tokens
+     * through an fp16 cache), the scale against which the GPU's distance is judged */
+    double q_mean = 0.0;
+    int quantized = o->kv.kbits < 16 || o->kv.vbits < 16;
+    if (quantized) {
+        KVCache ref;
+        build_kvcache(&ref, c, 1, T + 1, 0, (LkvPrecision){16, 16, 1});
+        for (int t = 0; t < T; t++) {
+            reserve_or_die(&ref, 0, t + 1);
+            float *lg = forward(m, &ref, 0, seq[t], t);
+            double num = 0, den = 0;
+            for (int i = 0; i < V; i++) {
+                double d = (double)lg[i] - cpu[(size_t)t * V + i];
+                num += d * d;
+                den += (double)cpu[(size_t)t * V + i] * cpu[(size_t)t * V + i];
+            }
+            q_mean += sqrt(num / (den + 1e-30)) / T;
+        }
+        free_kvcache(&ref);
+    }
 
-    GpuEngine *g = gpu_engine(m, 1, o->chunk, T + 1, 64);
+    GpuEngine *g = gpu_engine(m, o->kv, 1, o->chunk, T + 1, 64);
     int next, first_bad = -1;
     if (gpu_prefill(g, 0, seq, P, &next, gpu) != 0) die("GPU prefill failed");
     int *gtok = xmalloc(T * sizeof(int));
@@ -134,11 +165,17 @@ static int gpu_mode_check(Model *m, const BenchOptions *o) {
         }
     }
     int match = first_bad < 0 ? G + 1 : first_bad;
-    printf("check: %d prompt + %d generated steps, chunk %d: logits rel err max %.3e mean %.3e; "
-           "greedy tokens identical for the first %d of %d steps\n", P, G, o->chunk, max_err,
+    printf("check: k%dv%d, %d prompt + %d generated steps, chunk %d: logits rel err max %.3e "
+           "mean %.3e; greedy tokens identical for the first %d of %d steps\n", o->kv.kbits,
+           o->kv.vbits, P, G, o->chunk, max_err,
            sum_err / T, match, G + 1);
     gpu_free(g);
-    int ok = max_err <= 1e-2 && match >= (G + 1 < 33 ? G + 1 : 33);
+    if (quantized)
+        printf("check: quantization itself (CPU k%dv%d vs CPU fp16 cache): mean rel err %.3e; "
+               "GPU vs CPU mean / that = %.2f\n", o->kv.kbits, o->kv.vbits, q_mean,
+               sum_err / T / q_mean);
+    int ok = max_err <= o->tol && match >= (G + 1 < o->match ? G + 1 : o->match) &&
+             (o->tol_quant <= 0 || sum_err / T <= o->tol_quant * q_mean);
     printf("check: %s\n", ok ? "PASS" : "FAIL");
     return ok ? 0 : 1;
 }
@@ -240,12 +277,15 @@ static int gpu_mode_batch(Model *m, const BenchOptions *o) {
         ref[i] = xmalloc(G * sizeof(int));
     }
     int ctx = maxp + G + 1, peak, fails;
+    LkvPageLayout L;
+    int page_bytes = lkv_page_bytes(&o->kv, 1, m->c.head_dim, NULL);
+    int tpp = lkv_layout_fit(&L, o->kv, m->c.head_dim, page_bytes);
     long need = 0;   /* pages to hold every request at once */
-    for (int i = 0; i < n; i++) need += (rq[i].n_prompt + G + 15) / 16;
+    for (int i = 0; i < n; i++) need += (rq[i].n_prompt + G + tpp - 1) / tpp;
     need *= m->c.n_layers * m->c.n_kv_heads;
 
     /* 1. each request alone: a batch of one */
-    GpuEngine *g = gpu_engine(m, n, o->chunk, ctx, (size_t)(need * 2 * 4224 >> 20) + 1);
+    GpuEngine *g = gpu_engine(m, o->kv, n, o->chunk, ctx, (size_t)(need * 2 * page_bytes >> 20) + 1);
     double t0 = now_s();
     for (int i = 0; i < n; i++) {
         run_requests(g, &rq[i], 1, 1, G, &peak);
@@ -266,8 +306,8 @@ static int gpu_mode_batch(Model *m, const BenchOptions *o) {
 
     /* 3. a pool of a quarter of what the batch needs: preemption must keep every request */
     GpuInfo info;
-    size_t mib = (size_t)(need / 4 * 4224 >> 20) + 1;
-    g = gpu_engine(m, n, o->chunk, ctx, o->kv_mem_mib ? o->kv_mem_mib : mib);
+    size_t mib = (size_t)(need / 4 * page_bytes >> 20) + 1;
+    g = gpu_engine(m, o->kv, n, o->chunk, ctx, o->kv_mem_mib ? o->kv_mem_mib : mib);
     gpu_info(g, &info);
     pre = run_requests(g, rq, n, n, G, &peak);
     int fails_small = 0;
@@ -294,7 +334,7 @@ static int gpu_mode_bench(Model *m, const BenchOptions *o) {
     Config *c = &m->c;
     int B = o->batch, P = o->prompt_len, G = o->gen_len, R = o->requests ? o->requests : B;
     int chunk = P < o->chunk ? P : o->chunk;
-    GpuEngine *g = gpu_engine(m, B, chunk, P + G, o->kv_mem_mib);
+    GpuEngine *g = gpu_engine(m, o->kv, B, chunk, P + G, o->kv_mem_mib);
     char name[256];
     gpu_available(name, sizeof name);
     double copy_gbs = gpu_copy_bandwidth();
@@ -344,36 +384,201 @@ static int gpu_mode_bench(Model *m, const BenchOptions *o) {
     double D = c->dim, H = c->hidden_dim, QD = c->n_heads * c->head_dim,
            KVD = c->n_kv_heads * c->head_dim, V = c->vocab_size;
     double wbytes = 2.0 * (c->n_layers * ((QD + 2 * KVD) * D + D * QD + 3 * H * D) + V * D);
-    double kvbytes = (double)(R < B ? R : B) * (P + G / 2.0) * c->n_layers * KVD * 2 * 2;
+    LkvPrecision p = o->kv;
+    double tok_bytes = lkv_code_bytes(c->head_dim, p.kbits) + lkv_sz_bytes(p.groups, p.kbits) +
+                       lkv_code_bytes(c->head_dim, p.vbits) + lkv_sz_bytes(p.groups, p.vbits);
+    double kvbytes = (double)(R < B ? R : B) * (P + G / 2.0) * c->n_layers * c->n_kv_heads * tok_bytes;
     double bw = (wbytes + kvbytes) / s50 / 1e9;
     int pages_used = info.n_pages - min_free;
-    printf("bench: %s, batch %d, prompt %d, generate %d, %d requests, median of %d runs\n", name,
-           B, P, G, R, runs);
+    printf("bench: %s, k%dv%d, batch %d, prompt %d, generate %d, %d requests, median of %d runs\n",
+           name, p.kbits, p.vbits, B, P, G, R, runs);
     printf("  prefill   %10.0f tok/s\n  decode    %10.0f tok/s  (%.3f ms a step)\n"
            "  total     %10.0f tok/s\n  peak      %d sequences in flight, %d of %d KV pages\n"
            "  decode step moves %.0f MB (weights %.0f, KV %.0f): %.0f GB/s = %.2f of the copy "
            "bandwidth (%.0f GB/s)\n", p50, d50, s50 * 1e3, t50, R < B ? R : B, pages_used,
            info.n_pages, (wbytes + kvbytes) / 1e6, wbytes / 1e6, kvbytes / 1e6, bw, bw / copy_gbs,
            copy_gbs);
-    printf("{\"device\": \"%s\", \"batch\": %d, \"prompt_len\": %d, \"gen_len\": %d, "
+    printf("{\"device\": \"%s\", \"kv\": \"k%dv%d\", \"batch\": %d, \"prompt_len\": %d, \"gen_len\": %d, "
            "\"requests\": %d, \"runs\": %d, \"prefill_tok_s\": %.0f, \"decode_tok_s\": %.0f, "
            "\"total_tok_s\": %.0f, \"decode_step_ms\": %.4f, \"peak_seqs\": %d, "
            "\"kv_pages_used\": %d, \"kv_pages\": %d, \"decode_gb_s\": %.0f, \"copy_gb_s\": %.0f, "
-           "\"bw_fraction\": %.3f}\n", name, B, P, G, R, runs, p50, d50, t50, s50 * 1e3,
+           "\"bw_fraction\": %.3f}\n", name, p.kbits, p.vbits, B, P, G, R, runs, p50, d50, t50, s50 * 1e3,
            R < B ? R : B, pages_used, info.n_pages, bw, copy_gbs, bw / copy_gbs);
     gpu_free(g);
+    return 0;
+}
+
+/* ----------------------------------------------------------------------------------------
+ * quant: for head dims 64 and 128, every cache type the GPU serves and 1, 2 or 4 groups,
+ *   1. the same keys and values stored by the CPU (kv_store) and by the device (kv_append)
+ *      give byte-identical pages: codes, scales, zeros, scores, positions;
+ *   2. the device's attention over those pages, in one split and in splits of one page,
+ *      agrees with dense attention in double precision over the dequantized values
+ *      (lkv_dequantize of the CPU's pages): max |o - ref| <= 2e-3 max |ref| (the kernel's
+ *      output is fp16: 4.9e-4 relative rounding, plus fp32 sums and __expf).
+ * The vectors mix the awkward cases of test_quant.c: gaussian rows, constants, one outlier,
+ * all negative, ranges near fp16's smallest step, large values, signed zeros. */
+
+static void fill_vector(float *x, int d, int kind) {
+    float mag = 0.25f + 4.0f * (rng_u32() % 1000) / 1000.0f;
+    for (int j = 0; j < d; j++) {
+        float u = rng_uniform() + rng_uniform() + rng_uniform();   /* about gaussian */
+        switch (kind % 8) {
+        case 0: case 1: case 2: x[j] = u * mag; break;
+        case 3: x[j] = 1.5f; break;                                   /* constant */
+        case 4: x[j] = j == d / 3 ? 40.0f : u * 0.1f; break;          /* one outlier */
+        case 5: x[j] = -3.0f - fabsf(u); break;                       /* all negative */
+        case 6: x[j] = 1e-3f + u * 1e-7f; break;                      /* a tiny range */
+        case 7: x[j] = j % 2 ? -0.0f : 0.0f; break;                   /* signed zeros */
+        }
+    }
+}
+
+static int gpu_mode_quant(void) {
+    static const int pairs[][2] = {{16, 16}, {16, 8}, {16, 4}, {16, 2}, {8, 8}, {8, 4}, {8, 2},
+                                   {4, 4}, {4, 2}, {2, 2}};
+    int failures = 0, cases = 0;
+    double worst_att = 0.0;
+    for (int hd = 64; hd <= 128; hd += 64)
+        for (size_t pi = 0; pi < sizeof pairs / sizeof pairs[0]; pi++)
+            for (int groups = 1; groups <= 4; groups *= 2) {
+                LkvPrecision p = {pairs[pi][0], pairs[pi][1], groups};
+                if (p.kbits == 16 && p.vbits == 16 && groups > 1) continue;
+                LkvPageLayout L;
+                int page_bytes = lkv_page_bytes(&p, 1, hd, NULL);
+                int tpp = lkv_layout_fit(&L, p, hd, page_bytes);
+                int n = 2 * tpp + 5, n_pages = (n + tpp - 1) / tpp;
+                size_t bytes = (size_t)n_pages * page_bytes;
+                float *k = xmalloc((size_t)n * hd * sizeof(float)), *v = xmalloc((size_t)n * hd * sizeof(float));
+                for (int t = 0; t < n; t++) {
+                    fill_vector(k + (size_t)t * hd, hd, t);
+                    fill_vector(v + (size_t)t * hd, hd, t + 3);
+                }
+                /* 1. pages: the CPU's kv_store, then the device's */
+                uint8_t *cpu = calloc(bytes, 1), *gpu = calloc(bytes, 1);
+                for (int t = 0; t < n; t++) {
+                    uint8_t *page = cpu + (size_t)(t / tpp) * page_bytes;
+                    int slot = t % tpp;
+                    kv_store(page + L.k_codes, page + L.k_sz, p, p.kbits, slot, hd, k + (size_t)t * hd);
+                    kv_store(page + L.v_codes, page + L.v_sz, p, p.vbits, slot, hd, v + (size_t)t * hd);
+                    ((float *)(page + L.scores))[slot] = 0.0f;
+                    ((int32_t *)(page + L.pos))[slot] = t;
+                }
+                if (gpu_test_store(p, hd, n, k, v, gpu) != 0) die("quant: gpu_test_store refused k%dv%d", p.kbits, p.vbits);
+                size_t diff = 0;
+                for (size_t i = 0; i < bytes; i++) diff += cpu[i] != gpu[i];
+                /* 2. attention: dense double reference over the dequantized CPU pages */
+                float *kd = xmalloc((size_t)n * hd * sizeof(float)), *vd = xmalloc((size_t)n * hd * sizeof(float));
+                for (int t = 0; t < n; t++) {
+                    uint8_t *page = cpu + (size_t)(t / tpp) * page_bytes;
+                    kv_load(page + L.k_codes, page + L.k_sz, p, p.kbits, t % tpp, hd, kd + (size_t)t * hd);
+                    kv_load(page + L.v_codes, page + L.v_sz, p, p.vbits, t % tpp, hd, vd + (size_t)t * hd);
+                }
+                double att_err = 0.0;
+                int gqs[] = {1, 3, 4, 8};
+                for (int gi = 0; gi < 4; gi++) {
+                    int gq = gqs[gi];
+                    float *q = xmalloc((size_t)gq * hd * sizeof(float)), *o = xmalloc((size_t)gq * hd * sizeof(float));
+                    double *ref = xmalloc((size_t)gq * hd * sizeof(double)), *a = xmalloc(n * sizeof(double));
+                    for (int i = 0; i < gq * hd; i++) q[i] = rng_uniform() * 3.0f;
+                    double ref_max = 0.0;
+                    for (int h = 0; h < gq; h++) {
+                        double mx = -1e300, sum = 0.0;
+                        for (int t = 0; t < n; t++) {
+                            double s = 0.0;
+                            for (int j = 0; j < hd; j++) s += (double)q[h * hd + j] * kd[(size_t)t * hd + j];
+                            a[t] = s / sqrt((double)hd);
+                            if (a[t] > mx) mx = a[t];
+                        }
+                        for (int t = 0; t < n; t++) { a[t] = exp(a[t] - mx); sum += a[t]; }
+                        for (int j = 0; j < hd; j++) {
+                            double acc = 0.0;
+                            for (int t = 0; t < n; t++) acc += a[t] / sum * vd[(size_t)t * hd + j];
+                            ref[h * hd + j] = acc;
+                            if (fabs(acc) > ref_max) ref_max = fabs(acc);
+                        }
+                    }
+                    for (int pps = 1; pps <= n_pages; pps += n_pages - 1) {   /* splits of 1 page, one split */
+                        if (gpu_test_attention(p, hd, gq, n, gpu, q, pps, o) != 0)
+                            die("quant: gpu_test_attention refused k%dv%d gq %d", p.kbits, p.vbits, gq);
+                        double e = 0.0;
+                        for (int i = 0; i < gq * hd; i++) {
+                            double d = fabs(o[i] - ref[i]);
+                            if (!(d <= e)) e = d;   /* NaN sticks */
+                        }
+                        e /= ref_max > 0 ? ref_max : 1.0;
+                        if (!(e <= att_err)) att_err = e;
+                        if (n_pages == 1) break;
+                    }
+                    free(q); free(o); free(ref); free(a);
+                }
+                int ok = diff == 0 && att_err <= 2e-3;
+                if (!(att_err <= worst_att)) worst_att = att_err;
+                cases++;
+                failures += !ok;
+                printf("quant: d %3d k%2dv%-2d g%d: page %4d B, %2d tokens/page, %d tokens: %zu of %zu "
+                       "page bytes differ; attention rel err %.2e %s\n", hd, p.kbits, p.vbits, groups,
+                       page_bytes, tpp, n, diff, bytes, att_err, ok ? "ok" : "FAIL");
+                free(k); free(v); free(kd); free(vd); free(cpu); free(gpu);
+            }
+    printf("quant: %d cases, %d failed; worst attention rel err %.2e\n", cases, failures, worst_att);
+    printf("quant: %s\n", failures ? "FAIL" : "PASS");
+    return failures ? 1 : 0;
+}
+
+/* ----------------------------------------------------------------------------------------
+ * attn: decode attention alone (gpu_bench_attention: one launch of attention_paged, plus the
+ * split merge, over synthetic full pages), for each cache type at batch 64 and 8k context and
+ * at batch 1 and 4k context, SmolLM2-135M's attention shape (9 query heads, 3 KV heads, head
+ * dim 64) and Llama-3-8B's (32, 8, 128). Bandwidth = K/V bytes read / time, against the
+ * device-to-device copy bandwidth. */
+static int gpu_mode_attn(const BenchOptions *o) {
+    static const char *types[] = {"fp16", "k8v8", "k8v4", "k4v4", "k4v2", "k2v2"};
+    static const int shapes[][3] = {{9, 3, 64}, {32, 8, 128}};
+    static const int loads[][2] = {{64, 8192}, {1, 4096}};
+    char name[256];
+    gpu_available(name, sizeof name);
+    double copy = gpu_copy_bandwidth();
+    printf("attn: %s, copy bandwidth %.0f GB/s, median of %d launches\n", name, copy, o->runs);
+    printf("| heads (q/kv/dim) | batch | context | kv | ms | vs fp16 | GB/s | of copy |\n"
+           "|---|---|---|---|---|---|---|---|\n");
+    for (int si = 0; si < 2; si++)
+        for (int li = 0; li < 2; li++) {
+            double base = 0;
+            for (int ti = 0; ti < 6; ti++) {
+                LkvPrecision p = parse_kv(types[ti], 1, "attn");
+                double bytes, ms = gpu_bench_attention(p, shapes[si][2], shapes[si][0],
+                                                       shapes[si][1], loads[li][0], loads[li][1],
+                                                       o->runs, &bytes);
+                if (ms < 0) die("attn: %s not served", types[ti]);
+                if (ti == 0) base = ms;
+                double gbs = bytes / (ms * 1e-3) / 1e9;
+                printf("| %d/%d/%d | %d | %d | %s | %.4f | %.2fx | %.0f | %.2f |\n", shapes[si][0],
+                       shapes[si][1], shapes[si][2], loads[li][0], loads[li][1], types[ti], ms,
+                       ms / base, gbs, gbs / copy);
+            }
+        }
     return 0;
 }
 
 int main(int argc, char **argv) {
     BenchOptions o = {0};
     o.prompt_len = 64; o.gen_len = 64; o.batch = 1; o.requests = 0; o.chunk = 512; o.runs = 3;
-    if (argc < 3) die("usage: leankv-gpu-bench check|batch|bench MODEL.bin|random [options]");
+    if (argc < 3) die("usage: leankv-gpu-bench check|batch|bench|quant|attn MODEL.bin|random|none [options]");
     o.mode = argv[1];
     o.model = argv[2];
+    const char *kv_name = "fp16";
+    int groups = 1;
+    o.tol = 1e-2;
+    o.match = 33;
     for (int i = 3; i < argc; i++) {
         if (i + 1 >= argc) die("%s needs a value", argv[i]);
+        if (!strcmp(argv[i], "--kv")) { kv_name = argv[++i]; continue; }
+        if (!strcmp(argv[i], "--tol")) { o.tol = parse_float(argv[++i], "--tol"); continue; }
+        if (!strcmp(argv[i], "--tol-quant")) { o.tol_quant = parse_float(argv[++i], "--tol-quant"); continue; }
         long v = parse_long(argv[i + 1], argv[i], 0, 1L << 30);
+        if (!strcmp(argv[i], "--kv-groups")) { groups = (int)v; i++; continue; }
+        if (!strcmp(argv[i], "--match")) { o.match = (int)v; i++; continue; }
         if (!strcmp(argv[i], "--prompt-len")) o.prompt_len = (int)v;
         else if (!strcmp(argv[i], "--gen-len")) o.gen_len = (int)v;
         else if (!strcmp(argv[i], "--batch")) o.batch = (int)v;
@@ -387,13 +592,16 @@ int main(int argc, char **argv) {
     }
     if (o.prompt_len < 8 || o.gen_len < 1 || o.batch < 1 || o.chunk < 1 || o.runs < 1)
         die("--prompt-len >= 8, --gen-len, --batch, --chunk, --runs >= 1");
+    o.kv = parse_kv(kv_name, groups, "--kv");
     char name[256];
     if (!gpu_available(name, sizeof name)) die("no usable CUDA device: %s", name);
     build_h2f_table();
+    if (!strcmp(o.mode, "quant")) return gpu_mode_quant();
+    if (!strcmp(o.mode, "attn")) return gpu_mode_attn(&o);
     Model m;
     load_model(&m, o.model);
     if (!strcmp(o.mode, "check")) return gpu_mode_check(&m, &o);
     if (!strcmp(o.mode, "batch")) { if (!o.requests) o.requests = 64; return gpu_mode_batch(&m, &o); }
     if (!strcmp(o.mode, "bench")) return gpu_mode_bench(&m, &o);
-    die("unknown mode '%s' (check, batch, bench)", o.mode);
+    die("unknown mode '%s' (check, batch, bench, quant, attn)", o.mode);
 }

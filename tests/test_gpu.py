@@ -69,6 +69,42 @@ def test_batch_equals_alone_and_preemption(bench, model):
     assert r.returncode == 0 and "batch: PASS" in r.stdout
 
 
+def test_quantized_pages_and_attention(bench):
+    """For every cache type the GPU serves (fp16 and kXvY with X >= Y; 1, 2, 4 groups; head dims
+    64 and 128): the device's write path gives pages byte-identical to the CPU's kv_store from
+    the same keys and values (codes, scales, zeros, metadata), and its attention kernel over
+    them agrees with dense double-precision attention over the dequantized values within
+    2e-3 of the largest output (it writes fp16), in one split and in splits of one page."""
+    r = run([str(bench), "quant", "none"])
+    assert r.returncode == 0 and "quant: PASS" in r.stdout
+    assert "FAIL" not in r.stdout
+    n = int(re.search(r"quant: (\d+) cases, 0 failed", r.stdout).group(1))
+    assert n >= 40
+
+
+# Quantized caches, GPU against the CPU with the same cache type: both quantize their own K and
+# V, which differ by fp16 rounding, so a code lands one step apart wherever a value sits near a
+# rounding boundary. The model amplifies that: on the CPU alone, scaling wk and wv by 1 +- 1e-3
+# moves SmolLM2's logits by 2.2e-3 with an fp16 cache but 6.4e-2 with k8v4 and 1.4 with k4v2
+# (max relative error over 128 positions). So the GPU is judged against the scale of
+# quantization itself: its mean logit distance from the CPU must stay below 1.5x the mean
+# distance between the CPU's kXvY and fp16 caches; identical inputs are checked byte for byte
+# above.
+@pytest.mark.parametrize("kv", ["k8v4", "k4v2"])
+@pytest.mark.parametrize("model", models())
+def test_gpu_matches_cpu_quantized(bench, model, kv):
+    r = run([str(bench), "check", model, "--prompt-len", "64", "--gen-len", "64",
+             "--chunk", "24", "--kv", kv, "--tol", "10", "--match", "0", "--tol-quant", "1.5"])
+    assert r.returncode == 0 and "check: PASS" in r.stdout
+
+
+def test_batch_equals_alone_quantized(bench):
+    """k8v4 pages: batched greedy output = each request alone, and preemption keeps them."""
+    r = run([str(bench), "batch", models()[-1], "--requests", "32", "--prompt-len", "64",
+             "--gen-len", "24", "--chunk", "64", "--kv", "k8v4"])
+    assert r.returncode == 0 and "batch: PASS" in r.stdout
+
+
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer(bench, tool):
     """compute-sanitizer finds nothing in leankv's kernels: memcheck on a short check and a
@@ -76,7 +112,10 @@ def test_compute_sanitizer(bench, tool):
     uses shared memory."""
     if shutil.which("compute-sanitizer") is None:
         pytest.skip("compute-sanitizer not found")
-    runs = [["check", "random", "--prompt-len", "20", "--gen-len", "4", "--chunk", "8"]]
+    runs = [["check", "random", "--prompt-len", "20", "--gen-len", "4", "--chunk", "8"],
+            ["check", "random", "--prompt-len", "20", "--gen-len", "4", "--chunk", "8",
+             "--kv", "k4v2", "--kv-groups", "2", "--tol", "1", "--match", "0"],
+            ["quant", "none"]]
     if tool == "memcheck":
         runs.append(["batch", "random", "--requests", "6", "--prompt-len", "24", "--gen-len", "6",
                      "--chunk", "16"])
