@@ -2,15 +2,11 @@
 # bench/gpu.sh: the one script for a GPU machine. Builds the driver, runs the GPU tests (with
 # compute-sanitizer) and the speed targets of issue 3, and prints a table last.
 #
-#   bench/gpu.sh [tests] [bench] [quant] [profile] [llama-build] [llama]
-#                                              (no argument: tests and bench)
+#   bench/gpu.sh [tests] [bench] [quant] [profile]     (no argument: tests and bench)
 #
 # quant: decode attention alone for each cache type (leankv-gpu-bench attn) and the end-to-end
 #        bench for fp16, k8v4 and k4v2 at batch 256 and at batch 1 with a 4k context.
 # profile: per-kernel times of one decode step under ncu (kernels one by one).
-# llama-build: starts building llama.cpp from llama-src/ (outside the repository, in
-#        /root/llama, detached: it goes on between calls); llama: its benchmarks
-#        (bench/llamacpp.sh), once the model is there.
 #
 # The real model: its GGUF travels in two halves (a call carries at most 64 MiB), made with
 # `split -n 2 models/SmolLM2-135M-Instruct.Q4_1.gguf`: one call carries m1/ (the first half,
@@ -45,11 +41,7 @@ else
             -e 'inlined from' -e 'In file included' || true
 fi
 MODEL=random; [ -f models/smollm2-135m-instruct.bin ] && MODEL=models/smollm2-135m-instruct.bin
-LLAMA_TB=$(ls llama-src/llama.cpp-*.tar.xz 2>/dev/null | head -1)
 
-if [[ " $STAGES " == *" llama-build "* ]] && [ -n "$LLAMA_TB" ]; then
-    JOBS=12 bash bench/llamacpp.sh build-bg "$LLAMA_TB" /root/llama-log
-fi
 
 if [[ " $STAGES " == *" tests "* ]]; then
     PYTHONUNBUFFERED=1 python3 -m pytest -q -rs -s tests/test_gpu.py 2>&1 | tee "$OUT/test.log" |
@@ -96,9 +88,4 @@ if [[ " $STAGES " == *" quant "* ]]; then
     done
     echo "== $CARD: median of 3 runs, $MODEL"
     python3 bench/table.py < "$OUT/kvbench.log"
-fi
-
-if [[ " $STAGES " == *" llama "* ]] && [ -n "$LLAMA_TB" ] && [ -n "$(ls /root/m 2>/dev/null)" ]; then
-    [ -f /tmp/model.gguf ] || cat /root/m/* m2/* > /tmp/model.gguf
-    bash bench/llamacpp.sh bench "$LLAMA_TB" /tmp/model.gguf "$OUT/llama" 2>&1 | tail -40
 fi
