@@ -188,3 +188,28 @@ def test_bad_prefill_chunk(leankv_bin, tiny, value):
     r = run(leankv_bin, tiny["mistral_mqa_hd32"], "--prefill-chunk", value, "-i", "1 2", "-m",
             "logits", "-o", "/dev/null")
     assert r.returncode == 1 and "--prefill-chunk" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("kv", ["fp16", "k8v4", "k4v2"])
+def test_ppl_harness_equals_plain_logits(leankv_bin, tiny, tmp_path, kv):
+    """The accuracy harness (-m ppl: a prompt part, then every token through the decode path)
+    reports exactly the perplexity that the plain path's logits give (-m logits over the same
+    ids, token by token, with the same cache type), the log-softmax taken here in numpy: the
+    harness adds nothing of its own to what a cache does."""
+    f = tmp_path / "text.txt"
+    f.write_text(tm.CORPUS * 2)
+    model = tiny["qwen2_bias_gqa_tied"]
+    r = run(leankv_bin, model, "-m", "tokenize", "-i", f.read_text())
+    assert r.returncode == 0, r.stderr
+    ids = [int(x) for x in r.stdout.split()]
+    assert len(ids) > 120
+    r = run(leankv_bin, model, "-m", "ppl", "-f", f, "--kv", kv, "--ppl-prefill", "40",
+            "--prefill-chunk", "1")
+    assert r.returncode == 0, r.stderr
+    harness = float(r.stdout.split("perplexity:")[-1])
+    lg = logits(leankv_bin, model, ids, tmp_path, "--kv", kv, "--prefill-chunk", "1")
+    lg = lg.astype(np.float64)[:-1]
+    lse = lg.max(1) + np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1))
+    plain = float(np.exp(np.mean(lse - lg[np.arange(len(ids) - 1), ids[1:]])))
+    print(f"\n    --kv {kv}: harness {harness:.6f}, plain logits {plain:.6f}", end="")
+    assert abs(harness - plain) <= 2e-6 * plain, (harness, plain)
