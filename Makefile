@@ -22,7 +22,7 @@ NVFLAGS ?= -O3 -std=c++17 -gencode arch=compute_90,code=[sm_90,compute_90] \
            -Xcompiler -Wall
 CUDA_LDLIBS = -L$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++ -lpthread -ldl -lrt
 
-.PHONY: all test test-setup test-gpu clean
+.PHONY: all test test-setup test-gpu clean fuzz
 
 all: leankv
 
@@ -60,5 +60,32 @@ leankv-gpu-bench: bench/gpu_bench.c leankv-cuda.o $(SRC) $(HDR)
 test-gpu:
 	$(PYTHON) -m pytest -q -rs tests/test_gpu.py
 
+# ---- fuzzing (tests/fuzz/) ------------------------------------------------------------------
+# `make fuzz` runs every libFuzzer target (ASan + UBSan) for FUZZ_SECONDS each, or for FUZZ_RUNS
+# executions when that is set; tests/fuzz/run.sh installs clang with apt-get when missing.
+# build/fuzz/replay_<target> is the same target under gcc with a plain main()
+# (tests/fuzz/replay.c), which the test suite uses to replay the seeds and regression inputs.
+FUZZ_SECONDS ?= 60
+FUZZ_RUNS    ?= 0
+FUZZ_CC      ?= clang
+FUZZ_TARGETS = model legacy tokfile encode jsonl flags
+FUZZ_CFLAGS  = -g -O1 -std=gnu11 -Wno-unknown-pragmas -fno-omit-frame-pointer
+# the tokenizer targets include tokenizer.c themselves (they check its internals)
+fuzz_src = tests/fuzz/fuzz_$(1).c $(if $(filter tokfile encode,$(1)),,tokenizer.c)
+
+fuzz:
+	./tests/fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_RUNS)
+
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_leankv.h $(SRC) $(HDR)
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer,address,undefined \
+	    -fno-sanitize-recover=undefined -o $@ $(call fuzz_src,$*) -lm
+
+build/fuzz/replay_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_leankv.h tests/fuzz/replay.c $(SRC) $(HDR)
+	@mkdir -p build/fuzz
+	$(CC) $(FUZZ_CFLAGS) -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ \
+	    $(call fuzz_src,$*) tests/fuzz/replay.c -lm
+
 clean:
 	rm -f leankv leankv-asan leankv-gpu-bench *.o
+	rm -rf build/fuzz/fuzz_* build/fuzz/replay_*

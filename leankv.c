@@ -31,15 +31,39 @@
 #include "leankv.h"
 
 /* ----------------------------------------------------------------------------------------
- * Errors: one line on stderr, exit 1. A learner should see what went wrong, not a core dump. */
+ * Errors: one line on stderr, exit 1. A learner should see what went wrong, not a core dump.
+ *
+ * A fuzz target (tests/fuzz/, built with -DLKV_FUZZ) cannot let the process exit: there die()
+ * keeps the message and jumps back to the target, which frees what the reader had built
+ * (every reader keeps its allocations reachable from the struct it fills, so nothing leaks). */
+
+#ifdef LKV_FUZZ
+#include <setjmp.h>
+static jmp_buf *die_jump;      /* set by a fuzz target around a call that may die */
+static char die_message[512];  /* what die() would have printed */
+#endif
 
 static void __attribute__((noreturn, format(printf, 1, 2))) die(const char *fmt, ...) {
+    char msg[1024], line[1024];
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "leankv: error: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    /* one line, whatever the message quotes (a flag's value, a file name): control bytes are
+     * written as \xNN */
+    size_t k = 0;
+    for (const unsigned char *p = (const unsigned char *)msg; *p && k + 5 < sizeof line; p++) {
+        if (*p < 0x20 || *p == 0x7f) k += (size_t)snprintf(line + k, 5, "\\x%02x", *p);
+        else line[k++] = (char)*p;
+    }
+    line[k] = 0;
+#ifdef LKV_FUZZ
+    if (die_jump) {
+        snprintf(die_message, sizeof die_message, "%s", line);
+        longjmp(*die_jump, 1);
+    }
+#endif
+    fprintf(stderr, "leankv: error: %s\n", line);
     exit(1);
 }
 
@@ -290,6 +314,9 @@ static void load_leankv_file(Model *m, const char *path) {
 
 /* llama2.c's version-0 checkpoint: 7 ints, then fp32 weights; the size must match exactly */
 static void load_legacy_file(Model *m, const char *path, const char *tok_path) {
+    if (m->map_bytes < LKV_LEGACY_HEADER_BYTES)
+        die("%s: file is %zu bytes, too short for a llama2.c header (%d bytes)", path,
+            m->map_bytes, LKV_LEGACY_HEADER_BYTES);
     int32_t hd[7];
     memcpy(hd, m->map, sizeof hd);
     Config *c = &m->c;
@@ -363,7 +390,7 @@ static void free_model(Model *m) {
     free(m->owned);
     free(m->w.layers);
     if (m->tok) free_tokenizer(m->tok);
-    munmap(m->map, m->map_bytes);
+    if (m->map) munmap(m->map, m->map_bytes);   /* NULL: a fuzz target owns the bytes */
 }
 
 /* ----------------------------------------------------------------------------------------
@@ -936,6 +963,7 @@ typedef struct {
     int requests;               /* --requests (bench) */
     int prompt_len, gen_len;    /* --prompt-len, --gen-len (bench) */
     int prefill_chunk;          /* --prefill-chunk: prompt rows per CPU forward pass */
+    int help;                   /* -h: print the usage and exit 0 */
 } Options;
 
 static int is_stop(const Config *c, int id) {
@@ -1792,7 +1820,10 @@ static const char *parse_request_json(const char *line, size_t len, Request *r) 
             }
         } else if (!strcmp(key, "n")) {
             if (json_number(&j, &v)) { free(key); break; }
-            if (v != (int)v || v < 1 || v > 1e7) { free(key); json_fail(&j, "\"n\" must be a positive integer"); break; }
+            /* the range first: converting a double beyond int's range is undefined */
+            if (!(v >= 1 && v <= 1e7) || v != floor(v)) {
+                free(key); json_fail(&j, "\"n\" must be an integer in [1, 10000000]"); break;
+            }
             r->max_new = (int)v;
         } else if (!strcmp(key, "temperature")) {
             if (json_number(&j, &v)) { free(key); break; }
@@ -1861,15 +1892,17 @@ static void free_requests(Request *reqs, int n) {
     free(reqs);
 }
 
-/* -f FILE: JSONL requests, or one prompt per line */
-static Request *read_requests(Model *m, const Options *o, int *n_out) {
-    size_t len;
-    char *text = read_file(o->file, &len);
+/* -f FILE's text: JSONL requests, or one prompt per line. Returns the requests, or NULL with
+ * the reason ("FILE:LINE: why") in err, having freed everything. */
+static Request *parse_requests(Model *m, const Options *o, const char *text, size_t len,
+                               int *n_out, char *err, size_t errlen) {
     const char *p = text;
     while (p < text + len && isspace((unsigned char)*p)) p++;
     int jsonl = p < text + len && *p == '{';
     int cap = 16, n = 0, line_no = 0;
+    Tokenizer *tok = need_tokenizer(m);
     Request *reqs = xmalloc(cap * sizeof(Request));
+    int *scratch = xmalloc((size_t)o->ctx * sizeof(int));   /* one prompt's ids */
     for (const char *line = text; line < text + len;) {
         const char *nl = memchr(line, '\n', (size_t)(text + len - line));
         const char *end = nl ? nl : text + len;
@@ -1879,7 +1912,12 @@ static Request *read_requests(Model *m, const Options *o, int *n_out) {
         int blank = 1;
         for (size_t i = 0; i < ll; i++) if (!isspace((unsigned char)line[i])) { blank = 0; break; }
         if (!blank) {
-            if (n == cap) { cap *= 2; reqs = realloc(reqs, cap * sizeof(Request)); if (!reqs) die("oom"); }
+            if (n == cap) {
+                Request *more = realloc(reqs, 2 * cap * sizeof(Request));
+                if (!more) { free_requests(reqs, n); free(scratch); die("out of memory reading %d requests", n); }
+                reqs = more;
+                cap *= 2;
+            }
             Request *r = &reqs[n++];
             memset(r, 0, sizeof *r);
             r->max_new = o->steps > 0 ? o->steps : o->ctx;
@@ -1888,27 +1926,51 @@ static Request *read_requests(Model *m, const Options *o, int *n_out) {
             r->slot = -1;
             if (jsonl) {
                 const char *why = parse_request_json(line, ll, r);
-                if (why) die("%s:%d: %s", o->file, line_no, why);
+                if (why) {
+                    snprintf(err, errlen, "%s:%d: %s", o->file, line_no, why);
+                    free_requests(reqs, n);
+                    free(scratch);
+                    return NULL;
+                }
             } else r->prompt = strndup(line, ll);
             if (!r->id) { char buf[32]; snprintf(buf, sizeof buf, "%d", n); r->id = strdup(buf); }
             r->rng = o->seed + (uint64_t)n * 0x9E3779B97F4A7C15ull;
             size_t pl = strlen(r->prompt);
-            r->ids = xmalloc((size_t)(o->ctx + 1) * sizeof(int));
             if (first_invalid_utf8(r->prompt, pl)) r->error = "invalid UTF-8 in the prompt";
             else {
                 int k = 0;
-                if (m->c.add_bos && m->c.bos_id >= 0) r->ids[k++] = m->c.bos_id;
-                int e = tokenizer_encode(need_tokenizer(m), r->prompt, pl, r->ids + k, o->ctx - k);
+                if (m->c.add_bos && m->c.bos_id >= 0) scratch[k++] = m->c.bos_id;
+                int e = tokenizer_encode(tok, r->prompt, pl, scratch + k, o->ctx - k);
                 if (e < 0 || k + e >= o->ctx) r->error = "the prompt does not fit the context (--ctx)";
                 else if (k + e == 0) r->error = "the prompt is empty";
                 else r->n_prompt = k + e;
             }
+            if (!r->error) {   /* room for the prompt and what request_push() may append */
+                int room = r->max_new < o->ctx - r->n_prompt ? r->max_new : o->ctx - r->n_prompt;
+                r->ids = xmalloc((size_t)(r->n_prompt + room) * sizeof(int));
+                memcpy(r->ids, scratch, (size_t)r->n_prompt * sizeof(int));
+            }
         }
         line = nl ? nl + 1 : text + len;
     }
-    free(text);
-    if (n == 0) die("%s holds no request", o->file);
+    free(scratch);
+    if (n == 0) {
+        snprintf(err, errlen, "%s holds no request", o->file);
+        free_requests(reqs, n);
+        return NULL;
+    }
     *n_out = n;
+    return reqs;
+}
+
+/* -f FILE: JSONL requests, or one prompt per line */
+static Request *read_requests(Model *m, const Options *o, int *n_out) {
+    size_t len;
+    char *text = read_file(o->file, &len);
+    char err[256];
+    Request *reqs = parse_requests(m, o, text, len, n_out, err, sizeof err);
+    free(text);
+    if (!reqs) die("%s", err);
     return reqs;
 }
 
@@ -2211,14 +2273,15 @@ static void parse_options(Options *o, int argc, char **argv) {
         case 1013: o->ctx_len = (int)parse_long(optarg, "--ctx-len", 64, 1 << 24); break;
         case 1014: o->trials = (int)parse_long(optarg, "--trials", 1, 100000); break;
         case 1030: o->prefill_chunk = (int)parse_long(optarg, "--prefill-chunk", 1, 1024); break;
-        case 'h': usage(stdout); exit(0);
+        case 'h': o->help = 1; return;   /* main prints the usage */
         case ':': die("option '%s' needs a value (see --help)", argv[optind - 1]);
         default:
             if (optopt) die("unknown option '-%c' (see --help)", optopt);
             die("unknown option '%s' (see --help)", argv[optind - 1]);
         }
     }
-    if (optind >= argc) { usage(stderr); die("no model file given"); }
+    if (optind >= argc) die("no model file given (usage: leankv MODEL.bin [PROMPT] [options]; "
+                            "see --help)");
     o->model_path = argv[optind++];
     if (optind < argc) {
         if (o->prompt) die("the prompt is given twice (-i and a positional argument)");
@@ -2250,6 +2313,7 @@ static int choose_device(const Options *o, char *what, size_t n) {
 int main(int argc, char **argv) {
     Options o;
     parse_options(&o, argc, argv);
+    if (o.help) { usage(stdout); return 0; }
     build_h2f_table();
     Model m;
     build_model(&m, o.model_path, o.tokenizer_path);

@@ -79,7 +79,9 @@ def test_plain_text_file(leankv_bin, smollm2_bin, tmp_path):
 
 
 @pytest.mark.parametrize("line,needle", [
-    ('{"prompt": "hi", "n": -2}', "positive integer"),
+    ('{"prompt": "hi", "n": -2}', "integer in [1, 10000000]"),
+    ('{"prompt": "hi", "n": 33333333333333334}', "integer in [1, 10000000]"),   # fuzz_jsonl
+    ('{"prompt": "hi", "n": 2.5}', "integer in [1, 10000000]"),
     ('{"prompt": "hi"', "expected ',' or '}'"),
     ('{"n": 3}', "no \\\"prompt\\\""),
     ('{"prompt": "\\x"}', "bad escape"),
