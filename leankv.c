@@ -73,6 +73,14 @@ static void *xmalloc(size_t n) {
     return p;
 }
 
+/* this machine's memory in bytes (SIZE_MAX when the system does not say) */
+static size_t memory_bytes(void) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    if (pages <= 0 || page <= 0 || (unsigned long)pages > SIZE_MAX / (unsigned long)page)
+        return SIZE_MAX;
+    return (size_t)pages * (size_t)page;
+}
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -218,6 +226,50 @@ static void free_runstate(RunState *s) {
     free(s->att); free(s->hb); free(s->hb2); free(s->logits);
 }
 
+typedef struct { uint64_t start, end; } Span;
+
+static int cmp_span(const void *a, const void *b) {
+    const Span *x = a, *y = b;
+    return x->start < y->start ? -1 : x->start > y->start;
+}
+
+/* The tensor table as a whole, before anything is loaded: byte ranges inside the file that do
+ * not overlap one another, so that no two tensors share bytes and the fp32 copies of fp16
+ * tensors total at most twice the file. Returns the reason it is not so, or NULL. */
+static const char *table_problem(const LkvTensorEntry *tt, int n, size_t file_bytes) {
+    static char why[256];
+    Span *s = malloc((size_t)n * sizeof *s);
+    if (!s) return "out of memory checking the tensor table";
+    const char *bad = NULL;
+    for (int i = 0; i < n && !bad; i++) {
+        if (tt[i].offset > file_bytes || tt[i].nbytes > file_bytes - tt[i].offset) {
+            snprintf(why, sizeof why, "tensor %d (%.*s) lies outside the file (offset %llu, "
+                     "%llu bytes, file %zu bytes)", i, LKV_TENSOR_NAME_MAX, tt[i].name,
+                     (unsigned long long)tt[i].offset, (unsigned long long)tt[i].nbytes,
+                     file_bytes);
+            bad = why;
+        }
+        s[i].start = tt[i].offset;
+        s[i].end = tt[i].offset + tt[i].nbytes;
+    }
+    if (!bad) {
+        qsort(s, (size_t)n, sizeof *s, cmp_span);
+        uint64_t reach = 0;   /* the end of the ranges so far */
+        for (int i = 0; i < n && !bad; i++) {
+            if (s[i].end == s[i].start) continue;   /* empty: shares nothing */
+            if (s[i].start < reach) {
+                snprintf(why, sizeof why, "two tensors share bytes [%llu, %llu) of the file",
+                         (unsigned long long)s[i].start,
+                         (unsigned long long)(reach < s[i].end ? reach : s[i].end));
+                bad = why;
+            }
+            if (s[i].end > reach) reach = s[i].end;
+        }
+    }
+    free(s);
+    return bad;
+}
+
 /* model.bin written by export.py */
 static void load_leankv_file(Model *m, const char *path) {
     if (m->map_bytes < LKV_HEADER_BYTES)
@@ -259,6 +311,13 @@ static void load_leankv_file(Model *m, const char *path) {
     if (h.tensor_table_offset % 8) die("%s: tensor table is misaligned", path);
     const LkvTensorEntry *tt = (const LkvTensorEntry *)((uint8_t *)m->map + h.tensor_table_offset);
     int n = h.n_tensors;
+    const char *bad = table_problem(tt, n, m->map_bytes);
+    if (bad) die("%s: %s", path, bad);
+    uint64_t widened = 0;   /* bytes of the fp32 copies that fp16 tensors will need */
+    for (int i = 0; i < n; i++) if (tt[i].dtype == LKV_DTYPE_F16) widened += 2 * tt[i].nbytes;
+    if (widened >= memory_bytes())
+        die("%s: its fp16 weights need %llu bytes as fp32, more than this machine's memory "
+            "(%zu bytes)", path, (unsigned long long)widened, memory_bytes());
 
     int D = c->dim, H = c->hidden_dim, QD = c->n_heads * c->head_dim,
         KVD = c->n_kv_heads * c->head_dim;
@@ -1159,12 +1218,20 @@ static void mode_tokenize(Model *m, const Options *o) {
     free(ids);
 }
 
+/* a whole file in memory, NUL-terminated; one larger than the machine's memory is refused
+ * before anything is allocated */
 static char *read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) die("cannot open '%s': %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0) die("cannot size '%s': %s", path, strerror(errno));
+    if (S_ISDIR(st.st_mode)) die("'%s' is a folder, not a file", path);
     if (fseek(f, 0, SEEK_END) != 0) die("cannot seek '%s'", path);
     long n = ftell(f);
     if (n < 0) die("cannot size '%s'", path);
+    if ((unsigned long)n >= memory_bytes())
+        die("'%s' is %ld bytes, more than this machine's memory (%zu bytes)", path, n,
+            memory_bytes());
     rewind(f);
     char *buf = malloc((size_t)n + 1);
     if (!buf) die("'%s' (%ld bytes) does not fit in memory", path, n);
@@ -2173,7 +2240,8 @@ static long parse_long(const char *s, const char *flag, long lo, long hi) {
     char *end;
     errno = 0;
     long v = strtol(s, &end, 10);
-    if (end == s || *end || errno) die("%s: '%s' is not an integer", flag, s);
+    if (end == s || *end || (errno && errno != ERANGE)) die("%s: '%s' is not an integer", flag, s);
+    if (errno == ERANGE) die("%s: %s is out of range [%ld, %ld]", flag, s, lo, hi);
     if (v < lo || v > hi) die("%s: %ld is out of range [%ld, %ld]", flag, v, lo, hi);
     return v;
 }
@@ -2320,6 +2388,10 @@ int main(int argc, char **argv) {
     if (o.ctx > m.c.seq_len)
         die("--ctx %d exceeds the model's context of %d", o.ctx, m.c.seq_len);
     if (o.ctx < 0) o.ctx = m.c.seq_len < 4096 ? m.c.seq_len : 4096;
+    /* a quantized head vector is split into --kv-groups equal groups of channels */
+    if (m.c.head_dim % o.kv.groups)
+        die("--kv-groups %d does not divide the model's head dim of %d", o.kv.groups,
+            m.c.head_dim);
     build_runstate(&m, o.ctx, o.prefill_chunk);
     char device[300];
     int batched = !strcmp(o.mode, "bench") || (!strcmp(o.mode, "generate") && o.file);
@@ -2327,6 +2399,9 @@ int main(int argc, char **argv) {
     if (batched || !strcmp(o.mode, "generate")) gpu = choose_device(&o, device, sizeof device);
     else if (!strcmp(o.device, "cuda")) die("-m %s runs on the CPU only", o.mode);
     if (o.batch == 0) o.batch = gpu ? 256 : 8;
+    if (!gpu && o.kv_mem_mib > memory_bytes() >> 20)   /* on the GPU, its memory says */
+        die("--kv-mem %zu MiB is more than this machine's memory (%zu MiB)", o.kv_mem_mib,
+            memory_bytes() >> 20);
     if (batched) {
         device_line = device;
         if (!strcmp(o.mode, "bench")) mode_bench(&m, &o, gpu);
