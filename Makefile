@@ -8,7 +8,7 @@ CFLAGS  ?= -O3 -march=native -std=gnu11 -Wall -Wextra -Wno-unused-parameter
 OMP     ?= -fopenmp
 LDLIBS  += -lm
 PYTHON  ?= .venv/bin/python
-SAN     = -O1 -g -std=gnu11 -fsanitize=address,undefined -fno-omit-frame-pointer \
+SAN     = -O3 -g -march=native -std=gnu11 $(OMP) -fsanitize=address,undefined -fno-omit-frame-pointer \
           -fno-sanitize-recover=undefined
 
 SRC = leankv.c tokenizer.c
@@ -36,14 +36,29 @@ leankv: $(SRC) $(HDR)
 	$(CC) $(CFLAGS) $(OMP) -o $@ $(SRC) $(LDLIBS)
 endif
 
-# the same program built with AddressSanitizer and UndefinedBehaviorSanitizer, for the
-# bad-input tests
+# the same program built with AddressSanitizer and UndefinedBehaviorSanitizer (CPU only), for
+# the bad-input tests and the sanitizer pass of `make test`
 leankv-asan: $(SRC) $(HDR)
 	$(CC) $(SAN) -o $@ $(SRC) $(LDLIBS)
 
-# installs what the tests need (Debian packages, .venv, the default model), then runs them
-test: test-setup leankv leankv-asan
+# CPU only, no OpenMP, with debug information: what valgrind runs in `make test` (the CUDA
+# runtime that ./leankv may link makes memcheck report the driver's own allocations)
+leankv-cpu: $(SRC) $(HDR)
+	$(CC) -O2 -g -std=gnu11 -Wall -Wextra -Wno-unused-parameter -Wno-unknown-pragmas -o $@ \
+	    $(SRC) $(LDLIBS)
+
+# The tests that run the program, again with LEANKV_BIN=./leankv-asan (LEANKV_SAN=1 also builds
+# the C unit tests with the sanitizers). The other files test Python or drivers that the first
+# pass already runs under the sanitizers where it matters (test_tokenizer's asan_driver).
+ASAN_TESTS = tests/test_cli.py tests/test_batch.py tests/test_forward.py tests/test_prefill.py \
+             tests/test_units.py tests/test_fuzz.py
+
+# installs what the tests need (Debian packages, .venv, the default model), then runs them:
+# the suite, the suite's program tests under ASan + UBSan, and a short run under valgrind
+test: test-setup leankv leankv-asan leankv-cpu
 	$(PYTHON) -m pytest -q tests
+	LEANKV_BIN=$(CURDIR)/leankv-asan LEANKV_SAN=1 $(PYTHON) -m pytest -q $(ASAN_TESTS)
+	./tests/valgrind.sh ./leankv-cpu models/smollm2-135m-instruct.bin
 
 test-setup:
 	./run.sh --setup
@@ -87,5 +102,5 @@ build/fuzz/replay_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_leankv.h tests/fuzz/rep
 	    $(call fuzz_src,$*) tests/fuzz/replay.c -lm
 
 clean:
-	rm -f leankv leankv-asan leankv-gpu-bench *.o
+	rm -f leankv leankv-asan leankv-cpu leankv-gpu-bench *.o
 	rm -rf build/fuzz/fuzz_* build/fuzz/replay_*
