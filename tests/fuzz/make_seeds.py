@@ -6,7 +6,8 @@ committed, so this runs only when the formats change:
     .venv/bin/python tests/fuzz/make_seeds.py
 
 Input formats of the targets (each target's .c says the same):
-  model      a model.bin file
+  model      a model.bin file (byte 255, header padding, odd: the target first sets the
+             header's file size to the input's length)
   legacy     a llama2.c checkpoint (the target supplies a 512-token tokenizer.bin)
   tokfile    byte 0 even: a model.bin tokenizer section follows; odd: a llama2.c
              tokenizer.bin follows, bytes 1-2 (little-endian) give the vocabulary size
@@ -55,7 +56,10 @@ def main():
             folder = tm.write_hf(os.path.join(tmp, name), v, tokenizer=tok)
             out = os.path.join(tmp, name + ".bin")
             tm.run_export(folder, out, *extra)
-            put("model", name + ".bin", open(out, "rb").read())
+            data = open(out, "rb").read()
+            put("model", name + ".bin", data)
+            # byte 255 odd: fuzz_model sets the header's file size to the input's
+            put("model", name + "_resized.bin", data[:255] + b"\1" + data[256:])
         bpe = tokenizer_section(os.path.join(tmp, "bpe_tokenizer.bin"))
 
         # an SPM section: a GGUF with tokenizer.ggml.model "llama"
