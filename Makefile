@@ -57,7 +57,7 @@ ASAN_TESTS = tests/test_cli.py tests/test_batch.py tests/test_forward.py tests/t
 # the suite, the suite's program tests under ASan + UBSan, and a short run under valgrind
 test: test-setup leankv leankv-asan leankv-cpu
 	$(PYTHON) -m pytest -q tests
-	LEANKV_BIN=$(CURDIR)/leankv-asan LEANKV_SAN=1 $(PYTHON) -m pytest -q $(ASAN_TESTS)
+	LEANKV_BIN=$(CURDIR)/leankv-asan LEANKV_SAN=1 $(PYTHON) -m pytest -q -rs $(ASAN_TESTS)
 	./tests/valgrind.sh ./leankv-cpu models/smollm2-135m-instruct.bin
 
 test-setup:
