@@ -380,7 +380,8 @@ static void load_legacy_file(Model *m, const char *path, const char *tok_path) {
     memcpy(hd, m->map, sizeof hd);
     Config *c = &m->c;
     c->dim = hd[0]; c->hidden_dim = hd[1]; c->n_layers = hd[2]; c->n_heads = hd[3];
-    c->n_kv_heads = hd[4]; c->vocab_size = abs(hd[5]); c->seq_len = hd[6];
+    c->n_kv_heads = hd[4]; c->seq_len = hd[6];
+    c->vocab_size = hd[5] == INT_MIN ? 0 : abs(hd[5]);   /* abs(INT_MIN) is undefined */
     c->tied = hd[5] > 0;
     c->head_dim = c->n_heads > 0 ? c->dim / c->n_heads : 0;
     c->rope_theta = 10000.0f; c->rope_style = LKV_ROPE_INTERLEAVED; c->norm_eps = 1e-5f;
