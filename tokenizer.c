@@ -600,8 +600,6 @@ int build_tokenizer_legacy(Tokenizer **out, const char *path, int vocab_size, ch
                            size_t errlen) {
     if (!out) return fail(err, errlen, "tokenizer: no output pointer");
     *out = NULL;
-    if (vocab_size <= 0 || vocab_size > MAX_VOCAB)
-        return fail(err, errlen, "tokenizer.bin: bad vocab size %d", vocab_size);
     FILE *f = fopen(path, "rb");
     if (!f) return fail(err, errlen, "tokenizer.bin: cannot open %s", path);
     uint8_t *buf = NULL;
@@ -620,7 +618,18 @@ int build_tokenizer_legacy(Tokenizer **out, const char *path, int vocab_size, ch
     int bad_read = ferror(f);
     fclose(f);
     if (bad_read) { free(buf); return fail(err, errlen, "tokenizer.bin: read error on %s", path); }
+    int rc = build_tokenizer_legacy_bytes(out, buf, size, vocab_size, err, errlen);
+    free(buf);
+    return rc;
+}
 
+int build_tokenizer_legacy_bytes(Tokenizer **out, const uint8_t *buf, size_t size,
+                                 int vocab_size, char *err, size_t errlen) {
+    if (!out) return fail(err, errlen, "tokenizer: no output pointer");
+    *out = NULL;
+    if (vocab_size <= 0 || vocab_size > MAX_VOCAB)
+        return fail(err, errlen, "tokenizer.bin: bad vocab size %d", vocab_size);
+    if (!buf && size) return fail(err, errlen, "tokenizer.bin: no buffer");
     Reader r = {buf, size, 0};
     int32_t max_len;
     Tokenizer *t = NULL;
@@ -658,13 +667,10 @@ int build_tokenizer_legacy(Tokenizer **out, const char *path, int vocab_size, ch
                     : id == 0 && t->len[id] == 5 && memcmp(s, "<unk>", 5) == 0 ? LKV_TT_UNKNOWN
                     : (id == 1 || id == 2) && s[0] == '\n' ? LKV_TT_CONTROL : LKV_TT_NORMAL;
     }
-    free(buf);
-    buf = NULL;
     if (finish_build(t, err, errlen)) goto bad;
     *out = t;
     return 0;
 bad:
-    free(buf);
     free_tokenizer(t);
     return -1;
 }

@@ -1,7 +1,9 @@
 """Shared fixtures: where the binaries and the default model are.
 
 `make test` builds ./leankv and ./leankv-asan and runs ./run.sh --setup (which fetches and
-exports the default model) before pytest, so these exist in CI."""
+exports the default model) before pytest, so these exist in CI. LEANKV_BIN, when set, names the
+program the tests run instead of ./leankv (the sanitizer pass of `make test`)."""
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,6 +12,25 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_BIN = ROOT / "models" / "smollm2-135m-instruct.bin"
 SMOLLM2_GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# the sanitizer pass of `make test` (LEANKV_SAN=1): tests marked slow_under_sanitizers, which
+# take minutes there, are skipped; they run in the first pass
+SANITIZED = os.environ.get("LEANKV_SAN") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow_under_sanitizers: skipped in make test's "
+                                       "sanitizer pass (LEANKV_SAN=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not SANITIZED:
+        return
+    skip = pytest.mark.skip(reason="minutes under ASan + UBSan; runs in make test's first pass")
+    for item in items:
+        if "slow_under_sanitizers" in item.keywords:
+            item.add_marker(skip)
 
 
 def _built(target):
@@ -25,6 +46,11 @@ def root():
 
 @pytest.fixture(scope="session")
 def leankv_bin():
+    """./leankv, or the binary LEANKV_BIN names: `make test` runs the suite a second time with
+    LEANKV_BIN=./leankv-asan, so that every test of the program also runs under ASan + UBSan."""
+    env = os.environ.get("LEANKV_BIN")
+    if env:
+        return Path(env).resolve()
     return _built("leankv")
 
 

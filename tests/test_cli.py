@@ -105,7 +105,72 @@ def test_bad_flag_values(leankv_asan, tiny_bin, args, needle):
 
 
 def test_ctx_beyond_model(leankv_asan, tiny_bin):
-    assert_one_line_error(run(leankv_asan, tiny_bin, "hi", "--ctx", "100000"), "exceeds")
+    assert_one_line_error(run(leankv_asan, tiny_bin, "hi", "--ctx", "100000"),
+                          "--ctx 100000 exceeds the model's context of 256")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-t", "nan"], "not a number"), (["-t", "inf"], "not a number"),
+    (["-p", "-0.5"], "top-p -0.5 is outside (0, 1]"), (["-p", "nan"], "not a number"),
+    (["-s", "-1"], "-s: -1 is out of range [0, "), (["--batch", "0"], "[1, 4096]"),
+    (["--batch", "5000"], "--batch: 5000 is out of range [1, 4096]"),
+    (["--prefill-chunk", "0"], "--prefill-chunk: 0 is out of range [1, 1024]"),
+    (["--kv-mem", "0"], "--kv-mem: 0 is out of range"),
+    (["--trials", "0"], "--trials: 0 is out of range"),
+    (["--ctx-len", "10"], "--ctx-len: 10 is out of range [64, "),
+    (["--requests", "-4"], "--requests: -4 is out of range"),
+    (["--gen-len", "0"], "--gen-len: 0 is out of range"),
+    (["--kv-groups", "65"], "--kv-groups: 65 is out of range [1, 64]"),
+    (["-n", "99999999999"], "-n: 99999999999 is out of range [0, 1073741823]"),
+    (["-n", "99999999999999999999"], "-n: 99999999999999999999 is out of range [0, "),
+])
+def test_numeric_limits(leankv_asan, tiny_bin, args, needle):
+    assert_one_line_error(run(leankv_asan, tiny_bin, "hi", *args), needle)
+
+
+def test_kv_groups_must_divide_head_dim(leankv_asan, tiny_bin):
+    # the tiny model's head dim is 16: 3 groups would leave a channel out of every group
+    r = run(leankv_asan, tiny_bin, "hi", "--kv", "k4v4", "--kv-groups", "3", "-n", "1")
+    assert_one_line_error(r, "--kv-groups 3 does not divide the model's head dim of 16")
+
+
+def test_kv_mem_beyond_memory(leankv_asan, tiny_bin):
+    r = run(leankv_asan, tiny_bin, "hi", "--kv-mem", str(1 << 24), "--device", "cpu")
+    assert_one_line_error(r, "--kv-mem 16777216 MiB is more than this machine's memory")
+
+
+def test_file_larger_than_memory(leankv_asan, tiny_bin, tmp_path):
+    # a sparse file of 1 TiB: nothing is written to disk, but its size is beyond any test machine
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(1 << 40)
+    for mode in (["-m", "ppl"], []):   # -f: ppl's text, generate's requests
+        r = run(leankv_asan, tiny_bin, *mode, "-f", big)
+        assert_one_line_error(r, f"is {1 << 40} bytes, more than this machine's memory (")
+    assert_one_line_error(run(leankv_asan, tiny_bin, "-m", "ppl", "-f", tmp_path),
+                          "is a folder, not a file")
+
+
+def test_error_quoting_a_newline_stays_one_line(leankv_asan, tiny_bin):
+    # tests/fuzz/regress/flags: an argument with a newline once made the message two lines
+    r = run(leankv_asan, tiny_bin, "hi", "there\nfriend")
+    assert_one_line_error(r, "unexpected argument 'there\\x0afriend'")
+
+
+def test_tensors_sharing_bytes(leankv_asan, tmp_path):
+    """Two tensors at the same bytes would let a small fp16 file ask for fp32 copies many times
+    its size; the table is refused before anything is allocated."""
+    tm.write_hf(tmp_path / "hf", "llama_mha_tied", tokenizer=False)
+    tm.run_export(tmp_path / "hf", tmp_path / "m.bin", "--dtype", "fp16")
+    data = bytearray((tmp_path / "m.bin").read_bytes())
+    t0, n = struct.unpack_from("<Q", data, 128)[0], struct.unpack_from("<i", data, 116)[0]
+    entry = {bytes(data[t0 + 96 * k:t0 + 96 * k + 64]).split(b"\0")[0]: t0 + 96 * k
+             for k in range(n)}
+    off = struct.unpack_from("<Q", data, entry[b"layers.0.wq"] + 80)[0]
+    struct.pack_into("<Q", data, entry[b"layers.1.wq"] + 80, off)
+    p = tmp_path / "alias.bin"
+    p.write_bytes(bytes(data))
+    assert_one_line_error(run(leankv_asan, p, "hi"), f"two tensors share bytes [{off}, ")
 
 
 def test_invalid_utf8_prompt(leankv_asan, smollm2_bin):

@@ -429,3 +429,88 @@ def test_bad_tokenizers(tmp_path):
     expect_error(tmp_path, f, match="tokenizer")
     r = run_export(f, tmp_path / "nt.bin", "--no-tokenizer")
     assert read_model_bin(tmp_path / "nt.bin")["tokenizer"] is None, r.stdout
+
+
+def write_raw_safetensors(path, header, blob=b""):
+    """a .safetensors file with exactly this JSON header (malformed on purpose)"""
+    j = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(j)) + j + blob)
+
+
+@pytest.mark.parametrize("entry,match", [
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0]}, "corrupt safetensors entry"),
+    ({"dtype": "F32", "shape": ["4"], "data_offsets": [0, 16]}, "corrupt safetensors entry"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}, "corrupt safetensors entry"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0.0, 16.0]}, "corrupt safetensors entry"),
+    ({"shape": [4], "data_offsets": [0, 16]}, "corrupt safetensors entry"),
+    ([1, 2, 3], "corrupt safetensors entry"),
+    ({"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}, "negative dimension"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}, "out of order"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [-8, 8]}, "out of order"),
+    ({"dtype": "F32", "shape": [5], "data_offsets": [0, 16]}, "has 16 bytes for shape [5] F32"),
+    ({"dtype": "F32", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 16]}, "has 16 bytes"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0, 1 << 20]}, "truncated safetensors"),
+])
+def test_malformed_safetensors_entry(tmp_path, entry, match):
+    """an extra file next to a good model: each malformed header entry gets its own message"""
+    f = tm.write_hf(tmp_path / "hf", "llama_mha_tied")
+    write_raw_safetensors(os.path.join(f, "extra.safetensors"), {"extra.weight": entry},
+                          b"\0" * 16)
+    expect_error(tmp_path, f, match=match)
+
+
+def test_malformed_safetensors_file(tmp_path):
+    f = tm.write_hf(tmp_path / "hf", "llama_mha_tied")
+    extra = os.path.join(f, "extra.safetensors")
+    write_raw_safetensors(extra, [1, 2])
+    expect_error(tmp_path, f, match="not a JSON object")
+    with open(extra, "wb") as fh:
+        fh.write(struct.pack("<Q", 5) + b"{bad}")
+    expect_error(tmp_path, f, match="corrupt safetensors header")
+    with open(extra, "wb") as fh:
+        fh.write(struct.pack("<Q", 1 << 62) + b"{}")
+    expect_error(tmp_path, f, match="header of 4611686018427387904 bytes")
+    # two tensors over the same bytes
+    write_raw_safetensors(extra, {"a.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                                  "b.weight": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}},
+                          b"\0" * 16)
+    expect_error(tmp_path, f, match="share bytes")
+
+
+def test_unsupported_safetensors_dtype(tmp_path):
+    f = tm.write_hf(tmp_path / "hf", "llama_mha_tied")
+    from safetensors.numpy import save_file
+    st = os.path.join(f, "model.safetensors")
+    w = load_file(st)
+    w["model.layers.1.mlp.up_proj.weight"] = w["model.layers.1.mlp.up_proj.weight"].astype(np.float64)
+    save_file(w, st)
+    expect_error(tmp_path, f, match="model.layers.1.mlp.up_proj.weight has dtype F64")
+    w["model.layers.1.mlp.up_proj.weight"] = np.zeros((160, 64), np.int32)
+    save_file(w, st)
+    expect_error(tmp_path, f, match="has dtype I32")
+
+
+def test_nan_inf_every_source_type(tmp_path):
+    """NaN or Inf in an F16 safetensors tensor, and in a Q8_0 GGUF block (its scale),
+    is refused like in F32"""
+    from safetensors.numpy import save_file
+    f = tm.write_hf(tmp_path / "hf", "llama_mha_tied")
+    st = os.path.join(f, "model.safetensors")
+    w = load_file(st)
+    a = w["model.layers.0.mlp.gate_proj.weight"].astype(np.float16)
+    a[1, 2] = np.inf
+    w["model.layers.0.mlp.gate_proj.weight"] = a
+    save_file(w, st)
+    expect_error(tmp_path, f, match="model.layers.0.mlp.gate_proj.weight contains NaN or Inf")
+
+    g = tm.write_gguf(str(tmp_path / "q.gguf"), "llama_mha_tied",
+                      type_overrides={"blk.0.ffn_up.weight": QT.Q8_0})
+    r = gguf.GGUFReader(g)
+    t = next(t for t in r.tensors if t.name == "blk.0.ffn_up.weight")
+    assert t.tensor_type == QT.Q8_0
+    start = int(t.data_offset)   # the first block's fp16 scale: make it NaN
+    data = bytearray(open(g, "rb").read())
+    data[start:start + 2] = np.array([np.nan], "<f2").tobytes()
+    open(g, "wb").write(bytes(data))
+    expect_error(tmp_path, g, match="blk.0.ffn_up.weight contains NaN or Inf")

@@ -77,12 +77,17 @@ def check(name, got, model, ids):
     rounding, fp32 vs float64 agree to ~1e-6 on these models). The reference measures it: the
     same reference evaluated in float32 against float64 gives `floor`. The bound is
     max(1e-4, 3 x floor), never above CAP; position 0 (one key, softmax = 1: no ties can matter
-    in attention) must always be within 1e-4."""
+    in attention) must always be within 1e-4.
+
+    Under the sanitizers (LEANKV_SAN=1, make test's second pass) the bound is CAP: UBSan's checks
+    keep the reductions scalar, another fp32 summation order whose tie flips exceed 3 x floor at
+    a position or two (1.35e-4 against a bound of 1e-4 on llama_gqa_untied gguf mixed; a plain
+    gcc -O1 build gives the same). That pass is there for memory errors; the first for numbers."""
     ref = ref_llama.logits_all(model, ids)
     ref32 = ref_llama.logits_all(ref_llama.cast(model, np.float32), ids)
     err, rows = ref_llama.rel_err(got, ref)
     floor = ref_llama.rel_err(ref32, ref)[0]
-    tol = min(max(TOL, FLOOR_FACTOR * floor), CAP)
+    tol = CAP if os.environ.get("LEANKV_SAN") == "1" else min(max(TOL, FLOOR_FACTOR * floor), CAP)
     print(f"\n    {name}: max rel err {err:.2e} at position {int(rows.argmax())} (median "
           f"{np.median(rows):.1e}, position 0 {rows[0]:.1e}); fp32 tie-noise floor {floor:.1e}, "
           f"bound {tol:.1e}", end="")

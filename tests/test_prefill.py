@@ -101,6 +101,7 @@ def test_tiny_chunked_equals_one_by_one(leankv_bin, tiny, tmp_path, variant, chu
     assert (got.argmax(1) == one.argmax(1)).all()
 
 
+@pytest.mark.slow_under_sanitizers   # minutes under ASan; the tiny tests cover it there
 @pytest.mark.parametrize("chunk", [None, 17])
 def test_smollm2_chunked_equals_one_by_one(leankv_bin, smollm2_bin, smol_ids, tmp_path, chunk):
     assert len(smol_ids) > 64 * 2
@@ -138,6 +139,7 @@ def generated_ids(exe, model, prompt, *extra):
     return [int(x) for x in r.stdout.splitlines()[-1].split()]
 
 
+@pytest.mark.slow_under_sanitizers   # minutes under ASan; the tiny tests cover it there
 def test_smollm2_greedy_same_either_way(leankv_bin, smollm2_bin):
     chunked = generated_ids(leankv_bin, smollm2_bin, SMOL_PROMPT)
     one = generated_ids(leankv_bin, smollm2_bin, SMOL_PROMPT, "--prefill-chunk", "1")
@@ -153,6 +155,7 @@ def test_tiny_greedy_same_either_way(leankv_bin, tiny):
         assert chunked == generated_ids(leankv_bin, model, prompt, "--prefill-chunk", "6")
 
 
+@pytest.mark.slow_under_sanitizers   # minutes under ASan; the tiny tests cover it there
 def test_batched_prefill_same_either_way(leankv_bin, smollm2_bin, tmp_path):
     """-f requests: engine_prefill's CPU branch chunks each prompt the same way"""
     f = tmp_path / "req.jsonl"
