@@ -2493,7 +2493,6 @@ static void finish_cache(KVCache *kv, const char *map) {
 }
 
 static void free_batch(Batch *b) {
-    if (b->kv) finish_cache(b->kv, b->kv_map);
     if (b->gpu) gpu_free(b->gpu);
     if (b->kv) free_kvcache(b->kv);
     free(b->slot_free);
@@ -2527,7 +2526,8 @@ static void mode_serve(Model *m, const Options *o, int use_gpu) {
     }
     double t0 = now_s();
     run_batch(&b, reqs, n_ok, print_request);
-    print_summary(&b, reqs, n_ok, now_s() - t0);
+    if (b.kv) finish_cache(b.kv, b.kv_map);
+    print_summary(&b, reqs, n_ok, now_s() - t0);   /* the last line */
     free_batch(&b);
     free_requests(reqs, n_ok);
 }
@@ -2567,6 +2567,7 @@ static void mode_generate_batched(Model *m, const Options *o, int use_gpu) {
     b.print_ids = o->print_ids;
     fwrite(prompt, 1, strlen(prompt), stdout);
     run_batch(&b, &r, 1, print_generated);
+    if (b.kv) finish_cache(b.kv, b.kv_map);
     free_batch(&b);
     free(r.id); free(r.ids);
 }
@@ -2618,6 +2619,7 @@ static void mode_bench(Model *m, const Options *o, int use_gpu) {
     double t0 = now_s();
     run_batch(&b, reqs, n, quiet_done);
     double wall = now_s() - t0;
+    if (b.kv) finish_cache(b.kv, b.kv_map);
     long gen = (long)n * o->gen_len, prompt = (long)n * o->prompt_len;
     double pf = b.n_prefill_tok / (b.t_prefill + 1e-9), dc = b.n_decode_tok / (b.t_decode + 1e-9);
     printf("bench: %s, %d requests, batch %d, prompt %d, generate %d\n",
