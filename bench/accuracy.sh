@@ -33,7 +33,8 @@ trap 'rm -rf "$TMP"' EXIT
 TEXT="$TMP/text.txt"
 cat /usr/share/common-licenses/GPL-3 /usr/share/common-licenses/Apache-2.0 \
     /usr/share/common-licenses/MPL-2.0 > "$TEXT"
-[ -x ./leankv ] || make -s leankv
+LEANKV="${LEANKV:-./leankv}"   # the binary (a copy keeps a long sweep safe from rebuilds)
+[ -x "$LEANKV" ] || make -s leankv
 .venv/bin/python -c "import matplotlib" 2>/dev/null || .venv/bin/pip install -q matplotlib
 
 # the leankv flags of a setting (kv[:groups] or leankv:k=v,...), into FLAGS; its groups into G
@@ -66,7 +67,7 @@ run_one() {
     local s="$1" kv="${1%%:*}" out ref=() pk=""
     flags_of "$s"
     [ "$KL" = 1 ] && ref=(--ref fp16)
-    out=$(OMP_NUM_THREADS=1 ./leankv "$MODEL" -m ppl -f "$TEXT" --ctx "$PPL_TOKENS" \
+    out=$(OMP_NUM_THREADS=1 "$LEANKV" "$MODEL" -m ppl -f "$TEXT" --ctx "$PPL_TOKENS" \
           "${FLAGS[@]}" "${ref[@]}" 2>/dev/null)
     local ppl ref_ppl kl top1 bits phys tiers
     ppl=$(sed -n 's/^perplexity: //p' <<<"$out")
@@ -78,7 +79,7 @@ run_one() {
     tiers=$(sed -n 's/^tiers: high \([0-9.]*\), low \([0-9.]*\), pruned \([0-9.]*\)/\1,\2,\3/p' <<<"$out")
     if [[ " $PASSKEY_KVS " == *" $s "* ]] || { [ "$kv" = leankv ] && [ "$PASSKEY_LEANKV" = 1 ]; }; then
         for L in $PASSKEY_LENS; do
-            r=$(OMP_NUM_THREADS=1 ./leankv "$MODEL" -m passkey --ctx-len "$L" --ctx $((L + 64)) \
+            r=$(OMP_NUM_THREADS=1 "$LEANKV" "$MODEL" -m passkey --ctx-len "$L" --ctx $((L + 64)) \
                 --trials "$TRIALS" "${FLAGS[@]}" -s 7 2>/dev/null | sed -n 's/^passkey: //p')
             pk="$pk${pk:+ }${L}:$r"
         done
