@@ -30,6 +30,17 @@
 
 #include "leankv.h"
 
+/* --kv-map's PNG and its labels (Debian's libstb-dev) */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#pragma GCC diagnostic ignored "-Wsign-compare"
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+#define STB_IMAGE_WRITE_STATIC
+#define STB_IMAGE_WRITE_IMPLEMENTATION
+#include <stb/stb_image_write.h>
+#include <stb/stb_easy_font.h>
+#pragma GCC diagnostic pop
+
 /* ----------------------------------------------------------------------------------------
  * Errors: one line on stderr, exit 1. A learner should see what went wrong, not a core dump.
  *
@@ -463,15 +474,30 @@ static void free_model(Model *m) {
  * array of free page ids (../shared/LEANKV.md sections 5 and 6).
  *
  * Each (sequence, layer, KV head) -- a "head" below -- owns whole pages: its tokens never
- * share a page with another head, so each head can have its own length and precision. This
- * issue stores everything in one fp16 tier; the table already fills high-tier pages from the
- * left and keeps the right end for the low tier that the compression issues add. */
+ * share a page with another head, so each head can have its own length and precision. A
+ * cache has one tier (every token at one precision: fp16, k8v4, ...) or two ("--kv leankv":
+ * high and low, plus pruned tokens that are simply gone). High-tier pages fill a head's table
+ * from the left, low-tier pages from the right (leankv.h section 4c).
+ *
+ * The life of a sequence on a two-tier cache:
+ *   kv_begin     its alphas and window; the prompt's scores start at zero
+ *   kv_reserve   pages for the prompt (+1 per head, for placement), chunk by chunk
+ *   forward_rows the prompt; attention_rows sums each query head's probabilities (pscore)
+ *   kv_place     prefill placement: high / low / pruned per head; unused pages go back
+ *   then each decode step:
+ *   kv_plan_step the decode case of every head (leankv.h 4c), before the step's attention
+ *   kv_take_planned  the pages those cases need, all or nothing (several sequences at once)
+ *   forward      kv_write_token carries the case out; attention adds the GQA group's max
+ *                probability to every cached token's score
+ *   kv_account   what it held at the end (for the report and --kv-map), then kv_release. */
 
 typedef struct {
     LkvPrecision tier[LKV_MAX_TIERS]; /* [n_tiers] precision of tier 0 (high), 1 (low) */
     LkvPageLayout layout[LKV_MAX_TIERS]; /* [n_tiers] segment offsets inside a page */
-    int n_tiers;
+    int n_tiers;         /* 1: one precision, no policy; 2: leankv's high and low tiers */
     int head_dim;
+    int group;           /* query heads per KV head (GQA) */
+    int ctx;             /* positions a sequence may reach */
     int page_bytes;      /* every page, whatever its tier */
     int n_pages;         /* pages in the pool */
     uint8_t *pool;       /* (n_pages, page_bytes) */
@@ -481,31 +507,59 @@ typedef struct {
     int n_seqs, n_layers, n_kv_heads;
     int n_heads_total;   /* n_seqs * n_layers * n_kv_heads */
     int table_width;     /* page-table entries per head */
-    int *table;          /* (n_heads_total, table_width) page ids; high from the left */
-    int *n_tok;          /* (n_heads_total, n_tiers) tokens held in each tier */
-    int *n_pg;           /* (n_heads_total, n_tiers) pages held by each tier */
+    int *table;          /* (n_heads_total, table_width) page ids; high from the left, low
+                            from the right */
+    int *n_tok;          /* (n_heads_total, LKV_MAX_TIERS) tokens held in each tier */
+    int *n_pg;           /* (n_heads_total, LKV_MAX_TIERS) pages held by each tier */
+    int *n_seen;         /* (n_heads_total) tokens the head has processed, kept or not */
+    /* the memory manager's per-head counts (section 6): zero between operations */
+    int *want;           /* (n_heads_total, LKV_MAX_TIERS) pages a head takes or gives */
+    int *offset;         /* (n_heads_total, LKV_MAX_TIERS) exclusive prefix sum of want */
+    /* the tier policy (two tiers only) */
+    LkvPolicy defaults;  /* alphas and window of a sequence whose request names none */
+    LkvPolicy *policy;   /* (n_seqs) each sequence's alphas, window and first counted row */
+    int *prefilling;     /* (n_seqs) 1 from kv_begin to kv_place */
+    int *plan;           /* (n_heads_total, 3) next token's decode case, L and R (4c) */
+    float *pscore;       /* (n_layers, group * n_kv_heads, ctx) prompt score sums per query
+                            head, of the one sequence in prefill (prompts run one at a time) */
+    float *stage;        /* (ctx, 2 * head_dim) placement: low-tier K, V staged in fp32 */
+    float *stage_score;  /* (ctx) their scores */
+    int *stage_pos;      /* (ctx) their positions */
+    uint8_t *stage_tier; /* (ctx) placement: each prompt token's LKV_HIGH / LOW / PRUNED */
+    int *tmp_table;      /* (table_width) placement: a head's table before it is rearranged */
+    /* what finished sequences held at their end: the report and --kv-map */
+    long *acc_high;      /* (n_layers, n_kv_heads) high-tier tokens */
+    long *acc_low;       /* (n_layers, n_kv_heads) low-tier tokens */
+    long *acc_seen;      /* (n_layers, n_kv_heads) processed tokens */
+    long acc_pages;      /* pages held */
 } KVCache;
 
 static inline int kv_head(const KVCache *kv, int seq, int layer, int h) {
     return (seq * kv->n_layers + layer) * kv->n_kv_heads + h;
 }
 
-/* pool of kv_mem_mib MiB, or when 0 enough pages for n_seqs sequences of ctx tokens */
-static void build_kvcache(KVCache *kv, const Config *c, int n_seqs, int ctx, size_t kv_mem_mib,
-                          LkvPrecision prec) {
+/* The cache for n_seqs sequences of ctx tokens, its tiers (1 or 2) given by tiers[]. The pool
+ * has kv_mem_mib MiB, or when 0 enough pages for every sequence at full length (a two-tier
+ * cache: in the high tier, plus the page each head reserves for placement). */
+static void build_kvcache_tiers(KVCache *kv, const Config *c, int n_seqs, int ctx,
+                                size_t kv_mem_mib, const LkvPrecision *tiers, int n_tiers) {
     memset(kv, 0, sizeof *kv);
-    kv->n_tiers = 1;
-    kv->tier[0] = prec;
+    kv->n_tiers = n_tiers;
+    for (int t = 0; t < n_tiers; t++) kv->tier[t] = tiers[t];
     kv->head_dim = c->head_dim;
+    kv->group = c->n_heads / c->n_kv_heads;
+    kv->ctx = ctx;
     float waste;
     kv->page_bytes = lkv_page_bytes(kv->tier, kv->n_tiers, c->head_dim, &waste);
     for (int t = 0; t < kv->n_tiers; t++)
-        lkv_layout_fit(&kv->layout[t], kv->tier[t], c->head_dim, kv->page_bytes);
+        if (lkv_layout_fit(&kv->layout[t], kv->tier[t], c->head_dim, kv->page_bytes) < 1)
+            die("kv cache: no token of k%dv%d fits a page of %d bytes", kv->tier[t].kbits,
+                kv->tier[t].vbits, kv->page_bytes);
     kv->n_seqs = n_seqs; kv->n_layers = c->n_layers; kv->n_kv_heads = c->n_kv_heads;
     kv->n_heads_total = n_seqs * c->n_layers * c->n_kv_heads;
     int tpp = kv->layout[0].tokens;
     kv->table_width = (ctx + tpp - 1) / tpp + 2;
-    size_t want = (size_t)kv->n_heads_total * ((ctx + tpp - 1) / tpp);
+    size_t want = (size_t)kv->n_heads_total * ((ctx + tpp - 1) / tpp + (n_tiers > 1));
     size_t n_pages = kv_mem_mib ? (kv_mem_mib << 20) / kv->page_bytes : want;
     if (n_pages < 1) die("--kv-mem %zu MiB holds no page of %d bytes", kv_mem_mib,
                          kv->page_bytes);
@@ -516,48 +570,120 @@ static void build_kvcache(KVCache *kv, const Config *c, int n_seqs, int ctx, siz
     for (int i = 0; i < kv->n_pages; i++) kv->free_ids[i] = i;
     kv->free_start = 0;
     kv->free_count = kv->n_pages;
-    kv->table = xmalloc((size_t)kv->n_heads_total * kv->table_width * sizeof(int));
-    kv->n_tok = xmalloc((size_t)kv->n_heads_total * LKV_MAX_TIERS * sizeof(int));
-    kv->n_pg = xmalloc((size_t)kv->n_heads_total * LKV_MAX_TIERS * sizeof(int));
+    size_t H = kv->n_heads_total;
+    kv->table = xmalloc(H * kv->table_width * sizeof(int));
+    kv->n_tok = xmalloc(H * LKV_MAX_TIERS * sizeof(int));
+    kv->n_pg = xmalloc(H * LKV_MAX_TIERS * sizeof(int));
+    kv->n_seen = xmalloc(H * sizeof(int));
+    kv->want = xmalloc(H * LKV_MAX_TIERS * sizeof(int));
+    kv->offset = xmalloc(H * LKV_MAX_TIERS * sizeof(int));
+    kv->plan = xmalloc(H * 3 * sizeof(int));
+    kv->defaults = (LkvPolicy){1.0f, 0.02f, 64, 0};
+    kv->policy = xmalloc(n_seqs * sizeof(LkvPolicy));
+    kv->prefilling = xmalloc(n_seqs * sizeof(int));
+    if (n_tiers > 1) {
+        kv->pscore = xmalloc((size_t)c->n_layers * c->n_heads * ctx * sizeof(float));
+        kv->stage = xmalloc((size_t)ctx * 2 * c->head_dim * sizeof(float));
+        kv->stage_score = xmalloc((size_t)ctx * sizeof(float));
+        kv->stage_pos = xmalloc((size_t)ctx * sizeof(int));
+        kv->stage_tier = xmalloc((size_t)ctx);
+        kv->tmp_table = xmalloc(kv->table_width * sizeof(int));
+    }
+    kv->acc_high = xmalloc((size_t)c->n_layers * c->n_kv_heads * sizeof(long));
+    kv->acc_low = xmalloc((size_t)c->n_layers * c->n_kv_heads * sizeof(long));
+    kv->acc_seen = xmalloc((size_t)c->n_layers * c->n_kv_heads * sizeof(long));
+}
+
+/* a one-tier cache: every token at precision prec */
+static void build_kvcache(KVCache *kv, const Config *c, int n_seqs, int ctx, size_t kv_mem_mib,
+                          LkvPrecision prec) {
+    build_kvcache_tiers(kv, c, n_seqs, ctx, kv_mem_mib, &prec, 1);
 }
 
 static void free_kvcache(KVCache *kv) {
     free(kv->pool); free(kv->free_ids); free(kv->table); free(kv->n_tok); free(kv->n_pg);
+    free(kv->n_seen); free(kv->want); free(kv->offset); free(kv->plan); free(kv->policy);
+    free(kv->prefilling); free(kv->pscore); free(kv->stage); free(kv->stage_score);
+    free(kv->stage_pos); free(kv->stage_tier); free(kv->tmp_table);
+    free(kv->acc_high); free(kv->acc_low); free(kv->acc_seen);
 }
 
-/* take one page from the front of the free ring; -1 when the pool is empty */
-static int kv_take_page(KVCache *kv) {
-    if (kv->free_count == 0) return -1;
-    int id = kv->free_ids[kv->free_start];
-    kv->free_start = (kv->free_start + 1) % kv->n_pages;
-    kv->free_count--;
-    return id;
+/* ---- The memory manager (section 6). Every operation runs in the three steps that
+ * leankv.cu runs as three kernels over all heads at once:
+ *   1. prepare (kv_reserve, kv_release, kv_place, kv_take_planned): each head writes into
+ *      want[head, tier] how many pages it takes, or gives back; heads not involved write 0
+ *   2. kv_scan: an exclusive prefix sum of want[] gives each head its offset into the free
+ *      ring, and the total (the only number the host needs)
+ *   3. kv_apply_take / kv_apply_give: each head takes the free ids at its own offset from the
+ *      front of the ring, or writes the ids it gives at its own offset past the end, and
+ *      updates its table. The ranges are disjoint, so on the GPU the heads run in parallel and
+ *      pages given by thousands of heads land as one contiguous run.
+ * A take is all or nothing: when the total exceeds the free pages, nobody takes anything. */
+
+static int kv_scan(KVCache *kv) {
+    int total = 0, n = kv->n_heads_total * LKV_MAX_TIERS;
+    for (int i = 0; i < n; i++) { kv->offset[i] = total; total += kv->want[i]; }
+    return total;
 }
 
-/* give a page back at the end of the free ring */
-static void kv_give_page(KVCache *kv, int id) {
-    kv->free_ids[(kv->free_start + kv->free_count) % kv->n_pages] = id;
-    kv->free_count++;
+/* table entry of the k-th page of a tier: high pages from the left, low from the right */
+static inline int *kv_table_at(const KVCache *kv, int hh, int tier, int k) {
+    int *tab = &kv->table[(size_t)hh * kv->table_width];
+    return tier == LKV_HIGH ? &tab[k] : &tab[kv->table_width - 1 - k];
 }
 
-/* Makes every head of seq able to hold n tokens in the high tier. All or nothing: returns -1
- * and takes no page when the pool cannot cover every head. */
+/* head hh takes free_ids[free_start + offset ...] as its tier's next pages; -1 and nothing
+ * taken (want[] cleared) when the pool lacks the total */
+static int kv_apply_take(KVCache *kv, int total) {
+    int n = kv->n_heads_total * LKV_MAX_TIERS;
+    if (total > kv->free_count) {
+        memset(kv->want, 0, n * sizeof(int));
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        int hh = i / LKV_MAX_TIERS, t = i % LKV_MAX_TIERS;
+        for (int k = 0; k < kv->want[i]; k++)
+            *kv_table_at(kv, hh, t, kv->n_pg[i]++) =
+                kv->free_ids[(kv->free_start + kv->offset[i] + k) % kv->n_pages];
+        kv->want[i] = 0;
+    }
+    kv->free_start = (kv->free_start + total) % kv->n_pages;
+    kv->free_count -= total;
+    return 0;
+}
+
+/* head hh gives its tier's last want pages; they go to the ring past its end, at offset */
+static void kv_apply_give(KVCache *kv, int total) {
+    int n = kv->n_heads_total * LKV_MAX_TIERS;
+    for (int i = 0; i < n; i++) {
+        int hh = i / LKV_MAX_TIERS, t = i % LKV_MAX_TIERS, g = kv->want[i];
+        for (int k = 0; k < g; k++)
+            kv->free_ids[(kv->free_start + kv->free_count + kv->offset[i] + k) % kv->n_pages] =
+                *kv_table_at(kv, hh, t, kv->n_pg[i] - g + k);
+        kv->n_pg[i] -= g;
+        kv->want[i] = 0;
+    }
+    kv->free_count += total;
+}
+
+/* high pages a head of seq needs to hold n prompt tokens: one more on a two-tier cache, for
+ * placement (leankv.h 4c) */
+static inline int kv_prompt_pages(const KVCache *kv, int n) {
+    return kv->n_tiers > 1 ? lkv_prefill_pages(n, kv->layout[0].tokens)
+                           : lkv_pages_for(n, kv->layout[0].tokens);
+}
+
+/* Makes every head of seq able to hold n tokens in the high tier (a prompt). All or nothing:
+ * returns -1 and takes no page when the pool cannot cover every head; -2 past the table. */
 static int kv_reserve(KVCache *kv, int seq, int n) {
-    int tpp = kv->layout[0].tokens, need = (n + tpp - 1) / tpp, missing = 0;
+    int need = kv_prompt_pages(kv, n);
     if (need + 1 > kv->table_width) return -2;    /* beyond the context the table was made for */
     for (int l = 0; l < kv->n_layers; l++)
         for (int h = 0; h < kv->n_kv_heads; h++) {
-            int hh = kv_head(kv, seq, l, h);
-            if (kv->n_pg[hh * LKV_MAX_TIERS] < need) missing += need - kv->n_pg[hh * LKV_MAX_TIERS];
+            int hh = kv_head(kv, seq, l, h), have = kv->n_pg[hh * LKV_MAX_TIERS];
+            kv->want[hh * LKV_MAX_TIERS] = have < need ? need - have : 0;
         }
-    if (missing > kv->free_count) return -1;
-    for (int l = 0; l < kv->n_layers; l++)
-        for (int h = 0; h < kv->n_kv_heads; h++) {
-            int hh = kv_head(kv, seq, l, h);
-            int *np = &kv->n_pg[hh * LKV_MAX_TIERS];
-            while (*np < need) kv->table[(size_t)hh * kv->table_width + (*np)++] = kv_take_page(kv);
-        }
-    return 0;
+    return kv_apply_take(kv, kv_scan(kv));
 }
 
 /* gives back every page of seq and empties its heads */
@@ -565,22 +691,41 @@ static void kv_release(KVCache *kv, int seq) {
     for (int l = 0; l < kv->n_layers; l++)
         for (int h = 0; h < kv->n_kv_heads; h++) {
             int hh = kv_head(kv, seq, l, h);
-            int *tab = &kv->table[(size_t)hh * kv->table_width];
-            for (int t = 0; t < kv->n_tiers; t++) {
-                int np = kv->n_pg[hh * LKV_MAX_TIERS + t];
-                for (int i = 0; i < np; i++)
-                    kv_give_page(kv, t == 0 ? tab[i] : tab[kv->table_width - 1 - i]);
-                kv->n_pg[hh * LKV_MAX_TIERS + t] = 0;
+            for (int t = 0; t < LKV_MAX_TIERS; t++) {
+                kv->want[hh * LKV_MAX_TIERS + t] = kv->n_pg[hh * LKV_MAX_TIERS + t];
                 kv->n_tok[hh * LKV_MAX_TIERS + t] = 0;
             }
+            kv->n_seen[hh] = 0;
+            kv->plan[hh * 3] = LKV_CASE_NONE;
         }
+    kv->prefilling[seq] = 0;
+    kv_apply_give(kv, kv_scan(kv));
+}
+
+/* ---- Token storage: where a token lives, and its bytes */
+
+/* page of token i of a tier of head hh, and its slot in that page */
+static inline uint8_t *kv_page(const KVCache *kv, int hh, int tier, int i, int *slot) {
+    int tpp = kv->layout[tier].tokens;
+    *slot = i % tpp;
+    return kv->pool + (size_t)*kv_table_at(kv, hh, tier, i / tpp) * kv->page_bytes;
 }
 
 /* address of token i of the high tier of head hh: page table[i / tpp], slot i % tpp */
 static inline uint8_t *kv_high_page(const KVCache *kv, int hh, int i, int *slot) {
-    int tpp = kv->layout[0].tokens;
-    *slot = i % tpp;
-    return kv->pool + (size_t)kv->table[(size_t)hh * kv->table_width + i / tpp] * kv->page_bytes;
+    return kv_page(kv, hh, LKV_HIGH, i, slot);
+}
+
+static inline float *kv_score_at(const KVCache *kv, int hh, int tier, int i) {
+    int slot;
+    uint8_t *page = kv_page(kv, hh, tier, i, &slot);
+    return (float *)(page + kv->layout[tier].scores) + slot;
+}
+
+static inline int32_t *kv_pos_at(const KVCache *kv, int hh, int tier, int i) {
+    int slot;
+    uint8_t *page = kv_page(kv, hh, tier, i, &slot);
+    return (int32_t *)(page + kv->layout[tier].pos) + slot;
 }
 
 static float h2f_table[65536];   /* fp16 bits -> fp32, filled once */
@@ -610,18 +755,346 @@ static inline void kv_load(const uint8_t *codes, const uint8_t *sz, LkvPrecision
                    p.groups, x);
 }
 
-/* Appends one token's key (after RoPE) and value to the high tier of head hh. */
-static void kv_append(KVCache *kv, int hh, const float *k, const float *v, int pos) {
-    int *nt = &kv->n_tok[hh * LKV_MAX_TIERS];
+/* token i of a tier of head hh <- k, v quantized at the tier's precision, with its metadata */
+static void kv_put(KVCache *kv, int hh, int tier, int i, const float *k, const float *v,
+                   float score, int pos) {
     int slot, d = kv->head_dim;
-    uint8_t *page = kv_high_page(kv, hh, *nt, &slot);
-    const LkvPageLayout *L = &kv->layout[0];
-    LkvPrecision p = kv->tier[0];
+    uint8_t *page = kv_page(kv, hh, tier, i, &slot);
+    const LkvPageLayout *L = &kv->layout[tier];
+    LkvPrecision p = kv->tier[tier];
     kv_store(page + L->k_codes, page + L->k_sz, p, p.kbits, slot, d, k);
     kv_store(page + L->v_codes, page + L->v_sz, p, p.vbits, slot, d, v);
-    ((float *)(page + L->scores))[slot] = 0.0f;
+    ((float *)(page + L->scores))[slot] = score;
     ((int32_t *)(page + L->pos))[slot] = pos;
-    (*nt)++;
+}
+
+/* the inverse: k, v dequantized (either may be NULL), score and position */
+static void kv_get(const KVCache *kv, int hh, int tier, int i, float *k, float *v, float *score,
+                   int *pos) {
+    int slot, d = kv->head_dim;
+    const uint8_t *page = kv_page(kv, hh, tier, i, &slot);
+    const LkvPageLayout *L = &kv->layout[tier];
+    LkvPrecision p = kv->tier[tier];
+    if (k) kv_load(page + L->k_codes, page + L->k_sz, p, p.kbits, slot, d, k);
+    if (v) kv_load(page + L->v_codes, page + L->v_sz, p, p.vbits, slot, d, v);
+    if (score) *score = ((const float *)(page + L->scores))[slot];
+    if (pos) *pos = ((const int32_t *)(page + L->pos))[slot];
+}
+
+/* high-tier token `from` -> slot `to` of the same tier, bytes as they are (same precision) */
+static void kv_copy_high(KVCache *kv, int hh, int from, int to) {
+    int s0, s1, d = kv->head_dim;
+    const uint8_t *src = kv_page(kv, hh, LKV_HIGH, from, &s0);
+    uint8_t *dst = kv_page(kv, hh, LKV_HIGH, to, &s1);
+    const LkvPageLayout *L = &kv->layout[0];
+    LkvPrecision p = kv->tier[0];
+    int kc = lkv_code_bytes(d, p.kbits), ks = lkv_sz_bytes(p.groups, p.kbits);
+    int vc = lkv_code_bytes(d, p.vbits), vs = lkv_sz_bytes(p.groups, p.vbits);
+    memmove(dst + L->k_codes + s1 * kc, src + L->k_codes + s0 * kc, kc);
+    memmove(dst + L->k_sz + s1 * ks, src + L->k_sz + s0 * ks, ks);
+    memmove(dst + L->v_codes + s1 * vc, src + L->v_codes + s0 * vc, vc);
+    memmove(dst + L->v_sz + s1 * vs, src + L->v_sz + s0 * vs, vs);
+    ((float *)(dst + L->scores))[s1] = ((const float *)(src + L->scores))[s0];
+    ((int32_t *)(dst + L->pos))[s1] = ((const int32_t *)(src + L->pos))[s0];
+}
+
+/* demotion (section 2): high-tier token i is dequantized and quantized again, with fresh
+ * min/max, at the low tier's precision into low-tier slot j; it keeps its score and position */
+static void kv_demote(KVCache *kv, int hh, int i, int j) {
+    float k[LKV_MAX_HEAD_DIM], v[LKV_MAX_HEAD_DIM], score;
+    int pos;
+    kv_get(kv, hh, LKV_HIGH, i, k, v, &score, &pos);
+    kv_put(kv, hh, LKV_LOW, j, k, v, score, pos);
+}
+
+/* Appends one token's key (after RoPE) and value to the high tier of head hh: the prompt. */
+static void kv_append(KVCache *kv, int hh, const float *k, const float *v, int pos) {
+    kv_put(kv, hh, LKV_HIGH, kv->n_tok[hh * LKV_MAX_TIERS]++, k, v, 0.0f, pos);
+    kv->n_seen[hh]++;
+}
+
+/* Writes a decode step's new token into head hh as its planned case says (leankv.h 4c; no
+ * plan: an append). The pages were taken by kv_take_planned. */
+static void kv_write_token(KVCache *kv, int hh, const float *k, const float *v, int pos) {
+    int *pl = &kv->plan[hh * 3], *nt = &kv->n_tok[hh * LKV_MAX_TIERS];
+    int c = pl[0], L = pl[1], R = pl[2];
+    if (c == LKV_CASE_NONE || c == LKV_CASE_APPEND) { kv_append(kv, hh, k, v, pos); }
+    else {
+        if (c == LKV_CASE_SWAP) kv_demote(kv, hh, L, R);                /* R is overwritten */
+        if (c == LKV_CASE_DEMOTE) kv_demote(kv, hh, L, nt[LKV_LOW]++);
+        kv_put(kv, hh, LKV_HIGH, L, k, v, 0.0f, pos);                   /* L's slot: new token */
+        kv->n_seen[hh]++;
+    }
+    pl[0] = LKV_CASE_NONE;
+}
+
+/* ---- The tier policy (two-tier caches; leankv.h section 4c) */
+
+/* seq starts a prompt of n_prompt tokens with these alphas; its scores start at zero */
+static void kv_begin(KVCache *kv, int seq, int n_prompt, float alpha_high, float alpha_low) {
+    LkvPolicy *p = &kv->policy[seq];
+    *p = kv->defaults;
+    p->alpha_high = alpha_high;
+    p->alpha_low = alpha_low;
+    p->first = lkv_score_first(n_prompt);
+    if (kv->n_tiers < 2) return;
+    kv->prefilling[seq] = 1;
+    size_t rows = (size_t)kv->n_layers * kv->n_kv_heads * kv->group;
+    for (size_t r = 0; r < rows; r++)
+        memset(kv->pscore + r * kv->ctx, 0, (size_t)n_prompt * sizeof(float));
+}
+
+/* the eligible token of lowest mean in a tier of head hh at length n, or -1; *m its mean */
+static int kv_lowest(const KVCache *kv, int hh, int tier, int n, const LkvPolicy *p, float *m) {
+    int best = -1;
+    *m = INFINITY;
+    for (int i = 0; i < kv->n_tok[hh * LKV_MAX_TIERS + tier]; i++) {
+        int pos = *kv_pos_at(kv, hh, tier, i);
+        if (!lkv_eligible(pos, n, p->window)) continue;
+        float mean = lkv_mean(*kv_score_at(kv, hh, tier, i), n, pos, p->first);
+        if (mean < *m) { *m = mean; best = i; }
+    }
+    return best;
+}
+
+/* Decides, for every head of seq, the case of the token at position pos (leankv.h 4c), before
+ * that step's attention; returns the pages the cases need. A one-tier cache always appends. */
+static int kv_plan_step(KVCache *kv, int seq, int pos) {
+    int pages = 0;
+    const LkvPolicy *p = &kv->policy[seq];
+    for (int l = 0; l < kv->n_layers; l++)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            int hh = kv_head(kv, seq, l, h), *pl = &kv->plan[hh * 3];
+            pl[0] = LKV_CASE_APPEND; pl[1] = pl[2] = -1;
+            if (kv->n_tiers > 1) {
+                float mL, mR;
+                pl[1] = kv_lowest(kv, hh, LKV_HIGH, pos, p, &mL);
+                pl[2] = kv_lowest(kv, hh, LKV_LOW, pos, p, &mR);
+                pl[0] = lkv_decode_case(mL, mR, pos, p->alpha_high, p->alpha_low);
+            }
+            for (int t = 0; t < kv->n_tiers; t++)
+                pages += lkv_case_pages(pl[0], t, kv->n_tok[hh * LKV_MAX_TIERS + t],
+                                        kv->n_pg[hh * LKV_MAX_TIERS + t], kv->layout[t].tokens);
+        }
+    return pages;
+}
+
+/* Takes the pages that every planned head needs (any number of sequences at once): prepare
+ * from the plans, scan, take. All or nothing: -1 when the pool lacks them. */
+static int kv_take_planned(KVCache *kv) {
+    for (int hh = 0; hh < kv->n_heads_total; hh++) {
+        int c = kv->plan[hh * 3];
+        if (c == LKV_CASE_NONE) continue;
+        for (int t = 0; t < kv->n_tiers; t++)
+            kv->want[hh * LKV_MAX_TIERS + t] =
+                lkv_case_pages(c, t, kv->n_tok[hh * LKV_MAX_TIERS + t],
+                               kv->n_pg[hh * LKV_MAX_TIERS + t], kv->layout[t].tokens);
+    }
+    return kv_apply_take(kv, kv_scan(kv));
+}
+
+/* Prefill placement of one head (section 4): every prompt token gets its score (the max over
+ * the GQA group of the query heads' sums), eligible ones are classified by their means, the
+ * high tier is compacted in place (position order kept), the low tokens, staged in fp32
+ * before the compaction can overwrite them, are quantized again at the low precision into the
+ * pages that follow, and the table is rearranged: [high pages | spare pages ... low pages].
+ * Sets want[] to the spare pages, which the caller gives back. */
+static void kv_place_head(KVCache *kv, int seq, int l, int h) {
+    int hh = kv_head(kv, seq, l, h), d = kv->head_dim, n = kv->n_tok[hh * LKV_MAX_TIERS];
+    const LkvPolicy *p = &kv->policy[seq];
+    const float *ps = kv->pscore + ((size_t)l * kv->n_kv_heads + h) * kv->group * kv->ctx;
+    int nh = 0, nl = 0;
+    for (int i = 0; i < n; i++) {
+        float score = ps[i];   /* index i is position i: nothing has moved during prefill */
+        for (int g = 1; g < kv->group; g++)
+            if (ps[(size_t)g * kv->ctx + i] > score) score = ps[(size_t)g * kv->ctx + i];
+        int pos = *kv_pos_at(kv, hh, LKV_HIGH, i);
+        int tier = lkv_eligible(pos, n, p->window)
+                       ? lkv_classify(lkv_mean(score, n, pos, p->first), n, p->alpha_high,
+                                      p->alpha_low)
+                       : LKV_HIGH;
+        kv->stage_tier[i] = (uint8_t)tier;
+        *kv_score_at(kv, hh, LKV_HIGH, i) = score;
+        if (tier == LKV_LOW) {   /* staged before the compaction below moves anything */
+            kv_get(kv, hh, LKV_HIGH, i, kv->stage + (size_t)nl * 2 * d,
+                   kv->stage + (size_t)nl * 2 * d + d, &kv->stage_score[nl], &kv->stage_pos[nl]);
+            nl++;
+        }
+    }
+    for (int i = 0; i < n; i++)   /* compaction: token i moves to nh <= i */
+        if (kv->stage_tier[i] == LKV_HIGH) { if (nh != i) kv_copy_high(kv, hh, i, nh); nh++; }
+    int np = kv->n_pg[hh * LKV_MAX_TIERS], ph = lkv_pages_for(nh, kv->layout[0].tokens);
+    int pl = lkv_pages_for(nl, kv->layout[1].tokens), spare = np - ph - pl;
+    if (spare < 0) die("internal: placement needs %d pages, the head holds %d", ph + pl, np);
+    /* table: [0, ph) high, [ph, ph + pl) become the low pages (moved to the right end),
+     * [ph + pl, np) spare, kept just after the high pages so that a give returns them */
+    int *tab = &kv->table[(size_t)hh * kv->table_width];
+    memcpy(kv->tmp_table, tab, np * sizeof(int));
+    for (int k = 0; k < spare; k++) tab[ph + k] = kv->tmp_table[ph + pl + k];
+    for (int k = 0; k < pl; k++) *kv_table_at(kv, hh, LKV_LOW, k) = kv->tmp_table[ph + k];
+    kv->n_pg[hh * LKV_MAX_TIERS] = ph + spare;
+    kv->n_pg[hh * LKV_MAX_TIERS + 1] = pl;
+    kv->n_tok[hh * LKV_MAX_TIERS] = nh;
+    kv->n_tok[hh * LKV_MAX_TIERS + 1] = nl;
+    for (int j = 0; j < nl; j++)
+        kv_put(kv, hh, LKV_LOW, j, kv->stage + (size_t)j * 2 * d, kv->stage + (size_t)j * 2 * d + d,
+               kv->stage_score[j], kv->stage_pos[j]);
+    kv->want[hh * LKV_MAX_TIERS] = spare;
+}
+
+/* after the whole prompt of seq is in: placement of every head, then the spare pages go back
+ * (one give for all heads) */
+static void kv_place(KVCache *kv, int seq) {
+    if (kv->n_tiers < 2 || !kv->prefilling[seq]) return;
+    for (int l = 0; l < kv->n_layers; l++)
+        for (int h = 0; h < kv->n_kv_heads; h++) kv_place_head(kv, seq, l, h);
+    kv_apply_give(kv, kv_scan(kv));
+    kv->prefilling[seq] = 0;
+}
+
+/* ---- What the cache holds: the report every run prints, and --kv-map */
+
+/* adds what seq holds now (at its end) to the totals */
+static void kv_account(KVCache *kv, int seq) {
+    for (int l = 0; l < kv->n_layers; l++)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            int hh = kv_head(kv, seq, l, h), a = l * kv->n_kv_heads + h;
+            kv->acc_high[a] += kv->n_tok[hh * LKV_MAX_TIERS];
+            kv->acc_low[a] += kv->n_tok[hh * LKV_MAX_TIERS + 1];
+            kv->acc_seen[a] += kv->n_seen[hh];
+            kv->acc_pages += kv->n_pg[hh * LKV_MAX_TIERS] + kv->n_pg[hh * LKV_MAX_TIERS + 1];
+        }
+}
+
+static void kv_account_reset(KVCache *kv) {
+    size_t n = (size_t)kv->n_layers * kv->n_kv_heads * sizeof(long);
+    memset(kv->acc_high, 0, n); memset(kv->acc_low, 0, n); memset(kv->acc_seen, 0, n);
+    kv->acc_pages = 0;
+}
+
+typedef struct {
+    double seen, high, low;   /* token-heads: processed, held high, held low */
+    double bits_only, physical; /* compression ratios (leankv.h 4c) */
+} KVTotals;
+
+static KVTotals kv_totals(const KVCache *kv) {
+    KVTotals t = {0};
+    for (int a = 0; a < kv->n_layers * kv->n_kv_heads; a++) {
+        t.seen += kv->acc_seen[a]; t.high += kv->acc_high[a]; t.low += kv->acc_low[a];
+    }
+    int b0 = kv->tier[0].kbits + kv->tier[0].vbits;
+    int b1 = kv->n_tiers > 1 ? kv->tier[1].kbits + kv->tier[1].vbits : 0;
+    t.bits_only = lkv_ratio_bits(t.seen, t.high, b0, t.low, b1);
+    t.physical = lkv_ratio_physical(t.seen, kv->head_dim, (double)kv->acc_pages, kv->page_bytes);
+    return t;
+}
+
+/* one line: the tier fractions over every processed token of every head, and both ratios */
+static void kv_report(const KVCache *kv, FILE *f) {
+    KVTotals t = kv_totals(kv);
+    if (t.seen == 0) return;
+    fprintf(f, "kv tiers: high %.2f%%, low %.2f%%, pruned %.2f%% of %.0f tokens x heads; "
+            "compression %.2fx bits-only, %.2fx physical\n", 100 * t.high / t.seen,
+            100 * t.low / t.seen, 100 * (t.seen - t.high - t.low) / t.seen, t.seen, t.bits_only,
+            t.physical);
+}
+
+/* page size, tokens per page and waste of each tier (and leankv's policy): said once at start */
+static void kv_describe(const KVCache *kv, FILE *f) {
+    for (int t = 0; t < kv->n_tiers; t++) {
+        LkvPrecision p = kv->tier[t];
+        const LkvPageLayout *L = &kv->layout[t];
+        fprintf(f, "kv cache: k%dv%d, %d group%s: page %d bytes, %d tokens per page, waste %.1f%%, "
+                "%d pages\n", p.kbits, p.vbits, p.groups, p.groups > 1 ? "s" : "",
+                kv->page_bytes, L->tokens, 100.0 * (kv->page_bytes - L->used) / kv->page_bytes,
+                kv->n_pages);
+    }
+    if (kv->n_tiers > 1)
+        fprintf(f, "kv cache: leankv, tier high k%dv%d, low k%dv%d; alpha_high %g, alpha_low %g, "
+                "window %d; scores over the last %d prompt rows\n", kv->tier[0].kbits,
+                kv->tier[0].vbits, kv->tier[1].kbits, kv->tier[1].vbits, kv->defaults.alpha_high,
+                kv->defaults.alpha_low, kv->defaults.window, LKV_SCORE_ROWS);
+}
+
+/* --kv-map: a PNG with three panels side by side -- the fraction of processed tokens kept
+ * high, kept low and pruned -- each a grid of layers (rows, layer 0 at the top) by KV heads
+ * (columns); the stronger the colour, the larger the fraction, which is also written in each
+ * cell in percent. Labels are drawn with stb_easy_font's rectangles. */
+#define MAP_CELL_W 30
+#define MAP_CELL_H 14
+#define MAP_LEFT 44
+#define MAP_TOP 46
+#define MAP_GAP 22
+
+static void map_rect(uint8_t *img, int W, int H, int x0, int y0, int x1, int y1,
+                     const uint8_t *rgb) {
+    for (int y = y0 < 0 ? 0 : y0; y < y1 && y < H; y++)
+        for (int x = x0 < 0 ? 0 : x0; x < x1 && x < W; x++) memcpy(img + 3 * ((size_t)y * W + x), rgb, 3);
+}
+
+static void map_text(uint8_t *img, int W, int H, int x, int y, const char *text, int scale,
+                     const uint8_t *rgb) {
+    static float quads[4096 * 4];   /* 16-byte vertices: x, y, z, colour */
+    char buf[128];
+    snprintf(buf, sizeof buf, "%s", text);
+    int n = stb_easy_font_print(0, 0, buf, NULL, quads, sizeof quads);
+    for (int q = 0; q < n; q++) {
+        float *v = quads + q * 16, x0 = v[0], y0 = v[1], x1 = v[0], y1 = v[1];
+        for (int k = 1; k < 4; k++) {
+            x0 = fminf(x0, v[4 * k]); x1 = fmaxf(x1, v[4 * k]);
+            y0 = fminf(y0, v[4 * k + 1]); y1 = fmaxf(y1, v[4 * k + 1]);
+        }
+        map_rect(img, W, H, x + (int)(x0 * scale), y + (int)(y0 * scale), x + (int)(x1 * scale),
+                 y + (int)(y1 * scale), rgb);
+    }
+}
+
+static void kv_write_map(const KVCache *kv, const char *path) {
+    int NL = kv->n_layers, NH = kv->n_kv_heads, pw = NH * MAP_CELL_W;
+    int W = MAP_LEFT + 3 * pw + 2 * MAP_GAP + 12, H = MAP_TOP + NL * MAP_CELL_H + 34;
+    uint8_t *img = xmalloc((size_t)W * H * 3);
+    memset(img, 255, (size_t)W * H * 3);
+    static const uint8_t hue[3][3] = {{0, 128, 60}, {30, 90, 210}, {210, 40, 40}};
+    static const uint8_t black[3] = {0, 0, 0}, white[3] = {255, 255, 255}, grey[3] = {90, 90, 90};
+    static const char *title[3] = {"kept high", "kept low", "pruned"};
+    KVTotals tot = kv_totals(kv);
+    for (int p = 0; p < 3; p++) {
+        int x0 = MAP_LEFT + p * (pw + MAP_GAP);
+        double f_all = tot.seen > 0 ? (p == 0 ? tot.high : p == 1 ? tot.low
+                                      : tot.seen - tot.high - tot.low) / tot.seen : 0;
+        char lab[64];
+        snprintf(lab, sizeof lab, "%s", title[p]);
+        map_text(img, W, H, x0, 6, lab, 2, hue[p]);
+        snprintf(lab, sizeof lab, "all: %.1f%%", 100 * f_all);
+        map_text(img, W, H, x0, 24, lab, 1, black);
+        for (int h = 0; h < NH; h++) {
+            snprintf(lab, sizeof lab, "h%d", h);
+            map_text(img, W, H, x0 + h * MAP_CELL_W + 8, MAP_TOP - 10, lab, 1, grey);
+        }
+        for (int l = 0; l < NL; l++)
+            for (int h = 0; h < NH; h++) {
+                int a = l * NH + h;
+                double seen = kv->acc_seen[a];
+                double f = seen > 0 ? (p == 0 ? kv->acc_high[a] : p == 1 ? kv->acc_low[a]
+                                       : seen - kv->acc_high[a] - kv->acc_low[a]) / seen : 0;
+                uint8_t c[3];
+                for (int k = 0; k < 3; k++) c[k] = (uint8_t)(255 - f * (255 - hue[p][k]) + 0.5);
+                int cx = x0 + h * MAP_CELL_W, cy = MAP_TOP + l * MAP_CELL_H;
+                map_rect(img, W, H, cx, cy, cx + MAP_CELL_W - 1, cy + MAP_CELL_H - 1, c);
+                snprintf(lab, sizeof lab, "%d", (int)(100 * f + 0.5));
+                map_text(img, W, H, cx + 4, cy + 3, lab, 1, f > 0.55 ? white : black);
+            }
+    }
+    for (int l = 0; l < NL; l++) {
+        if (l % 5 && l != NL - 1) continue;
+        char lab[16];
+        snprintf(lab, sizeof lab, "L%d", l);
+        map_text(img, W, H, 6, MAP_TOP + l * MAP_CELL_H + 3, lab, 1, grey);
+    }
+    map_text(img, W, H, MAP_LEFT, MAP_TOP + NL * MAP_CELL_H + 8,
+             "rows: layers; columns: KV heads; cells: %", 1, grey);
+    if (!stbi_write_png(path, W, H, 3, img, W * 3)) die("--kv-map: cannot write '%s'", path);
+    free(img);
 }
 
 /* ----------------------------------------------------------------------------------------
@@ -713,31 +1186,50 @@ static void rope(float *vec, int n_heads, int head_dim, int pos, float theta, in
     }
 }
 
-/* For query head qh over the cached tokens of its KV head hh:
- *   a_t = softmax_t(q . k_t / sqrt(head_dim)),  o = sum_t a_t v_t
- * reading every token through the page table. */
-static void attention_paged(const KVCache *kv, int hh, const float *q, float *att, float *o) {
-    int d = kv->head_dim, n = kv->n_tok[hh * LKV_MAX_TIERS];
-    const LkvPageLayout *L = &kv->layout[0];
-    float scale = 1.0f / sqrtf((float)d), mx = -INFINITY, x[LKV_MAX_HEAD_DIM];
+/* For the `group` query heads that share KV head hh (q, o: (group, head_dim)):
+ *   a_gt = softmax_t(q_g . k_t / sqrt(head_dim)),  o_g = sum_t a_gt v_t
+ * over every cached token: the high tier's, then the low tier's, each read through the page
+ * table at its own precision (the order does not matter: RoPE was applied before caching).
+ * Each key and value is dequantized once for the whole group. On return att (group, stride)
+ * holds the probabilities a_gt, which the scores are made of. */
+static void attention_paged(const KVCache *kv, int hh, int group, const float *q, float *att,
+                            int stride, float *o) {
+    int d = kv->head_dim, nh = kv->n_tok[hh * LKV_MAX_TIERS];
+    int n = nh + kv->n_tok[hh * LKV_MAX_TIERS + 1];
+    float scale = 1.0f / sqrtf((float)d), x[LKV_MAX_HEAD_DIM];
     for (int t = 0; t < n; t++) {
-        int slot;
-        const uint8_t *page = kv_high_page(kv, hh, t, &slot);
-        kv_load(page + L->k_codes, page + L->k_sz, kv->tier[0], kv->tier[0].kbits, slot, d, x);
-        float s = 0.0f;
-        for (int j = 0; j < d; j++) s += q[j] * x[j];
-        att[t] = s * scale;
-        if (att[t] > mx) mx = att[t];
+        kv_get(kv, hh, t < nh ? LKV_HIGH : LKV_LOW, t < nh ? t : t - nh, x, NULL, NULL, NULL);
+        for (int g = 0; g < group; g++) {
+            float s = 0.0f;
+            for (int j = 0; j < d; j++) s += q[g * d + j] * x[j];
+            att[(size_t)g * stride + t] = s * scale;
+        }
     }
-    float sum = 0.0f;
-    for (int t = 0; t < n; t++) { att[t] = expf(att[t] - mx); sum += att[t]; }
-    for (int j = 0; j < d; j++) o[j] = 0.0f;
+    for (int g = 0; g < group; g++) {
+        float *a = att + (size_t)g * stride, mx = -INFINITY, sum = 0.0f;
+        for (int t = 0; t < n; t++) if (a[t] > mx) mx = a[t];
+        for (int t = 0; t < n; t++) { a[t] = expf(a[t] - mx); sum += a[t]; }
+        for (int t = 0; t < n; t++) a[t] /= sum;
+        for (int j = 0; j < d; j++) o[g * d + j] = 0.0f;
+    }
     for (int t = 0; t < n; t++) {
-        int slot;
-        const uint8_t *page = kv_high_page(kv, hh, t, &slot);
-        kv_load(page + L->v_codes, page + L->v_sz, kv->tier[0], kv->tier[0].vbits, slot, d, x);
-        float a = att[t] / sum;
-        for (int j = 0; j < d; j++) o[j] += a * x[j];
+        kv_get(kv, hh, t < nh ? LKV_HIGH : LKV_LOW, t < nh ? t : t - nh, NULL, x, NULL, NULL);
+        for (int g = 0; g < group; g++) {
+            float a = att[(size_t)g * stride + t];
+            for (int j = 0; j < d; j++) o[g * d + j] += a * x[j];
+        }
+    }
+}
+
+/* Significance at a decode step (section 3): every cached token of head hh gains the max over
+ * the GQA group of this step's probability (att as attention_paged left it). */
+static void kv_score_decode(KVCache *kv, int hh, const float *att, int group, int stride) {
+    int nh = kv->n_tok[hh * LKV_MAX_TIERS], n = nh + kv->n_tok[hh * LKV_MAX_TIERS + 1];
+    for (int t = 0; t < n; t++) {
+        float mx = att[t];
+        for (int g = 1; g < group; g++)
+            if (att[(size_t)g * stride + t] > mx) mx = att[(size_t)g * stride + t];
+        *kv_score_at(kv, hh, t < nh ? LKV_HIGH : LKV_LOW, t < nh ? t : t - nh) += mx;
     }
 }
 
@@ -746,9 +1238,10 @@ static void attention_paged(const KVCache *kv, int hh, const float *q, float *at
  * key and value is read once for the n rows instead of once per row, and the rows are the
  * vector lanes: lane r does row r's sums in attention_paged's order, so each row gets what
  * attention_paged gives it (to rounding). q and o: (n, stride); att: (n0 + n - 1, ATT_LANES)
- * scratch. */
+ * scratch. psc (NULL: no scores) gets the probabilities of rows from position `first` on.
+ * Prefill only: every token is in the high tier at index = position. */
 static void attention_rows(const KVCache *kv, int hh, int n0, int n, const float *q, float *o,
-                           int stride, float *att) {
+                           int stride, float *att, float *psc, int first) {
     int d = kv->head_dim, n_all = n0 + n - 1;   /* the tokens the last row sees */
     const LkvPageLayout *L = &kv->layout[0];
     float scale = 1.0f / sqrtf((float)d), x[LKV_MAX_HEAD_DIM], sum[ATT_LANES];
@@ -789,6 +1282,11 @@ static void attention_rows(const KVCache *kv, int hh, int n0, int n, const float
             sum[r] += a[(size_t)t * ATT_LANES];
         }
     }
+    /* prefill significance (section 3): rows at or after `first` (row r is the query at
+     * position n0 + r - 1) add their probabilities to this query head's sums */
+    for (int r = 0; psc && r < n; r++)
+        if (n0 + r - 1 >= first)
+            for (int t = 0; t < n0 + r; t++) psc[t] += att[(size_t)t * ATT_LANES + r] / sum[r];
     /* o_r = sum_t (a_rt / sum_r) v_t; a lane past its row's tokens adds 0 */
     for (int j = 0; j < d; j++)
         for (int r = 0; r < ATT_LANES; r++) qo[j][r] = 0.0f;
@@ -835,13 +1333,25 @@ static float *forward(Model *m, KVCache *kv, int seq, int token, int pos) {
         }
         rope(s->q, c->n_heads, hd, pos, c->rope_theta, c->rope_style);
         rope(s->k, c->n_kv_heads, hd, pos, c->rope_theta, c->rope_style);
-        for (int h = 0; h < c->n_kv_heads; h++)
-            kv_append(kv, kv_head(kv, seq, l, h), s->k + h * hd, s->v + h * hd, pos);
+        for (int h = 0; h < c->n_kv_heads; h++)   /* as kv_plan_step decided */
+            kv_write_token(kv, kv_head(kv, seq, l, h), s->k + h * hd, s->v + h * hd, pos);
+        /* each KV head with the group of query heads that share it; their probabilities
+         * become the tokens' significance on a two-tier cache */
         int h;
 #pragma omp parallel for private(h)
-        for (h = 0; h < c->n_heads; h++)
-            attention_paged(kv, kv_head(kv, seq, l, h / group), s->q + h * hd,
-                            s->att + (size_t)h * (pos + 1), s->o + h * hd);
+        for (h = 0; h < c->n_kv_heads; h++) {
+            int hh = kv_head(kv, seq, l, h), stride = pos + 1;
+            float *att = s->att + (size_t)h * group * stride;
+            attention_paged(kv, hh, group, s->q + (size_t)h * group * hd, att, stride,
+                            s->o + (size_t)h * group * hd);
+            if (kv->n_tiers < 2) continue;
+            if (!kv->prefilling[seq]) kv_score_decode(kv, hh, att, group, stride);
+            else if (pos >= kv->policy[seq].first)   /* a prompt row: per query head sums */
+                for (int g = 0; g < group; g++) {
+                    float *ps = kv->pscore + ((size_t)l * c->n_heads + h * group + g) * kv->ctx;
+                    for (int t = 0; t <= pos; t++) ps[t] += att[(size_t)g * stride + t];
+                }
+        }
         matmul(s->xb2, s->o, L->wo, QD, D);
         for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
 
@@ -873,6 +1383,13 @@ static float *forward_rows(Model *m, KVCache *kv, int seq, const int *tokens, in
     int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QD = c->n_heads * hd;
     int KVD = c->n_kv_heads * hd, group = c->n_heads / c->n_kv_heads;
     if (n == 1) return forward(m, kv, seq, tokens[0], pos0);   /* --prefill-chunk 1, or a tail */
+    /* rows of a chunk see each other by index, so nothing may have been moved or dropped */
+    for (int l = 0; l < c->n_layers; l++)
+        for (int h = 0; h < c->n_kv_heads; h++) {
+            int hh = kv_head(kv, seq, l, h);
+            if (kv->n_tok[hh * LKV_MAX_TIERS + 1] || kv->n_tok[hh * LKV_MAX_TIERS] != kv->n_seen[hh])
+                die("internal: a prompt chunk after tier placement");
+        }
 
     for (int r = 0; r < n; r++)
         memcpy(s->x + (size_t)r * D, w->tok_embeddings + (size_t)tokens[r] * D, D * sizeof(float));
@@ -902,10 +1419,13 @@ static float *forward_rows(Model *m, KVCache *kv, int seq, const int *tokens, in
             /* causal: the chunk's keys are all cached now, so row r sees all but the n-1-r
              * rows after it */
             int hh = kv_head(kv, seq, l, h / group), n_tok = kv->n_tok[hh * LKV_MAX_TIERS];
+            float *psc = kv->n_tiers > 1 && kv->prefilling[seq]
+                             ? kv->pscore + ((size_t)l * c->n_heads + h) * kv->ctx : NULL;
             for (int r = 0; r < n; r += ATT_LANES)
                 attention_rows(kv, hh, n_tok - (n - 1 - r), n - r < ATT_LANES ? n - r : ATT_LANES,
                                s->q + (size_t)r * QD + h * hd, s->o + (size_t)r * QD + h * hd, QD,
-                               s->att + (size_t)h * (pos0 + n) * ATT_LANES);
+                               s->att + (size_t)h * (pos0 + n) * ATT_LANES, psc,
+                               kv->policy[seq].first);
         }
         matmul_rows(s->xb2, s->o, L->wo, n, QD, D);
         for (size_t i = 0; i < (size_t)n * D; i++) s->x[i] += s->xb2[i];
@@ -1015,8 +1535,13 @@ typedef struct {
     int steps;                  /* -n tokens to generate, 0 = up to the context */
     int ctx;                    /* --ctx */
     size_t kv_mem_mib;          /* --kv-mem */
-    LkvPrecision kv;            /* --kv, --kv-groups: the cache's precision */
+    LkvPrecision kv;            /* --kv, --kv-groups: the cache's precision (leankv: the high
+                                   tier's, --kv-high) */
     const char *kv_name;        /* --kv as given */
+    int kv_tiers;               /* 2 for --kv leankv, else 1 */
+    LkvPrecision kv_low;        /* --kv-low: leankv's low tier */
+    LkvPolicy policy;           /* --alpha-high, --alpha-low, --kv-window (leankv) */
+    const char *kv_map;         /* --kv-map: PNG of the tier fractions per layer and KV head */
     const char *ref;            /* --ref: ppl also runs this cache and compares */
     LkvPrecision ref_kv;        /* its precision */
     int ppl_prefill;            /* --ppl-prefill: tokens that ppl feeds as a prompt */
@@ -1030,6 +1555,14 @@ typedef struct {
     int prefill_chunk;          /* --prefill-chunk: prompt rows per CPU forward pass */
     int help;                   /* -h: print the usage and exit 0 */
 } Options;
+
+/* the CPU cache the options ask for: one tier, or leankv's two with their policy */
+static void build_cache(KVCache *kv, const Config *c, int n_seqs, const Options *o) {
+    LkvPrecision tiers[2] = {o->kv, o->kv_low};
+    build_kvcache_tiers(kv, c, n_seqs, o->ctx, o->kv_mem_mib, tiers, o->kv_tiers);
+    kv->defaults = o->policy;
+    if (kv->n_tiers > 1) kv_describe(kv, stderr);
+}
 
 static int is_stop(const Config *c, int id) {
     for (int i = 0; i < c->n_stop; i++) if (c->stop_ids[i] == id) return 1;
@@ -1090,15 +1623,36 @@ static int reserve_or_die(KVCache *kv, int seq, int n) {
     return r;
 }
 
+/* room for the decode step at position pos of seq: the tier policy decides each head's case,
+ * then the pages those cases need are taken (leankv.h 4c) */
+static void step_or_die(KVCache *kv, int seq, int pos) {
+    if (pos >= kv->ctx) die("position %d is beyond the context (--ctx)", pos);
+    kv_plan_step(kv, seq, pos);
+    if (kv_take_planned(kv) != 0)
+        die("KV pool full: %d pages of %d bytes are all in use; raise --kv-mem", kv->n_pages,
+            kv->page_bytes);
+}
+
 /* feeds ids[0..n) from position pos0, a chunk of rows per pass; returns the logits of the
- * last */
+ * last. A prompt from position 0 is a prefill: on a two-tier cache its tokens are placed in
+ * the tiers once all are in. Later text (chat turns) on a two-tier cache goes one token at a
+ * time through the decode policy, as generated tokens do. */
 static float *feed(Model *m, KVCache *kv, const int *ids, int n, int pos0) {
     float *logits = NULL;
+    if (pos0 > 0 && kv->n_tiers > 1) {
+        for (int i = 0; i < n; i++) {
+            step_or_die(kv, 0, pos0 + i);
+            logits = forward(m, kv, 0, ids[i], pos0 + i);
+        }
+        return logits;
+    }
+    if (pos0 == 0) kv_begin(kv, 0, n, kv->defaults.alpha_high, kv->defaults.alpha_low);
     for (int i = 0; i < n; i += m->s.chunk) {
         int rows = n - i < m->s.chunk ? n - i : m->s.chunk;
         reserve_or_die(kv, 0, pos0 + i + rows);
         logits = forward_rows(m, kv, 0, ids + i, rows, pos0 + i, i + rows == n);
     }
+    kv_place(kv, 0);
     return logits;
 }
 
@@ -1122,7 +1676,7 @@ static void mode_generate(Model *m, KVCache *kv, Sampler *sp, const Options *o) 
         gen[generated++] = next;
         if (!o->print_ids) print_token(m, next);
         if (generated == steps) break;
-        reserve_or_die(kv, 0, pos + 1);
+        step_or_die(kv, 0, pos);
         logits = forward(m, kv, 0, next, pos++);
     }
     double t2 = now_s();
@@ -1133,6 +1687,7 @@ static void mode_generate(Model *m, KVCache *kv, Sampler *sp, const Options *o) 
     }
     fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generated: %d tokens, %.1f tok/s\n", n,
             n / (t1 - t0 + 1e-9), generated, generated > 1 ? (generated - 1) / (t2 - t1 + 1e-9) : 0.0);
+    kv_account(kv, 0);
     kv_release(kv, 0);
     free(gen);
     free(ids);
@@ -1198,7 +1753,7 @@ static void mode_chat(Model *m, KVCache *kv, Sampler *sp, const Options *o) {
             int next = sample(sp, logits);
             if (pos >= o->ctx) die("the conversation outgrew the context of %d tokens", o->ctx);
             ids[n++] = next;
-            reserve_or_die(kv, 0, pos + 1);
+            step_or_die(kv, 0, pos);
             logits = forward(m, kv, 0, next, pos++);   /* the end token is part of the history */
             if (is_stop(&m->c, next)) break;
             print_token(m, next);
@@ -1209,6 +1764,7 @@ static void mode_chat(Model *m, KVCache *kv, Sampler *sp, const Options *o) {
     }
     if (o->print_ids)   /* the whole conversation as the model saw it */
         for (int i = 0; i < n; i++) printf("%d%s", ids[i], i + 1 < n ? " " : "\n");
+    kv_account(kv, 0);
     kv_release(kv, 0);
     free(ids);
 }
@@ -1266,41 +1822,6 @@ static double kl_divergence(const float *a, const float *b, int n) {
     return kl > 0 ? kl : 0.0;
 }
 
-/* page size, tokens per page and waste of each tier: said once at start */
-static void kv_describe(const KVCache *kv, FILE *f) {
-    for (int t = 0; t < kv->n_tiers; t++) {
-        LkvPrecision p = kv->tier[t];
-        const LkvPageLayout *L = &kv->layout[t];
-        fprintf(f, "kv cache: k%dv%d, %d group%s: page %d bytes, %d tokens per page, waste %.1f%%, "
-                "%d pages\n", p.kbits, p.vbits, p.groups, p.groups > 1 ? "s" : "",
-                kv->page_bytes, L->tokens, 100.0 * (kv->page_bytes - L->used) / kv->page_bytes,
-                kv->n_pages);
-    }
-}
-
-/* Compression of seq's cache after n_seen tokens, against a plain fp16 cache of them:
- *   bits-only (the paper's): 1 / sum_tier f_tier (kbits + vbits) / 32, f_tier the fraction
- *     of all seen tokens held in that tier (pruned tokens hold none);
- *   physical: fp16 bytes of K and V of every seen token over the bytes of the pages held,
- *     metadata and page waste included. */
-static void kv_ratios(const KVCache *kv, int seq, long n_seen, double *bits_only, double *physical) {
-    double bits = 0.0;
-    long pages = 0;
-    for (int l = 0; l < kv->n_layers; l++)
-        for (int h = 0; h < kv->n_kv_heads; h++) {
-            int hh = kv_head(kv, seq, l, h);
-            for (int t = 0; t < kv->n_tiers; t++) {
-                bits += (double)kv->n_tok[hh * LKV_MAX_TIERS + t] *
-                        (kv->tier[t].kbits + kv->tier[t].vbits);
-                pages += kv->n_pg[hh * LKV_MAX_TIERS + t];
-            }
-        }
-    double heads = (double)kv->n_layers * kv->n_kv_heads;
-    *bits_only = bits > 0 ? 32.0 * n_seen * heads / bits : 0.0;
-    *physical = pages > 0 ? (double)n_seen * heads * kv->head_dim * 4.0 /
-                            ((double)pages * kv->page_bytes) : 0.0;
-}
-
 /* Perplexity = exp(mean over t of -log p(x_{t+1} | x_{<=t})) over the first ctx tokens of the
  * file. The first --ppl-prefill tokens go in as a prompt, every later one through the decode
  * path, one at a time, so a compressed cache acts exactly as during generation. With --ref,
@@ -1318,7 +1839,9 @@ static void mode_ppl(Model *m, KVCache *kv, const Options *o) {
     int V = m->c.vocab_size, n_prefill = o->ppl_prefill < n - 1 ? o->ppl_prefill : n - 1;
     KVCache ref;
     if (o->ref) build_kvcache(&ref, &m->c, 1, o->ctx, o->kv_mem_mib, o->ref_kv);
-    kv_describe(kv, stderr);
+    if (kv->n_tiers < 2) kv_describe(kv, stderr);   /* a two-tier cache said it at build */
+    kv_begin(kv, 0, n_prefill, kv->defaults.alpha_high, kv->defaults.alpha_low);
+    if (n_prefill == 0) kv_place(kv, 0);
     float *ref_logits = xmalloc((size_t)m->s.chunk * V * sizeof(float));   /* (chunk, vocab) */
     double nll = 0.0, nll_ref = 0.0, kl = 0.0;
     long agree = 0;
@@ -1333,8 +1856,10 @@ static void mode_ppl(Model *m, KVCache *kv, const Options *o) {
             memcpy(ref_logits, forward_rows(m, &ref, 0, ids + t, rows, t, rows),
                    (size_t)rows * V * sizeof(float));
         }
-        reserve_or_die(kv, 0, t + rows);
+        if (t >= n_prefill) step_or_die(kv, 0, t);
+        else reserve_or_die(kv, 0, t + rows);
         float *lg = forward_rows(m, kv, 0, ids + t, rows, t, rows);
+        if (t < n_prefill && t + rows == n_prefill) kv_place(kv, 0);   /* the prompt is in */
         for (int i = 0; i < rows; i++, t++) {
             float *logits = lg + (size_t)i * V, *rl = ref_logits + (size_t)i * V;
             nll -= logits[ids[t + 1]] - log_sum_exp(logits, V);
@@ -1345,12 +1870,15 @@ static void mode_ppl(Model *m, KVCache *kv, const Options *o) {
             }
         }
     }
-    double bits_only, physical;
-    kv_ratios(kv, 0, n - 1, &bits_only, &physical);
+    kv_account(kv, 0);
+    KVTotals tot = kv_totals(kv);
     fprintf(stderr, "%d tokens (%d prefill, %d decode) in %.1f s\n", n, n_prefill,
             n - 1 - n_prefill, now_s() - t0);
     printf("tokens: %d\n", n);
-    printf("kv: %s, compression %.2fx bits-only, %.2fx physical\n", o->kv_name, bits_only, physical);
+    printf("kv: %s, compression %.2fx bits-only, %.2fx physical\n", o->kv_name, tot.bits_only,
+           tot.physical);
+    printf("tiers: high %.4f, low %.4f, pruned %.4f\n", tot.high / tot.seen, tot.low / tot.seen,
+           (tot.seen - tot.high - tot.low) / tot.seen);
     if (o->ref) {
         printf("ref %s perplexity: %.6f\n", o->ref, exp(nll_ref / (n - 1)));
         printf("mean KL(ref || kv): %.6f\n", kl / (n - 1));
@@ -1411,10 +1939,11 @@ static void mode_passkey(Model *m, KVCache *kv, const Options *o) {
                 int pl;
                 const char *piece = tokenizer_piece(tk, next, &pl);
                 for (int i = 0; i < pl && alen < (int)sizeof answer - 1; i++) answer[alen++] = piece[i];
-                reserve_or_die(kv, 0, n + g + 1);
+                step_or_die(kv, 0, n + g);
                 logits = forward(m, kv, 0, next, n + g);
             }
             answer[alen] = 0;
+            kv_account(kv, 0);
             kv_release(kv, 0);
             char want[16];
             snprintf(want, sizeof want, "%d", key);
@@ -1456,6 +1985,7 @@ static void mode_logits(Model *m, KVCache *kv, const Options *o) {
     if (n > o->ctx) die("%d ids exceed the context (--ctx) of %d", n, o->ctx);
     FILE *f = fopen(o->out, "wb");
     if (!f) die("cannot write '%s': %s", o->out, strerror(errno));
+    kv_begin(kv, 0, n, kv->defaults.alpha_high, kv->defaults.alpha_low);  /* all prompt */
     for (int t = 0; t < n; t += m->s.chunk) {   /* every row's logits, a chunk at a time */
         int rows = n - t < m->s.chunk ? n - t : m->s.chunk;
         reserve_or_die(kv, 0, t + rows);
@@ -1464,6 +1994,7 @@ static void mode_logits(Model *m, KVCache *kv, const Options *o) {
         if (fwrite(logits, sizeof(float), count, f) != count) die("cannot write '%s'", o->out);
     }
     if (fclose(f) != 0) die("cannot write '%s'", o->out);
+    kv_account(kv, 0);
     kv_release(kv, 0);
     free(ids);
 }
@@ -1493,6 +2024,7 @@ typedef struct {
     int max_new;         /* "n": tokens to generate at most */
     int no_stop;         /* generate exactly max_new (benchmarks) */
     float temperature;   /* "temperature" */
+    float alpha_high, alpha_low; /* "alpha_high", "alpha_low": its tier thresholds (leankv) */
     uint64_t rng;        /* sampler state of this request */
     int state;           /* REQ_* */
     int slot;            /* its cache slot while running */
@@ -1516,11 +2048,12 @@ typedef struct {
     long n_prefill_tok, n_decode_tok;
     int peak_running, peak_pages, preemptions;
     int print_ids;       /* generate mode: print ids after the text */
+    const char *kv_map;  /* --kv-map, written when the batch ends (CPU) */
 } Batch;
 
-/* pages that appending n_new tokens to slot would take */
+/* pages that a prompt of n_total tokens in slot would take */
 static int kv_pages_needed(const KVCache *kv, int seq, int n_total) {
-    int tpp = kv->layout[0].tokens, need = (n_total + tpp - 1) / tpp, missing = 0;
+    int need = kv_prompt_pages(kv, n_total), missing = 0;
     for (int l = 0; l < kv->n_layers; l++)
         for (int h = 0; h < kv->n_kv_heads; h++) {
             int have = kv->n_pg[kv_head(kv, seq, l, h) * LKV_MAX_TIERS];
@@ -1543,11 +2076,13 @@ static int engine_used_pages(Batch *b) {
     return b->kv->n_pages - b->kv->free_count;
 }
 
-/* pages that r's next n tokens need */
+/* pages that r's next n tokens need. On the CPU a decode step (n = 1 after the prompt) also
+ * decides each head's tier case for it (kv_plan_step); engine_decode takes the pages. */
 static int engine_pages_needed(Batch *b, Request *r, int n) {
 #ifdef LKV_CUDA
     if (b->gpu) return gpu_pages_needed(b->gpu, r->slot, n);
 #endif
+    if (n == 1 && r->n_cached > 0) return kv_plan_step(b->kv, r->slot, r->n_cached);
     return kv_pages_needed(b->kv, r->slot, r->n_cached + n);
 }
 
@@ -1583,6 +2118,9 @@ static int engine_prefill(Batch *b, Request *r) {
     } else
 #endif
     {
+        /* a prompt (or prompt + generated, after a preemption) from position 0: its tokens
+         * are placed in the tiers once all are in */
+        kv_begin(b->kv, r->slot, n, r->alpha_high, r->alpha_low);
         if (kv_reserve(b->kv, r->slot, r->n_cached + n) != 0) die("internal: prefill pages");
         float *lg = NULL;
         for (int i = 0, chunk = b->m->s.chunk; i < n; i += chunk) {
@@ -1590,6 +2128,7 @@ static int engine_prefill(Batch *b, Request *r) {
             lg = forward_rows(b->m, b->kv, r->slot, toks + i, rows, r->n_cached + i,
                               i + rows == n);   /* the last chunk: its last row's logits */
         }
+        kv_place(b->kv, r->slot);
         next = sample_request(b, r, lg);
     }
     b->t_prefill += now_s() - t0;
@@ -1620,9 +2159,11 @@ static void engine_decode(Batch *b, Request **run, int n, int *next) {
     } else
 #endif
     {
+        /* run_batch has planned every running request's step (engine_pages_needed) and made
+         * sure the pages are there: one take for all of them */
+        if (kv_take_planned(b->kv) != 0) die("internal: decode pages");
         for (int i = 0; i < n; i++) {
             Request *r = run[i];
-            if (kv_reserve(b->kv, r->slot, r->n_cached + 1) != 0) die("internal: decode pages");
             float *lg = forward(b->m, b->kv, r->slot, r->ids[r->n_cached], r->n_cached);
             next[i] = sample_request(b, r, lg);
         }
@@ -1632,12 +2173,16 @@ static void engine_decode(Batch *b, Request **run, int n, int *next) {
     b->n_decode_tok += n;
 }
 
-static void engine_release(Batch *b, Request *r) {
+/* frees r's slot; finished: r has ended (not preempted), so what it held counts in the report */
+static void engine_release(Batch *b, Request *r, int finished) {
 #ifdef LKV_CUDA
     if (b->gpu) gpu_release(b->gpu, r->slot);
     else
 #endif
+    {
+        if (finished) kv_account(b->kv, r->slot);
         kv_release(b->kv, r->slot);
+    }
     b->slot_free[r->slot] = 1;
     r->slot = -1;
 }
@@ -1691,7 +2236,7 @@ static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch 
             int tok = engine_prefill(b, r);
             if (request_push(b, r, tok)) {   /* done after one token */
                 r->state = REQ_DONE; r->t_end = now_s();
-                engine_release(b, r); n_run--; n_done++;
+                engine_release(b, r, 1); n_run--; n_done++;
                 on_done(b, r);
             }
         }
@@ -1703,7 +2248,7 @@ static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch 
             for (int i = 0; i < n_run; i++) need += engine_pages_needed(b, run[i], 1);
             if (need <= engine_free_pages(b) || n_run == 1) break;
             Request *victim = run[--n_run];
-            engine_release(b, victim);
+            engine_release(b, victim, 0);
             victim->state = REQ_QUEUED;
             victim->preemptions++;
             b->preemptions++;
@@ -1715,7 +2260,7 @@ static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch 
             Request *r = run[--n_run];
             r->error = "the KV pool ran out; output truncated (raise --kv-mem)";
             r->state = REQ_DONE; r->t_end = now_s();
-            engine_release(b, r); n_done++;
+            engine_release(b, r, 1); n_done++;
             on_done(b, r);
             continue;
         }
@@ -1728,7 +2273,7 @@ static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch 
             Request *r = run[i];
             if (request_push(b, r, next[i])) {
                 r->state = REQ_DONE; r->t_end = now_s();
-                engine_release(b, r); n_done++;
+                engine_release(b, r, 1); n_done++;
                 on_done(b, r);
             } else run[kept++] = r;
         }
@@ -1902,6 +2447,9 @@ static const char *parse_request_json(const char *line, size_t len, Request *r) 
             if (json_number(&j, &v)) { free(key); break; }
             if (v < 0 || v > 100) { free(key); json_fail(&j, "\"temperature\" must be in [0, 100]"); break; }
             r->temperature = (float)v;
+        } else if (!strcmp(key, "alpha_high") || !strcmp(key, "alpha_low")) {
+            if (json_number(&j, &v)) { free(key); break; }
+            *(key[6] == 'h' ? &r->alpha_high : &r->alpha_low) = (float)v;
         } else if (json_skip(&j, 0)) { free(key); break; }
         free(key);
         json_ws(&j);
@@ -1914,6 +2462,8 @@ static const char *parse_request_json(const char *line, size_t len, Request *r) 
     json_ws(&j);
     if (j.p != j.end) return "text after the object";
     if (!r->prompt) return "no \"prompt\"";
+    if (!(r->alpha_low >= 0 && r->alpha_high >= r->alpha_low))
+        return "\"alpha_high\" and \"alpha_low\" must satisfy alpha_high >= alpha_low >= 0";
     return NULL;
 }
 
@@ -1995,6 +2545,8 @@ static Request *parse_requests(Model *m, const Options *o, const char *text, siz
             memset(r, 0, sizeof *r);
             r->max_new = o->steps > 0 ? o->steps : o->ctx;
             r->temperature = o->temperature;
+            r->alpha_high = o->policy.alpha_high;
+            r->alpha_low = o->policy.alpha_low;
             r->no_stop = o->no_stop;
             r->slot = -1;
             if (jsonl) {
@@ -2055,6 +2607,7 @@ static void build_batch(Batch *b, Model *m, KVCache *kv, const Options *o, int u
     memset(b, 0, sizeof *b);
     b->m = m; b->ctx = o->ctx; b->topp = o->topp;
     b->max_batch = o->batch;
+    b->kv_map = o->kv_map;
     b->slot_free = xmalloc(b->max_batch * sizeof(int));
     for (int i = 0; i < b->max_batch; i++) b->slot_free[i] = 1;
     b->logits = xmalloc(m->c.vocab_size * sizeof(float));
@@ -2064,9 +2617,15 @@ static void build_batch(Batch *b, Model *m, KVCache *kv, const Options *o, int u
                            sizeof err);
         if (!b->gpu) die("cuda: %s", err);
     } else {
-        build_kvcache(kv, &m->c, b->max_batch, o->ctx, o->kv_mem_mib, o->kv);
+        build_cache(kv, &m->c, b->max_batch, o);
         b->kv = kv;
     }
+}
+
+/* the closing report of the CPU cache (every run), and --kv-map */
+static void finish_cache(KVCache *kv, const char *map) {
+    kv_report(kv, stderr);
+    if (map) kv_write_map(kv, map);
 }
 
 static void free_batch(Batch *b) {
@@ -2103,7 +2662,8 @@ static void mode_serve(Model *m, const Options *o, int use_gpu) {
     }
     double t0 = now_s();
     run_batch(&b, reqs, n_ok, print_request);
-    print_summary(&b, reqs, n_ok, now_s() - t0);
+    if (b.kv) finish_cache(b.kv, b.kv_map);
+    print_summary(&b, reqs, n_ok, now_s() - t0);   /* the last line */
     free_batch(&b);
     free_requests(reqs, n_ok);
 }
@@ -2130,6 +2690,8 @@ static void mode_generate_batched(Model *m, const Options *o, int use_gpu) {
     if (r.n_prompt >= o->ctx) die("the prompt has %d tokens; the context (--ctx) is %d", r.n_prompt, o->ctx);
     r.max_new = o->steps > 0 ? o->steps : o->ctx;
     r.temperature = o->temperature;
+    r.alpha_high = o->policy.alpha_high;
+    r.alpha_low = o->policy.alpha_low;
     r.no_stop = o->no_stop;
     r.rng = o->seed;
     r.slot = -1;
@@ -2141,6 +2703,7 @@ static void mode_generate_batched(Model *m, const Options *o, int use_gpu) {
     b.print_ids = o->print_ids;
     fwrite(prompt, 1, strlen(prompt), stdout);
     run_batch(&b, &r, 1, print_generated);
+    if (b.kv) finish_cache(b.kv, b.kv_map);
     free_batch(&b);
     free(r.id); free(r.ids);
 }
@@ -2166,6 +2729,8 @@ static void mode_bench(Model *m, const Options *o, int use_gpu) {
         r->no_stop = 1;
         r->slot = -1;
         r->rng = rng;
+        r->alpha_high = o->policy.alpha_high;
+        r->alpha_low = o->policy.alpha_low;
     }
     KVCache kv;
     Batch b;
@@ -2183,12 +2748,14 @@ static void mode_bench(Model *m, const Options *o, int use_gpu) {
     }
     run_batch(&b, warm, n_warm, quiet_done);
     free_requests(warm, n_warm);
+    if (b.kv) kv_account_reset(b.kv);
     b.t_prefill = b.t_decode = 0;
     b.n_prefill_tok = b.n_decode_tok = 0;
     b.peak_running = b.peak_pages = b.preemptions = 0;
     double t0 = now_s();
     run_batch(&b, reqs, n, quiet_done);
     double wall = now_s() - t0;
+    if (b.kv) finish_cache(b.kv, b.kv_map);
     long gen = (long)n * o->gen_len, prompt = (long)n * o->prompt_len;
     double pf = b.n_prefill_tok / (b.t_prefill + 1e-9), dc = b.n_decode_tok / (b.t_decode + 1e-9);
     printf("bench: %s, %d requests, batch %d, prompt %d, generate %d\n",
@@ -2220,13 +2787,20 @@ static void usage(FILE *f) {
         "  -y, --system TEXT   system prompt for chat mode\n"
         "  -z, --tokenizer F   llama2.c tokenizer.bin (for legacy checkpoints)\n"
         "  -f, --file F        text file for -m ppl; for generate, requests: JSONL lines\n"
-        "                      {\"prompt\", \"id\", \"n\", \"temperature\"} or one prompt a line\n"
+        "                      {\"prompt\", \"id\", \"n\", \"temperature\", \"alpha_high\",\n"
+        "                      \"alpha_low\"} or one prompt a line\n"
         "  -o, --out F         output file for -m logits\n"
         "      --ctx N         context length (default: the model's, at most 4096)\n"
         "      --kv-mem MIB    KV page pool size in MiB (default: enough for the context)\n"
-        "      --kv TYPE       KV cache: fp16 (default), fp32 (exact, for checks), or kXvY:\n"
-        "                      keys at X bits, values at Y, X and Y in 16, 8, 4, 2 (k8v4, k4v2)\n"
+        "      --kv TYPE       KV cache: fp16 (default), fp32 (exact, for checks), kXvY (keys at\n"
+        "                      X bits, values at Y, X and Y in 16, 8, 4, 2: k8v4, k4v2), leankv\n"
         "      --kv-groups G   channel groups per head vector, each with its scale/zero (1)\n"
+        "      --kv leankv     three tiers per head (high, low, pruned) chosen by attention:\n"
+        "      --kv-high TYPE  its high tier (k8v4)     --kv-low TYPE  its low tier (k4v2)\n"
+        "      --alpha-high A  below A/n a token leaves the high tier (1.0)\n"
+        "      --alpha-low A   below A/n a token is pruned (0.02); requests may carry their own\n"
+        "      --kv-window N   the most recent tokens, never compressed (64)\n"
+        "      --kv-map FILE   after the run, a PNG of the tier fractions per layer and KV head\n"
         "      --ref TYPE      ppl: also run this cache; print KL divergence, top-1 agreement\n"
         "      --ppl-prefill N ppl: tokens fed as a prompt before decoding one by one (512)\n"
         "      --ctx-len N     passkey: context length of each trial (1024)\n"
@@ -2289,6 +2863,9 @@ static void parse_options(Options *o, int argc, char **argv) {
     o->ctx_len = 1024;
     o->trials = 5;
     int groups = 1;
+    const char *kv_high = NULL, *kv_low = NULL;
+    int alphas_given = 0, window_given = 0;
+    o->policy = (LkvPolicy){1.0f, 0.02f, 64, 0};   /* LEANKV.md section 4's defaults */
     o->prompt_len = 128;
     o->gen_len = 128;
     o->prefill_chunk = 64;
@@ -2308,6 +2885,9 @@ static void parse_options(Options *o, int argc, char **argv) {
         {"ppl-prefill", required_argument, 0, 1012}, {"ctx-len", required_argument, 0, 1013},
         {"trials", required_argument, 0, 1014},
         {"prefill-chunk", required_argument, 0, 1030},
+        {"kv-high", required_argument, 0, 1040}, {"kv-low", required_argument, 0, 1041},
+        {"alpha-high", required_argument, 0, 1042}, {"alpha-low", required_argument, 0, 1043},
+        {"kv-window", required_argument, 0, 1044}, {"kv-map", required_argument, 0, 1045},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     opterr = 0;
@@ -2348,6 +2928,13 @@ static void parse_options(Options *o, int argc, char **argv) {
         case 1013: o->ctx_len = (int)parse_long(optarg, "--ctx-len", 64, 1 << 24); break;
         case 1014: o->trials = (int)parse_long(optarg, "--trials", 1, 100000); break;
         case 1030: o->prefill_chunk = (int)parse_long(optarg, "--prefill-chunk", 1, 1024); break;
+        case 1040: kv_high = optarg; break;
+        case 1041: kv_low = optarg; break;
+        case 1042: o->policy.alpha_high = parse_float(optarg, "--alpha-high"); alphas_given = 1; break;
+        case 1043: o->policy.alpha_low = parse_float(optarg, "--alpha-low"); alphas_given = 1; break;
+        case 1044: o->policy.window = (int)parse_long(optarg, "--kv-window", 0, 1 << 24);
+                   window_given = 1; break;
+        case 1045: o->kv_map = optarg; break;
         case 'h': o->help = 1; return;   /* main prints the usage */
         case ':': die("option '%s' needs a value (see --help)", argv[optind - 1]);
         default:
@@ -2364,7 +2951,19 @@ static void parse_options(Options *o, int argc, char **argv) {
     }
     if (optind < argc) die("unexpected argument '%s' (quote a prompt with spaces)", argv[optind]);
     if (!seed_given) o->seed = (uint64_t)time(NULL);
-    o->kv = parse_kv(o->kv_name, groups, "--kv");
+    if (!strcmp(o->kv_name, "leankv")) {   /* two tiers and the policy of LEANKV.md 3-4 */
+        o->kv_tiers = 2;
+        o->kv = parse_kv(kv_high ? kv_high : "k8v4", groups, "--kv-high");
+        o->kv_low = parse_kv(kv_low ? kv_low : "k4v2", groups, "--kv-low");
+        if (!(o->policy.alpha_low >= 0 && o->policy.alpha_high >= o->policy.alpha_low))
+            die("--alpha-high %g and --alpha-low %g must satisfy alpha_high >= alpha_low >= 0",
+                o->policy.alpha_high, o->policy.alpha_low);
+    } else {
+        if (kv_high || kv_low || alphas_given || window_given)
+            die("--kv-high, --kv-low, --alpha-high, --alpha-low and --kv-window need --kv leankv");
+        o->kv_tiers = 1;
+        o->kv = parse_kv(o->kv_name, groups, "--kv");
+    }
     if (o->ref) o->ref_kv = parse_kv(o->ref, groups, "--ref");
     const char *modes[] = {"generate", "chat", "tokenize", "ppl", "logits", "bench", "passkey"};
     int ok = 0;
@@ -2377,6 +2976,13 @@ static void parse_options(Options *o, int argc, char **argv) {
  * the work starts (so that an input error is still the only line) */
 static int choose_device(const Options *o, int head_dim, char *what, size_t n) {
     char name[256] = "";
+    if (o->kv_tiers > 1) {   /* leankv.cu's engine holds one tier (fp16 or kXvY) for now */
+        if (!strcmp(o->device, "cuda")) die("--device cuda: the GPU engine does not run --kv leankv yet");
+        if (!strcmp(o->device, "auto") && gpu_available(name, sizeof name))
+            fprintf(stderr, "leankv: the GPU engine does not run --kv leankv yet; using the CPU\n");
+        snprintf(what, n, "device: cpu");
+        return 0;
+    }
     int have = o->device[1] != 'p' && gpu_available(name, sizeof name);  /* not "cpu" */
     if (!strcmp(o->device, "cuda") && !have) die("--device cuda: no usable GPU (%s)", name);
     const char *refused = lkv_gpu_refuses(o->kv, head_dim);
@@ -2430,7 +3036,7 @@ int main(int argc, char **argv) {
             return 0;
         }
         KVCache kv;
-        build_kvcache(&kv, &m.c, 1, o.ctx, o.kv_mem_mib, o.kv);
+        build_cache(&kv, &m.c, 1, &o);
         Sampler sp;
         build_sampler(&sp, m.c.vocab_size, o.temperature, o.topp, o.seed);
         if (!strcmp(o.mode, "generate")) mode_generate(&m, &kv, &sp, &o);
@@ -2438,6 +3044,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(o.mode, "ppl")) mode_ppl(&m, &kv, &o);
         else if (!strcmp(o.mode, "logits")) mode_logits(&m, &kv, &o);
         else if (!strcmp(o.mode, "passkey")) mode_passkey(&m, &kv, &o);
+        finish_cache(&kv, o.kv_map);
         free_sampler(&sp);
         free_kvcache(&kv);
     }

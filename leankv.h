@@ -5,6 +5,7 @@
  *   3. fp16 <-> fp32 conversion, bit-exact on host and device
  *   4. the page layout of the KV cache (../shared/LEANKV.md section 5)
  *   4b. quantization of a head vector (../shared/LEANKV.md section 2)
+ *   4c. tiers: significance, placement and the decode policy (sections 3, 4 and 6)
  *
  * Every formula that both sides need lives here once, as static inline functions that nvcc
  * compiles for the device too (LKV_HD). */
@@ -451,6 +452,132 @@ LKV_HD void lkv_dequantize(const uint8_t *codes, const uint16_t *sz, int d, int 
         for (int j = g * gs; j < (g + 1) * gs; j++)
             x[j] = fmaf((float)lkv_code_at(codes, bits, j), scale, zero);
     }
+}
+
+/* ----------------------------------------------------------------------------------------
+ * 4c. Tiers: significance, placement and the decode policy (../shared/LEANKV.md sections 3-6)
+ *
+ * A two-tier cache ("--kv leankv") keeps every token of a head in the high tier (tier 0), the
+ * low tier (tier 1), or nowhere (pruned). Page table of a head, `width` entries:
+ *   high-tier token i:  page table[i / tpp_high],              slot i % tpp_high
+ *   low-tier token j:   page table[width - 1 - j / tpp_low],   slot j % tpp_low
+ * so high pages fill from the left, low pages from the right, and neither ever moves a token
+ * to make room for the other.
+ *
+ * Significance (section 3). Each cached token carries an fp32 `score` (a sum of attention
+ * probabilities) and its position `pos`. Query rows are counted from `first` on: at prefill the
+ * last LKV_SCORE_ROWS rows of the prompt, then every decode step. When n queries (positions
+ * 0 .. n-1) have run, the counted rows that saw token pos are those in [max(pos, first), n), so
+ *   n_q  = n - max(pos, first)        mean = score / n_q
+ * Prefill: score = max over the GQA group of (sum over counted rows of that query head's
+ * probability). Decode: each step adds max over the group of that step's probability.
+ *
+ * Thresholds (section 4), n = the current length (prompt length at prefill; at a decode step,
+ * the new token's position, i.e. the queries run so far): a token is eligible for compression
+ * when pos < n - window (the `window` most recent tokens never are), and then
+ *   mean < alpha_low / n  -> pruned,   mean < alpha_high / n -> low tier,   else high.
+ * Divisions are single IEEE operations (lkv_div_rn) so host and device classify alike.
+ *
+ * Prefill placement per head: every eligible token is classified by those two cuts. Sorting the
+ * eligible tokens by mean and cutting the sorted list where it crosses alpha_low/n and
+ * alpha_high/n (the paper's wording) gives exactly the same three sets, so no sort is needed;
+ * each tier keeps its tokens in position order.
+ *
+ * Decode policy per head, before a step's attention; L = the eligible high-tier token of lowest
+ * mean, R = the eligible low-tier token of lowest mean (ties: the lower index), m() the mean,
+ * a missing L or R counting as +infinity:
+ *   1 PRUNE:  m(L) < alpha_low/n and m(L) < m(R)     L is dropped; the new token takes its slot
+ *   2 SWAP:   else m(L) < alpha_high/n and m(R) < alpha_low/n
+ *                                                    L is re-quantized into R's low slot (R is
+ *                                                    dropped); the new token takes L's slot
+ *   3 DEMOTE: else m(L) < alpha_high/n               L is re-quantized into a new low slot; the
+ *                                                    new token takes L's slot
+ *   4 APPEND: else                                   the new token goes to the end of the high tier
+ * New tokens enter the high tier with score 0. Only DEMOTE (low tier full) and APPEND (high
+ * tier full) can need a page; a head grows by at most one token a step.
+ *
+ * Pages (section 6): a prefill reserves lkv_prefill_pages(n) high pages per head. Placement
+ * needs at most that many: ceil(a/h) + ceil(b/l) <= ceil((a+b)/h) + 1 for a high and b low
+ * tokens, a + b <= n, l >= h. So it never takes a page, only gives back.
+ * ---------------------------------------------------------------------------------------- */
+
+#define LKV_SCORE_ROWS 64   /* prompt rows whose attention is counted at prefill (section 3) */
+
+enum { LKV_HIGH = 0, LKV_LOW = 1, LKV_PRUNED = 2 };
+enum { LKV_CASE_NONE = 0, LKV_CASE_PRUNE = 1, LKV_CASE_SWAP = 2, LKV_CASE_DEMOTE = 3,
+       LKV_CASE_APPEND = 4 };
+
+typedef struct {
+    float alpha_high;   /* tokens below alpha_high / n leave the high tier */
+    float alpha_low;    /* tokens below alpha_low / n are pruned; 0 <= alpha_low <= alpha_high */
+    int window;         /* the most recent tokens, never compressed */
+    int first;          /* first counted query row: lkv_score_first(prompt length) */
+} LkvPolicy;
+
+/* the first prompt row whose attention counts towards the scores */
+LKV_HD int lkv_score_first(int n_prompt) {
+    return n_prompt > LKV_SCORE_ROWS ? n_prompt - LKV_SCORE_ROWS : 0;
+}
+
+/* counted query rows that have seen token pos once queries 0 .. n-1 have run */
+LKV_HD int lkv_queries_seen(int n, int pos, int first) { return n - (pos > first ? pos : first); }
+
+/* mean significance of a token: its score over the counted rows that saw it */
+LKV_HD float lkv_mean(float score, int n, int pos, int first) {
+    int nq = lkv_queries_seen(n, pos, first);
+    return nq > 0 ? lkv_div_rn(score, (float)nq) : INFINITY;
+}
+
+LKV_HD int lkv_eligible(int pos, int n, int window) { return pos < n - window; }
+
+/* alpha / n: the cut for a mean at length n */
+LKV_HD float lkv_cut(float alpha, int n) { return lkv_div_rn(alpha, (float)n); }
+
+/* the tier an eligible token of mean m belongs to at length n (prefill placement) */
+LKV_HD int lkv_classify(float m, int n, float alpha_high, float alpha_low) {
+    if (m < lkv_cut(alpha_low, n)) return LKV_PRUNED;
+    if (m < lkv_cut(alpha_high, n)) return LKV_LOW;
+    return LKV_HIGH;
+}
+
+/* the decode case of a head (see above); mL / mR = INFINITY when there is no L / R */
+LKV_HD int lkv_decode_case(float mL, float mR, int n, float alpha_high, float alpha_low) {
+    float lo = lkv_cut(alpha_low, n), hi = lkv_cut(alpha_high, n);
+    if (mL < lo && mL < mR) return LKV_CASE_PRUNE;
+    if (mL < hi && mR < lo) return LKV_CASE_SWAP;
+    if (mL < hi) return LKV_CASE_DEMOTE;
+    return LKV_CASE_APPEND;
+}
+
+/* pages for n tokens at tpp tokens a page */
+LKV_HD int lkv_pages_for(int n, int tpp) { return (n + tpp - 1) / tpp; }
+
+/* high pages a head reserves for a prompt of n tokens: the tokens, plus one for placement */
+LKV_HD int lkv_prefill_pages(int n, int tpp_high) { return lkv_pages_for(n, tpp_high) + 1; }
+
+/* table index of low-tier token j */
+LKV_HD int lkv_low_index(int width, int j, int tpp_low) { return width - 1 - j / tpp_low; }
+
+/* pages (high, low) that a decode case takes, given each tier's tokens and pages */
+LKV_HD int lkv_case_pages(int c, int tier, int n_tok, int n_pg, int tpp) {
+    int full = n_tok >= n_pg * tpp;
+    if (c == LKV_CASE_APPEND && tier == LKV_HIGH) return full;
+    if (c == LKV_CASE_DEMOTE && tier == LKV_LOW) return full;
+    return 0;
+}
+
+/* Compression of a set of heads against a plain fp16 cache of every token they processed
+ * (section 4): bits-only = 32 / sum_tier f_tier (kbits + vbits), f_tier the fraction of the
+ * processed tokens held in that tier (pruned ones hold nothing); physical = fp16 bytes of K
+ * and V of every processed token over the bytes of the pages held. */
+LKV_HD double lkv_ratio_bits(double seen, double n_high, int bits_high, double n_low,
+                             int bits_low) {
+    double bits = n_high * bits_high + n_low * bits_low;
+    return bits > 0 ? 32.0 * seen / bits : 0.0;
+}
+
+LKV_HD double lkv_ratio_physical(double seen, int head_dim, double pages, int page_bytes) {
+    return pages > 0 ? seen * head_dim * 4.0 / (pages * page_bytes) : 0.0;
 }
 
 /* ----------------------------------------------------------------------------------------

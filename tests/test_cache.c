@@ -183,7 +183,7 @@ static void test_paged_attention(void) {
             kv_append(&kv, kv_head(&kv, s, 0, 0), V + t * d, K + t * d, t);  /* another head */
         }
         for (int j = 0; j < d; j++) q[j] = rndf();
-        attention_paged(&kv, kv_head(&kv, s, 0, 1), q, att, o);
+        attention_paged(&kv, kv_head(&kv, s, 0, 1), 1, q, att, 256, o);
         double sc[256], mx = -1e30, sum = 0;
         for (int t = 0; t < n; t++) {
             double x = 0;
@@ -248,10 +248,10 @@ static void test_chunk_kernels(void) {
     int tiles[][2] = {{n_tok - ATT_LANES + 1, ATT_LANES}, {n_tok - 4, 5}, {1, 3}};   /* n0, n */
     for (int tl = 0; tl < 3; tl++) {
         int n0 = tiles[tl][0], rows = tiles[tl][1];
-        attention_rows(&kv, hh, n0, rows, q, o, hd, att);
+        attention_rows(&kv, hh, n0, rows, q, o, hd, att, NULL, 0);
         for (int r = 0; r < rows; r++) {
             kv.n_tok[hh * LKV_MAX_TIERS] = n0 + r;   /* what row r sees */
-            attention_paged(&kv, hh, q + r * hd, att, want);
+            attention_paged(&kv, hh, 1, q + r * hd, att, 256, want);
             kv.n_tok[hh * LKV_MAX_TIERS] = n_tok;
             for (int j = 0; j < hd; j++) worst = fmax(worst, fabs(o[r * hd + j] - want[j]));
         }
