@@ -29,10 +29,7 @@ def assert_one_line_error(r, must_contain):
 
 @pytest.fixture(scope="module")
 def tiny_bin(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tm.write_hf(d / "hf", "llama_mha_tied")
-    tm.run_export(d / "hf", d / "tiny.bin")
-    return d / "tiny.bin"
+    return tm.build_model(tmp_path_factory.mktemp("tiny"), "llama_mha_tied")
 
 
 def test_missing_file(leankv_asan, tmp_path):

@@ -72,10 +72,7 @@ def tiny(tmp_path_factory):
     """tiny models with biases + GQA, and with head_dim 32 (QD != dim) + one KV head"""
     out = {}
     for variant in ("qwen2_bias_gqa_tied", "mistral_mqa_hd32"):
-        d = tmp_path_factory.mktemp(variant)
-        tm.write_hf(d / "hf", variant)
-        tm.run_export(d / "hf", d / "m.bin")
-        out[variant] = d / "m.bin"
+        out[variant] = tm.build_model(tmp_path_factory.mktemp(variant), variant)
     return out
 
 

@@ -50,10 +50,7 @@ def text(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_gqa(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qwen2_bias_gqa_tied")
-    tm.write_hf(d / "hf", "qwen2_bias_gqa_tied")
-    tm.run_export(d / "hf", d / "m.bin")
-    return d / "m.bin"
+    return tm.build_model(tmp_path_factory.mktemp("qwen2_bias_gqa_tied"), "qwen2_bias_gqa_tied")
 
 
 ZERO = ("--kv", "leankv", "--alpha-high", "0", "--alpha-low", "0")

@@ -453,6 +453,14 @@ def run_export(*args, check=True):
     return r
 
 
+def build_model(folder, variant):
+    """A tiny model of `variant` written as an HF folder under folder/hf and exported to
+    folder/m.bin; returns the model.bin path (the fixtures of several test files)."""
+    write_hf(folder / "hf", variant)
+    run_export(folder / "hf", folder / "m.bin")
+    return folder / "m.bin"
+
+
 def read_model_bin(path):
     """Parses model.bin from the byte offsets of leankv.h (not from export.py's code). Returns
     dict(header=..., tensors={name: ndarray float32 / float16}, entries={name: entry},
