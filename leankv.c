@@ -999,6 +999,8 @@ static void kv_report(const KVCache *kv, FILE *f) {
             t.physical);
 }
 
+static void kv_describe_policy(const KVCache *kv, FILE *f);
+
 /* page size, tokens per page and waste of each tier (and leankv's policy): said once at start */
 static void kv_describe(const KVCache *kv, FILE *f) {
     for (int t = 0; t < kv->n_tiers; t++) {
@@ -1009,6 +1011,11 @@ static void kv_describe(const KVCache *kv, FILE *f) {
                 kv->page_bytes, L->tokens, 100.0 * (kv->page_bytes - L->used) / kv->page_bytes,
                 kv->n_pages);
     }
+    kv_describe_policy(kv, f);
+}
+
+/* leankv's tiers and policy (two tiers) */
+static void kv_describe_policy(const KVCache *kv, FILE *f) {
     if (kv->n_tiers > 1)
         fprintf(f, "kv cache: leankv, tier high k%dv%d, low k%dv%d; alpha_high %g, alpha_low %g, "
                 "window %d; scores over the last %d prompt rows\n", kv->tier[0].kbits,
@@ -2038,6 +2045,9 @@ typedef struct {
     Model *m;
     KVCache *kv;         /* CPU cache (n_seqs = max_batch), NULL on the GPU */
     GpuEngine *gpu;      /* GPU engine, NULL on the CPU */
+    KVCache *acct;       /* the cache whose totals make the closing report: kv on the CPU; on
+                            the GPU with two tiers a one-slot stand-in that only counts */
+    int gpu_tiers;       /* tiers of the GPU engine's cache */
     int max_batch;       /* slots */
     int ctx;             /* tokens a sequence may hold */
     float topp;
@@ -2047,6 +2057,8 @@ typedef struct {
     double t_prefill, t_decode;  /* seconds spent in each */
     long n_prefill_tok, n_decode_tok;
     int peak_running, peak_pages, preemptions;
+    double sum_running;  /* sequences in flight, summed over decode steps */
+    long n_steps;        /* decode steps */
     int print_ids;       /* generate mode: print ids after the text */
     const char *kv_map;  /* --kv-map, written when the batch ends (CPU) */
 } Batch;
@@ -2076,14 +2088,27 @@ static int engine_used_pages(Batch *b) {
     return b->kv->n_pages - b->kv->free_count;
 }
 
-/* pages that r's next n tokens need. On the CPU a decode step (n = 1 after the prompt) also
- * decides each head's tier case for it (kv_plan_step); engine_decode takes the pages. */
+/* pages that r's prompt (n tokens, plus one for its first decode step) needs */
 static int engine_pages_needed(Batch *b, Request *r, int n) {
 #ifdef LKV_CUDA
     if (b->gpu) return gpu_pages_needed(b->gpu, r->slot, n);
 #endif
-    if (n == 1 && r->n_cached > 0) return kv_plan_step(b->kv, r->slot, r->n_cached);
     return kv_pages_needed(b->kv, r->slot, r->n_cached + n);
+}
+
+/* Pages that the next decode step of each of the n running requests takes, into need[]. On a
+ * two-tier cache this decides each head's tier case for the step (kv_plan_step; on the GPU, one
+ * kernel for every head of every request), which engine_decode then carries out. */
+static void engine_plan(Batch *b, Request **run, int n, int *need) {
+#ifdef LKV_CUDA
+    if (b->gpu) {
+        int slots[n];
+        for (int i = 0; i < n; i++) slots[i] = run[i]->slot;
+        gpu_plan(b->gpu, n, slots, need);
+        return;
+    }
+#endif
+    for (int i = 0; i < n; i++) need[i] = kv_plan_step(b->kv, run[i]->slot, run[i]->n_cached);
 }
 
 static int sample_request(Batch *b, Request *r, float *logits) {
@@ -2108,12 +2133,15 @@ static int engine_prefill(Batch *b, Request *r) {
 #ifdef LKV_CUDA
     if (b->gpu) {
         float *lg = r->temperature > 0 ? b->logits : NULL;
+        /* a two-tier cache: scores over the prompt's last rows, placement once all are in */
+        if (b->gpu_tiers > 1) gpu_begin(b->gpu, r->slot, n, r->alpha_high, r->alpha_low);
         /* only the last row's logits are needed; gpu_prefill gives all rows, so ask for the
          * last token separately when sampling */
         if (lg && n > 1) {
             if (gpu_prefill(b->gpu, r->slot, toks, n - 1, &next, NULL) != 0) die("gpu prefill");
             if (gpu_prefill(b->gpu, r->slot, toks + n - 1, 1, &next, lg) != 0) die("gpu prefill");
         } else if (gpu_prefill(b->gpu, r->slot, toks, n, &next, lg) != 0) die("gpu prefill");
+        gpu_place(b->gpu, r->slot);
         if (lg) next = sample_request(b, r, lg);
     } else
 #endif
@@ -2176,8 +2204,20 @@ static void engine_decode(Batch *b, Request **run, int n, int *next) {
 /* frees r's slot; finished: r has ended (not preempted), so what it held counts in the report */
 static void engine_release(Batch *b, Request *r, int finished) {
 #ifdef LKV_CUDA
-    if (b->gpu) gpu_release(b->gpu, r->slot);
-    else
+    if (b->gpu) {
+        if (finished && b->acct) {   /* two tiers: what the slot's heads hold, counted here */
+            KVCache *kv = b->acct;
+            int heads = kv->n_layers * kv->n_kv_heads, counts[heads * 4];
+            gpu_tier_counts(b->gpu, r->slot, counts);
+            for (int a = 0; a < heads; a++) {
+                kv->acc_high[a] += counts[a * 4];
+                kv->acc_low[a] += counts[a * 4 + 1];
+                kv->acc_seen[a] += gpu_slot_len(b->gpu, r->slot);
+                kv->acc_pages += counts[a * 4 + 2] + counts[a * 4 + 3];
+            }
+        }
+        gpu_release(b->gpu, r->slot);
+    } else
 #endif
     {
         if (finished) kv_account(b->kv, r->slot);
@@ -2202,6 +2242,7 @@ static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch 
     int q_head = 0, q_len = n_req, n_done = 0, n_run = 0;
     Request **run = xmalloc((size_t)b->max_batch * sizeof(Request *));
     int *next = xmalloc((size_t)b->max_batch * sizeof(int));
+    int *need = xmalloc((size_t)b->max_batch * sizeof(int));   /* pages of each one's step */
     for (int i = 0; i < n_req; i++) queue[i] = i;
     /* the queue is a ring: preempted requests go back to its front */
 #define QAT(k) queue[(q_head + (k)) % n_req]
@@ -2243,11 +2284,13 @@ static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch 
         if (n_run > b->peak_running) b->peak_running = n_run;
         if (n_run == 0) continue;
         /* 2. pages for this step; preempt the newest requests until they suffice */
+        engine_plan(b, run, n_run, need);
+        long total = 0;
+        for (int i = 0; i < n_run; i++) total += need[i];
         for (;;) {
-            int need = 0;
-            for (int i = 0; i < n_run; i++) need += engine_pages_needed(b, run[i], 1);
-            if (need <= engine_free_pages(b) || n_run == 1) break;
+            if (total <= engine_free_pages(b) || n_run == 1) break;
             Request *victim = run[--n_run];
+            total -= need[n_run];
             engine_release(b, victim, 0);
             victim->state = REQ_QUEUED;
             victim->preemptions++;
@@ -2255,7 +2298,7 @@ static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch 
             q_head = (q_head + n_req - 1) % n_req; q_len++;
             QAT(0) = (int)(victim - reqs);
         }
-        if (n_run == 1 && engine_pages_needed(b, run[0], 1) > engine_free_pages(b)) {
+        if (n_run == 1 && need[0] > engine_free_pages(b)) {
             /* alone, it outgrew the whole pool: it ends here, truncated, and says so */
             Request *r = run[--n_run];
             r->error = "the KV pool ran out; output truncated (raise --kv-mem)";
@@ -2266,6 +2309,8 @@ static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch 
         }
         /* 3. one decode step for everyone running */
         engine_decode(b, run, n_run, next);
+        b->sum_running += n_run;
+        b->n_steps++;
         int used = engine_used_pages(b);
         if (used > b->peak_pages) b->peak_pages = used;
         int kept = 0;
@@ -2280,7 +2325,7 @@ static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch 
         n_run = kept;
     }
 #undef QAT
-    free(queue); free(run); free(next);
+    free(queue); free(run); free(next); free(need);
 }
 
 /* ----------------------------------------------------------------------------------------
@@ -2613,12 +2658,20 @@ static void build_batch(Batch *b, Model *m, KVCache *kv, const Options *o, int u
     b->logits = xmalloc(m->c.vocab_size * sizeof(float));
     if (use_gpu) {
         char err[256];
-        b->gpu = gpu_build(&m->c, &m->w, o->kv, b->max_batch, 512, o->ctx, o->kv_mem_mib, err,
-                           sizeof err);
+        LkvPrecision tiers[2] = {o->kv, o->kv_low};
+        b->gpu = gpu_build(&m->c, &m->w, tiers, o->kv_tiers, o->policy, b->max_batch, 512, o->ctx,
+                           o->kv_mem_mib, err, sizeof err);
         if (!b->gpu) die("cuda: %s", err);
+        b->gpu_tiers = o->kv_tiers;
+        if (o->kv_tiers > 1) {   /* the report's counts, kept by a one-slot cache of 1 MiB */
+            build_kvcache_tiers(kv, &m->c, 1, 64, 1, tiers, 2);
+            kv->defaults = o->policy;
+            kv_describe_policy(kv, stderr);
+            b->acct = kv;
+        }
     } else {
         build_cache(kv, &m->c, b->max_batch, o);
-        b->kv = kv;
+        b->kv = b->acct = kv;
     }
 }
 
@@ -2630,7 +2683,7 @@ static void finish_cache(KVCache *kv, const char *map) {
 
 static void free_batch(Batch *b) {
     if (b->gpu) gpu_free(b->gpu);
-    if (b->kv) free_kvcache(b->kv);
+    if (b->acct) free_kvcache(b->acct);
     free(b->slot_free);
     free(b->logits);
 }
@@ -2640,10 +2693,11 @@ static void print_summary(Batch *b, Request *reqs, int n, double wall) {
     int failed = 0;
     for (int i = 0; i < n; i++) { gen += reqs[i].n_gen; prompt += reqs[i].n_prompt; failed += !!reqs[i].error; }
     fprintf(stderr, "summary: %d requests (%d failed), %ld prompt + %ld generated tokens in %.2f s: "
-            "prefill %.1f tok/s, decode %.1f tok/s, total %.1f tok/s; peak %d sequences in flight, "
-            "peak %d KV pages; %d preemptions\n", n, failed, prompt, gen, wall,
+            "prefill %.1f tok/s, decode %.1f tok/s, total %.1f tok/s; peak %d sequences in flight "
+            "(mean %.1f), peak %d KV pages; %d preemptions\n", n, failed, prompt, gen, wall,
             b->n_prefill_tok / (b->t_prefill + 1e-9), b->n_decode_tok / (b->t_decode + 1e-9),
-            (prompt + gen) / (wall + 1e-9), b->peak_running, b->peak_pages, b->preemptions);
+            (prompt + gen) / (wall + 1e-9), b->peak_running,
+            b->n_steps ? b->sum_running / b->n_steps : 0.0, b->peak_pages, b->preemptions);
 }
 
 static void mode_serve(Model *m, const Options *o, int use_gpu) {
@@ -2662,7 +2716,7 @@ static void mode_serve(Model *m, const Options *o, int use_gpu) {
     }
     double t0 = now_s();
     run_batch(&b, reqs, n_ok, print_request);
-    if (b.kv) finish_cache(b.kv, b.kv_map);
+    if (b.acct) finish_cache(b.acct, b.kv_map);
     print_summary(&b, reqs, n_ok, now_s() - t0);   /* the last line */
     free_batch(&b);
     free_requests(reqs, n_ok);
@@ -2703,7 +2757,7 @@ static void mode_generate_batched(Model *m, const Options *o, int use_gpu) {
     b.print_ids = o->print_ids;
     fwrite(prompt, 1, strlen(prompt), stdout);
     run_batch(&b, &r, 1, print_generated);
-    if (b.kv) finish_cache(b.kv, b.kv_map);
+    if (b.acct) finish_cache(b.acct, b.kv_map);
     free_batch(&b);
     free(r.id); free(r.ids);
 }
@@ -2748,26 +2802,28 @@ static void mode_bench(Model *m, const Options *o, int use_gpu) {
     }
     run_batch(&b, warm, n_warm, quiet_done);
     free_requests(warm, n_warm);
-    if (b.kv) kv_account_reset(b.kv);
+    if (b.acct) kv_account_reset(b.acct);
     b.t_prefill = b.t_decode = 0;
     b.n_prefill_tok = b.n_decode_tok = 0;
     b.peak_running = b.peak_pages = b.preemptions = 0;
+    b.sum_running = 0; b.n_steps = 0;
     double t0 = now_s();
     run_batch(&b, reqs, n, quiet_done);
     double wall = now_s() - t0;
-    if (b.kv) finish_cache(b.kv, b.kv_map);
+    if (b.acct) finish_cache(b.acct, b.kv_map);
     long gen = (long)n * o->gen_len, prompt = (long)n * o->prompt_len;
     double pf = b.n_prefill_tok / (b.t_prefill + 1e-9), dc = b.n_decode_tok / (b.t_decode + 1e-9);
     printf("bench: %s, %d requests, batch %d, prompt %d, generate %d\n",
            use_gpu ? "cuda" : "cpu", n, o->batch, o->prompt_len, o->gen_len);
-    printf("prefill %.1f tok/s, decode %.1f tok/s, total %.1f tok/s, peak %d sequences in flight, "
-           "peak %d KV pages, %d preemptions, %.2f s\n", pf, dc, (prompt + gen) / wall,
-           b.peak_running, b.peak_pages, b.preemptions, wall);
+    double mean_seqs = b.n_steps ? b.sum_running / b.n_steps : 0.0;
+    printf("prefill %.1f tok/s, decode %.1f tok/s, total %.1f tok/s, peak %d sequences in flight "
+           "(mean %.1f), peak %d KV pages, %d preemptions, %.2f s\n", pf, dc, (prompt + gen) / wall,
+           b.peak_running, mean_seqs, b.peak_pages, b.preemptions, wall);
     printf("{\"device\":\"%s\",\"requests\":%d,\"batch\":%d,\"prompt_len\":%d,\"gen_len\":%d,"
            "\"prefill_tok_s\":%.1f,\"decode_tok_s\":%.1f,\"total_tok_s\":%.1f,\"peak_seqs\":%d,"
-           "\"peak_pages\":%d,\"preemptions\":%d,\"seconds\":%.3f}\n", use_gpu ? "cuda" : "cpu",
-           n, o->batch, o->prompt_len, o->gen_len, pf, dc, (prompt + gen) / wall,
-           b.peak_running, b.peak_pages, b.preemptions, wall);
+           "\"mean_seqs\":%.1f,\"peak_pages\":%d,\"preemptions\":%d,\"seconds\":%.3f}\n",
+           use_gpu ? "cuda" : "cpu", n, o->batch, o->prompt_len, o->gen_len, pf, dc,
+           (prompt + gen) / wall, b.peak_running, mean_seqs, b.peak_pages, b.preemptions, wall);
     free_batch(&b);
     free_requests(reqs, n);
 }
@@ -2808,7 +2864,8 @@ static void usage(FILE *f) {
         "      --print-ids     print generated token ids instead of text\n"
         "      --no-stop       generate exactly -n tokens, ignoring stop tokens\n"
         "      --device D      auto (GPU when present), cpu or cuda (default auto); the GPU\n"
-        "                      keeps fp16 or kXvY with X >= Y, auto leaves the rest to the CPU\n"
+        "                      keeps fp16, kXvY with X >= Y and leankv of such tiers; auto\n"
+        "                      leaves the rest to the CPU\n"
         "      --batch N       sequences in flight at most (default: cpu 8, cuda 256)\n"
         "      --requests N    bench: requests (default: --batch)\n"
         "      --prompt-len N  bench: prompt tokens (default 128)\n"
@@ -2977,16 +3034,10 @@ static void parse_options(Options *o, int argc, char **argv) {
  * the work starts (so that an input error is still the only line) */
 static int choose_device(const Options *o, int head_dim, char *what, size_t n) {
     char name[256] = "";
-    if (o->kv_tiers > 1) {   /* leankv.cu's engine holds one tier (fp16 or kXvY) for now */
-        if (!strcmp(o->device, "cuda")) die("--device cuda: the GPU engine does not run --kv leankv yet");
-        if (!strcmp(o->device, "auto") && gpu_available(name, sizeof name))
-            fprintf(stderr, "leankv: the GPU engine does not run --kv leankv yet; using the CPU\n");
-        snprintf(what, n, "device: cpu");
-        return 0;
-    }
     int have = o->device[1] != 'p' && gpu_available(name, sizeof name);  /* not "cpu" */
     if (!strcmp(o->device, "cuda") && !have) die("--device cuda: no usable GPU (%s)", name);
     const char *refused = lkv_gpu_refuses(o->kv, head_dim);
+    if (!refused && o->kv_tiers > 1) refused = lkv_gpu_refuses(o->kv_low, head_dim);
     if (have && refused) {   /* a cache type only the CPU keeps */
         if (!strcmp(o->device, "cuda")) die("--device cuda --kv %s: %s", o->kv_name, refused);
         snprintf(what, n, "device: cpu (--kv %s: %s)", o->kv_name, refused);

@@ -18,6 +18,7 @@
 #include <cublas_v2.h>
 #include <cuda_profiler_api.h>
 #include <cub/block/block_scan.cuh>
+#include <cub/device/device_scan.cuh>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -218,19 +219,55 @@ typedef struct {
     int kbits, vbits;   /* 16 (fp16), 8, 4 or 2 */
     int groups;         /* scale/zero groups per head vector */
     int n_pages;        /* pages in the pool */
-} KvGeom;               /* what a kernel needs to find token i of a head: passed by value */
+    int tmul;           /* t / tpp = (t * tmul) >> 20 for every token index of a head, when tpp
+                           is not a power of two (a low tier's 28); 0: divide */
+} KvGeom;
+
+/* t / tpp without a division per token: pages of a power of two tokens shift, others multiply
+ * by a reciprocal that the host has checked exact for every index a head can reach */
+__device__ __forceinline__ int kv_page_index(const KvGeom &g, int t) {
+    if ((g.tpp & (g.tpp - 1)) == 0) return t >> (__ffs(g.tpp) - 1);
+    return g.tmul ? (int)(((unsigned)t * (unsigned)g.tmul) >> 20) : t / g.tpp;
+}               /* what a kernel needs to find token i of a head: passed by value */
 
 typedef struct {
-    KvGeom geom;
-    LkvPrecision prec;    /* the cache's precision (--kv) */
-    LkvPageLayout layout; /* its page layout, from leankv.h */
+    KvGeom geom;          /* tier 0's geometry (the only tier of a one-precision cache) */
+    KvGeom tg[LKV_MAX_TIERS]; /* [n_tiers] each tier's geometry: same pages, own layout */
+    int n_tiers;          /* 1: one precision; 2: leankv's high and low tiers */
+    LkvPrecision tier[LKV_MAX_TIERS]; /* [n_tiers] precision of each tier (--kv / --kv-high, --kv-low) */
+    LkvPrecision prec;    /* = tier[0] */
+    LkvPageLayout layout; /* tier 0's page layout, from leankv.h */
+    LkvPageLayout layouts[LKV_MAX_TIERS]; /* [n_tiers] */
     uint8_t *pool;        /* (n_pages, page_bytes) device */
     int *free_ids;        /* (n_pages) device, circular array of free page ids */
-    int *ring;            /* (2) device: free_start, free_count */
-    int *table;           /* (max_slots, n_layers, n_kv_heads, width) device page ids */
+    int *ring;            /* (3) device: free_start, free_count, total of the last scan */
+    int *table;           /* (max_slots, n_layers, n_kv_heads, width) device page ids; two
+                             tiers: high pages from the left, low from the right */
     int free_count;       /* host copy of ring[1], kept exact without reading it back */
-    int *slot_len;        /* (max_slots) host: tokens each slot holds */
+    int *slot_len;        /* (max_slots) host: tokens each slot has processed */
     int max_slots;
+    /* two tiers only (NULL otherwise): the per-head counts and the manager's arrays */
+    int n_heads_total;    /* max_slots * n_layers * n_kv_heads */
+    int *n_tok;           /* (n_heads_total, 2) device: tokens held in each tier */
+    int *n_pg;            /* (n_heads_total, 2) device: pages held by each tier */
+    int *want;            /* (n_heads_total, 2) device: pages a head takes or gives (section 6) */
+    int *offset;          /* (n_heads_total, 2) device: exclusive prefix sum of want */
+    void *scan_tmp;       /* cub's scratch for that prefix sum */
+    size_t scan_tmp_bytes;
+    int *plan;            /* (n_heads_total, 3) device: next token's decode case, L and R */
+    LkvPolicy *policy;    /* (max_slots) device: each slot's alphas, window, first counted row */
+    LkvPolicy *h_policy;  /* (max_slots) pinned host copy */
+    LkvPolicy defaults;   /* alphas and window of a request that names none */
+    int *placed;          /* (max_slots) host: 1 once the slot's prompt is placed */
+    float *pscore;        /* (n_layers, n_heads, ctx) device: prompt score sums per query head
+                             of the one slot in prefill */
+    float *stage;         /* (n_layers, n_kv_heads, ctx, 2 * head_dim + 2) device: placement's
+                             low tokens (k, v, score, position) */
+    float *raw;           /* (max_rows, n_heads, ctx) device: a decode step's q.k/sqrt(d) */
+    float *ml;            /* (max_rows, n_heads, 2) device: its softmax max and sum */
+    int *row_need;        /* (max_rows) device: pages each row's planned step takes */
+    int *h_need;          /* (max_rows) pinned host copy */
+    int *slot_need;       /* (max_slots) host: pages each slot's planned step takes */
 } KVCache;
 
 /* index of the page table of (slot, layer, KV head) */
@@ -241,23 +278,44 @@ __device__ __forceinline__ size_t kv_head(const KvGeom &g, int slot, int layer, 
 __global__ void init_free_ring(int *free_ids, int *ring, int n_pages) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n_pages) free_ids[i] = i;
-    if (i == 0) { ring[0] = 0; ring[1] = n_pages; }
+    if (i == 0) { ring[0] = 0; ring[1] = n_pages; ring[2] = 0; }
 }
 
-static void build_kvcache(KVCache *kv, const Config *c, LkvPrecision prec, int max_slots,
-                          int ctx, size_t kv_mem_mib, cudaStream_t st) {
+static KvGeom tier_geom(const Config *c, LkvPrecision p, const LkvPageLayout *L, int page_bytes,
+                        int width) {
+    KvGeom g;
+    memset(&g, 0, sizeof g);
+    g.n_layers = c->n_layers; g.n_kv_heads = c->n_kv_heads;
+    g.tpp = L->tokens; g.page_bytes = page_bytes; g.width = width;
+    g.k_codes = L->k_codes; g.k_sz = L->k_sz; g.v_codes = L->v_codes; g.v_sz = L->v_sz;
+    g.scores = L->scores; g.pos = L->pos;
+    g.kbits = p.kbits; g.vbits = p.vbits; g.groups = p.groups;
+    int ctx = (width - 2) * g.tpp;   /* tokens a head can hold, at most */
+    if ((g.tpp & (g.tpp - 1)) && ctx <= 16384) {
+        g.tmul = ((1 << 20) + g.tpp - 1) / g.tpp;
+        for (int t = 0; t < ctx + 2 * g.tpp; t++)
+            if ((int)(((unsigned)t * (unsigned)g.tmul) >> 20) != t / g.tpp) { g.tmul = 0; break; }
+    }
+    return g;
+}
+
+/* The cache: one precision, or leankv's two tiers (tiers[0] high, tiers[1] low), the page
+ * size chosen for all tiers at once (leankv.h section 4). max_rows sizes the per-row scratch
+ * of two-tier decode steps. */
+static void build_kvcache(KVCache *kv, const Config *c, const LkvPrecision *tiers, int n_tiers,
+                          int max_slots, int max_rows, int ctx, size_t kv_mem_mib,
+                          cudaStream_t st) {
     memset(kv, 0, sizeof *kv);
-    kv->prec = prec;
-    int page_bytes = lkv_page_bytes(&prec, 1, c->head_dim, NULL);
-    lkv_layout_fit(&kv->layout, prec, c->head_dim, page_bytes);
+    kv->n_tiers = n_tiers;
+    for (int t = 0; t < n_tiers; t++) kv->tier[t] = tiers[t];
+    kv->prec = tiers[0];
+    int page_bytes = lkv_page_bytes(tiers, n_tiers, c->head_dim, NULL);
+    for (int t = 0; t < n_tiers; t++) lkv_layout_fit(&kv->layouts[t], tiers[t], c->head_dim, page_bytes);
+    kv->layout = kv->layouts[0];
+    int tpp = kv->layouts[0].tokens, width = (ctx + tpp - 1) / tpp + 2;
+    for (int t = 0; t < n_tiers; t++)
+        kv->tg[t] = tier_geom(c, tiers[t], &kv->layouts[t], page_bytes, width);
     KvGeom *g = &kv->geom;
-    const LkvPageLayout *L = &kv->layout;
-    g->n_layers = c->n_layers; g->n_kv_heads = c->n_kv_heads;
-    g->tpp = L->tokens; g->page_bytes = page_bytes;
-    g->width = (ctx + g->tpp - 1) / g->tpp + 2;
-    g->k_codes = L->k_codes; g->k_sz = L->k_sz; g->v_codes = L->v_codes; g->v_sz = L->v_sz;
-    g->scores = L->scores; g->pos = L->pos;
-    g->kbits = prec.kbits; g->vbits = prec.vbits; g->groups = prec.groups;
     kv->max_slots = max_slots;
     size_t bytes;
     if (kv_mem_mib) bytes = kv_mem_mib << 20;
@@ -268,20 +326,53 @@ static void build_kvcache(KVCache *kv, const Config *c, LkvPrecision prec, int m
     }
     size_t n_pages = bytes / page_bytes;
     if (n_pages > (1u << 30)) n_pages = 1u << 30;
-    g->n_pages = (int)n_pages;
+    for (int t = 0; t < n_tiers; t++) kv->tg[t].n_pages = (int)n_pages;
+    *g = kv->tg[0];
     kv->pool = (uint8_t *)dmalloc(n_pages * page_bytes);
     kv->free_ids = (int *)dmalloc(n_pages * sizeof(int));
-    kv->ring = (int *)dmalloc(2 * sizeof(int));
+    kv->ring = (int *)dmalloc(3 * sizeof(int));
     kv->table = (int *)dmalloc((size_t)max_slots * c->n_layers * c->n_kv_heads * g->width * 4);
     init_free_ring<<<(g->n_pages + 255) / 256, 256, 0, st>>>(kv->free_ids, kv->ring, g->n_pages);
     LAUNCH_CHECK();
     kv->free_count = g->n_pages;
     kv->slot_len = (int *)calloc(max_slots, sizeof(int));
+    if (n_tiers < 2) return;
+    size_t H = (size_t)max_slots * c->n_layers * c->n_kv_heads;
+    kv->n_heads_total = (int)H;
+    kv->n_tok = (int *)dmalloc(H * 2 * sizeof(int));
+    kv->n_pg = (int *)dmalloc(H * 2 * sizeof(int));
+    kv->want = (int *)dmalloc(H * 2 * sizeof(int));
+    kv->offset = (int *)dmalloc(H * 2 * sizeof(int));
+    kv->plan = (int *)dmalloc(H * 3 * sizeof(int));
+    CUDA_CHECK(cudaMemsetAsync(kv->n_tok, 0, H * 2 * sizeof(int), st));
+    CUDA_CHECK(cudaMemsetAsync(kv->n_pg, 0, H * 2 * sizeof(int), st));
+    CUDA_CHECK(cudaMemsetAsync(kv->want, 0, H * 2 * sizeof(int), st));
+    CUDA_CHECK(cudaMemsetAsync(kv->plan, 0, H * 3 * sizeof(int), st));
+    CUDA_CHECK(cub::DeviceScan::ExclusiveSum(NULL, kv->scan_tmp_bytes, kv->want, kv->offset,
+                                             (int)(H * 2), st));
+    kv->scan_tmp = dmalloc(kv->scan_tmp_bytes);
+    kv->policy = (LkvPolicy *)dmalloc(max_slots * sizeof(LkvPolicy));
+    CUDA_CHECK(cudaMallocHost(&kv->h_policy, max_slots * sizeof(LkvPolicy)));
+    kv->placed = (int *)calloc(max_slots, sizeof(int));
+    kv->pscore = (float *)dmalloc((size_t)c->n_layers * c->n_heads * ctx * sizeof(float));
+    kv->stage = (float *)dmalloc((size_t)c->n_layers * c->n_kv_heads * ctx * (2 * c->head_dim + 2) *
+                                 sizeof(float));
+    kv->raw = (float *)dmalloc((size_t)max_rows * c->n_heads * ctx * sizeof(float));
+    kv->ml = (float *)dmalloc((size_t)max_rows * c->n_heads * 2 * sizeof(float));
+    kv->row_need = (int *)dmalloc(max_rows * sizeof(int));
+    CUDA_CHECK(cudaMallocHost(&kv->h_need, max_rows * sizeof(int)));
+    kv->slot_need = (int *)malloc(max_slots * sizeof(int));
+    for (int i = 0; i < max_slots; i++) kv->slot_need[i] = -1;   /* -1: not planned */
 }
 
 static void free_kvcache(KVCache *kv) {
     cudaFree(kv->pool); cudaFree(kv->free_ids); cudaFree(kv->ring); cudaFree(kv->table);
     free(kv->slot_len);
+    if (kv->n_tiers < 2) return;
+    cudaFree(kv->n_tok); cudaFree(kv->n_pg); cudaFree(kv->want); cudaFree(kv->offset);
+    cudaFree(kv->scan_tmp); cudaFree(kv->plan); cudaFree(kv->policy); cudaFreeHost(kv->h_policy);
+    free(kv->placed); cudaFree(kv->pscore); cudaFree(kv->stage); cudaFree(kv->raw);
+    cudaFree(kv->ml); cudaFree(kv->row_need); cudaFreeHost(kv->h_need); free(kv->slot_need);
 }
 
 /* Before a step: a row whose position is the first slot of a page opens a new page in every
@@ -384,6 +475,343 @@ __device__ void kv_append(uint8_t *pool, const int *table, const KvGeom &g, size
     if (!is_v && lane == 0) {
         ((float *)(page + g.scores))[slot] = 0.0f;
         ((int *)(page + g.pos))[slot] = pos;
+    }
+}
+
+/* ---- Two tiers (--kv leankv): the memory manager's kernels, placement and the decode policy.
+ * Each is the twin of a leankv.c function of the same name, run for every head at once. A head
+ * of a two-tier cache keeps its own counts (n_tok, n_pg) and its table holds high pages from the
+ * left, low pages from the right (leankv.h 4c); the host never sees a page id. */
+
+/* page of token i of a tier of head `head`, and its slot in that page */
+__device__ __forceinline__ uint8_t *kv_page(uint8_t *pool, const int *table, const KvGeom &g,
+                                            size_t head, int tier, int i, int *slot) {
+    int k = kv_page_index(g, i);
+    *slot = i - k * g.tpp;
+    return pool + (size_t)table[head * g.width + (tier ? g.width - 1 - k : k)] * g.page_bytes;
+}
+
+/* one warp stores a key (is_v 0) or a value (is_v 1) into a slot of a page of tier geometry g */
+__device__ void kv_put_vec(uint8_t *page, const KvGeom &g, int slot, int is_v, const float *x,
+                           int d, int lane) {
+    int bits = is_v ? g.vbits : g.kbits;
+    kv_store(page + (is_v ? g.v_codes : g.k_codes) + (size_t)slot * lkv_code_bytes(d, bits),
+             (uint16_t *)(page + (is_v ? g.v_sz : g.k_sz) + (size_t)slot * lkv_sz_bytes(g.groups, bits)),
+             x, d, bits, g.groups, lane);
+}
+
+/* element j of the key (is_v 0) or value (is_v 1) in a slot, dequantized as the CPU's kv_load
+ * does (leankv.h lkv_dequant_at: the same fused multiply-add on both sides) */
+__device__ __forceinline__ float kv_load_at(const uint8_t *page, const KvGeom &g, int slot,
+                                            int is_v, int d, int j) {
+    int bits = is_v ? g.vbits : g.kbits;
+    return lkv_dequant_at(page + (is_v ? g.v_codes : g.k_codes) + (size_t)slot * lkv_code_bytes(d, bits),
+                          (const uint16_t *)(page + (is_v ? g.v_sz : g.k_sz) +
+                                             (size_t)slot * lkv_sz_bytes(g.groups, bits)),
+                          d, bits, g.groups, j);
+}
+
+/* Step 1, prepare: each head of `slot` (heads = n_layers * n_kv_heads of them) says what it
+ * takes or gives; heads not involved keep want = 0. */
+__global__ void kv_prepare_reserve(int *want, const int *n_pg, int slot, int heads, int need) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= heads) return;
+    size_t hh = (size_t)slot * heads + i;
+    int have = n_pg[hh * 2];
+    want[hh * 2] = have < need ? need - have : 0;
+}
+
+__global__ void kv_prepare_release(int *want, const int *n_pg, int *n_tok, int *plan, int slot,
+                                   int heads) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= heads) return;
+    size_t hh = (size_t)slot * heads + i;
+    for (int t = 0; t < 2; t++) { want[hh * 2 + t] = n_pg[hh * 2 + t]; n_tok[hh * 2 + t] = 0; }
+    plan[hh * 3] = LKV_CASE_NONE;
+}
+
+/* the pages each planned head of the step's rows takes (kv_take_planned's prepare) */
+__global__ void kv_prepare_planned(int *want, const int *plan, const int *n_tok, const int *n_pg,
+                                   const int *row_slot, const int *row_pos, int n_rows, int heads,
+                                   int tpp_high, int tpp_low) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_rows * heads || row_pos[i / heads] < 0) return;
+    size_t hh = (size_t)row_slot[i / heads] * heads + i % heads;
+    int c = plan[hh * 3];
+    if (c == LKV_CASE_NONE) return;
+    want[hh * 2] = lkv_case_pages(c, LKV_HIGH, n_tok[hh * 2], n_pg[hh * 2], tpp_high);
+    want[hh * 2 + 1] = lkv_case_pages(c, LKV_LOW, n_tok[hh * 2 + 1], n_pg[hh * 2 + 1], tpp_low);
+}
+
+/* step 2, scan (cub's exclusive sum, then this): ring[2] = the total */
+__global__ void kv_total(int *ring, const int *want, const int *offset, int n) {
+    ring[2] = offset[n - 1] + want[n - 1];
+}
+
+/* Step 3, apply: entry i (head i / 2, tier i % 2) takes the free ids at its offset from the
+ * front of the ring as its tier's next pages, or writes the ids of its tier's last pages at its
+ * offset past the end. The ranges are disjoint, so every head runs at once; kv_ring_update
+ * then moves the ring's ends. */
+__global__ void kv_apply_take(int *table, const int *free_ids, int *want, const int *offset,
+                              int *n_pg, const int *ring, int n, int width, int n_pages) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n || want[i] == 0) return;
+    int w = want[i], t = i % 2, *tab = table + (size_t)(i / 2) * width;
+    for (int k = 0; k < w; k++) {
+        int idx = n_pg[i] + k;
+        tab[t ? width - 1 - idx : idx] = free_ids[((size_t)ring[0] + offset[i] + k) % n_pages];
+    }
+    n_pg[i] += w;
+    want[i] = 0;
+}
+
+__global__ void kv_apply_give(int *free_ids, const int *table, int *want, const int *offset,
+                              int *n_pg, const int *ring, int n, int width, int n_pages) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n || want[i] == 0) return;
+    int w = want[i], t = i % 2;
+    const int *tab = table + (size_t)(i / 2) * width;
+    for (int k = 0; k < w; k++) {
+        int idx = n_pg[i] - w + k;
+        free_ids[((size_t)ring[0] + ring[1] + offset[i] + k) % n_pages] =
+            tab[t ? width - 1 - idx : idx];
+    }
+    n_pg[i] -= w;
+    want[i] = 0;
+}
+
+__global__ void kv_ring_update(int *ring, int take, int n_pages) {
+    if (take) { ring[0] = (int)(((size_t)ring[0] + ring[2]) % n_pages); ring[1] -= ring[2]; }
+    else ring[1] += ring[2];
+}
+
+/* min of (mean, index) pairs over the block: the lower mean, on a tie the lower index (the
+ * CPU's kv_lowest scans in index order with a strict <); index -1 = none */
+__device__ void block_lowest(float *m, int *i) {
+    __shared__ float sm_m[32];
+    __shared__ int sm_i[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, *m, o);
+        int i2 = __shfl_xor_sync(0xffffffffu, *i, o);
+        if (i2 >= 0 && (*i < 0 || m2 < *m || (m2 == *m && i2 < *i))) { *m = m2; *i = i2; }
+    }
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    __syncthreads();
+    if (lane == 0) { sm_m[warp] = *m; sm_i[warp] = *i; }
+    __syncthreads();
+    *m = INFINITY; *i = -1;
+    for (int w = 0; w < nw; w++)
+        if (sm_i[w] >= 0 && (*i < 0 || sm_m[w] < *m || (sm_m[w] == *m && sm_i[w] < *i))) {
+            *m = sm_m[w]; *i = sm_i[w];
+        }
+}
+
+/* Decides the case of every head of every row for the token at the row's position (leankv.h
+ * 4c), before the step: L and R are the eligible tokens of lowest mean in the high and low
+ * tiers. Adds the pages the case needs to row_need[row], which the host reads: the one number
+ * per step that leaves the GPU. Block (layer * n_kv_heads + h, row). */
+#define PLAN_THREADS 128
+__global__ void __launch_bounds__(PLAN_THREADS)
+kv_plan_step(int *plan, int *row_need, uint8_t *pool, const int *table, KvGeom g0, KvGeom g1,
+             const int *n_tok, const int *n_pg, const LkvPolicy *policy, const int *row_slot,
+             const int *row_pos) {
+    int r = blockIdx.y, n = row_pos[r];
+    if (n < 0) return;
+    int heads = g0.n_layers * g0.n_kv_heads, slot = row_slot[r];
+    size_t hh = (size_t)slot * heads + blockIdx.x;
+    LkvPolicy p = policy[slot];
+    float m[2];
+    int idx[2];
+    for (int t = 0; t < 2; t++) {
+        const KvGeom &g = t ? g1 : g0;
+        float best = INFINITY;
+        int bi = -1;
+        for (int i = threadIdx.x; i < n_tok[hh * 2 + t]; i += blockDim.x) {
+            int s;
+            const uint8_t *page = kv_page(pool, table, g, hh, t, i, &s);
+            int pos = ((const int *)(page + g.pos))[s];
+            if (!lkv_eligible(pos, n, p.window)) continue;
+            float mean = lkv_mean(((const float *)(page + g.scores))[s], n, pos, p.first);
+            if (mean < best) { best = mean; bi = i; }
+        }
+        block_lowest(&best, &bi);
+        m[t] = best; idx[t] = bi;
+    }
+    if (threadIdx.x) return;
+    int c = lkv_decode_case(m[0], m[1], n, p.alpha_high, p.alpha_low);
+    plan[hh * 3] = c; plan[hh * 3 + 1] = idx[0]; plan[hh * 3 + 2] = idx[1];
+    int pages = lkv_case_pages(c, LKV_HIGH, n_tok[hh * 2], n_pg[hh * 2], g0.tpp) +
+                lkv_case_pages(c, LKV_LOW, n_tok[hh * 2 + 1], n_pg[hh * 2 + 1], g1.tpp);
+    if (pages) atomicAdd(&row_need[r], pages);
+}
+
+/* Significance at a decode step (section 3): every cached token of each (row, KV head) gains
+ * the max over the GQA group of this step's probability, exp(s - M) / L, from the scores s that
+ * attention_paged left in raw and the max M and sum L that attention_combine left in ml.
+ * Block (KV head, row, 256 tokens): one token a thread, enough blocks to hide the latency. */
+__global__ void kv_score_decode(uint8_t *pool, const int *table, KvGeom g0, KvGeom g1,
+                                const int *n_tok, const float *raw, const float *ml,
+                                const int *row_slot, const int *row_pos, int layer, int n_heads,
+                                int gq, int ctx) {
+    int kvh = blockIdx.x, r = blockIdx.y, t = blockIdx.z * blockDim.x + threadIdx.x;
+    if (row_pos[r] < 0) return;
+    size_t hh = kv_head(g0, row_slot[r], layer, kvh);
+    int nh = n_tok[hh * 2], n = nh + n_tok[hh * 2 + 1];
+    const float *mlr = ml + ((size_t)r * n_heads + kvh * gq) * 2;
+    const float *rr = raw + ((size_t)r * n_heads + kvh * gq) * ctx;
+    if (t < n) {
+        float mx = 0.0f;
+        for (int g = 0; g < gq; g++)
+            mx = fmaxf(mx, __expf(rr[(size_t)g * ctx + t] - mlr[2 * g]) / mlr[2 * g + 1]);
+        int s, tier = t < nh ? LKV_HIGH : LKV_LOW;
+        const KvGeom &g = tier ? g1 : g0;
+        uint8_t *page = kv_page(pool, table, g, hh, tier, tier ? t - nh : t, &s);
+        ((float *)(page + g.scores))[s] += mx;
+    }
+}
+
+/* Prefill significance (section 3): each prompt row at or after the slot's first counted row
+ * adds its probabilities exp(s - M) / L (raw and ml as in kv_score_decode) to its query head's
+ * sums, row after row as the CPU does. Block (query head, 256 tokens). */
+__global__ void kv_score_prefill(float *pscore, const float *raw, const float *ml,
+                                 const int *row_slot, const int *row_pos, int n_rows,
+                                 const LkvPolicy *policy, int layer, int n_heads, int ctx) {
+    int head = blockIdx.x, t = blockIdx.y * blockDim.x + threadIdx.x;
+    if (t >= ctx || n_rows == 0) return;
+    int first = policy[row_slot[0]].first;
+    float *ps = pscore + ((size_t)layer * n_heads + head) * ctx + t, v = *ps;
+    for (int r = 0; r < n_rows; r++) {
+        int pos = row_pos[r];
+        if (pos < first || t > pos) continue;
+        const float *m = ml + ((size_t)r * n_heads + head) * 2;
+        v += __expf(raw[((size_t)r * n_heads + head) * ctx + t] - m[0]) / m[1];
+    }
+    *ps = v;
+}
+
+/* Prefill placement of every (layer, KV head) of slot (leankv.c kv_place_head), after the
+ * whole prompt of n tokens is in the high tier at index = position. Block (KV head, layer):
+ *   1. each token's score (the max over the GQA group of its query heads' sums) goes into its
+ *      page; eligible tokens are classified; low ones are staged in fp32 (dequantized exactly
+ *      as the CPU does) before anything moves
+ *   2. the high tier is compacted in place, a tile of tokens at a time (every read of a tile
+ *      before any write: a token only ever moves to a lower index)
+ *   3. the table becomes [high pages | spare ... low pages], as the CPU arranges it
+ *   4. the staged low tokens are quantized at the low precision into their pages, one thread
+ *      per token with leankv.h's lkv_quantize -- the very code the CPU runs
+ * want[high] gets the spare pages, which the caller gives back for all heads at once.
+ * Dynamic shared memory: PLACE_THREADS tokens of high-tier words, width ints, n bytes. */
+#define PLACE_THREADS 256
+__global__ void __launch_bounds__(PLACE_THREADS)
+kv_place_head(uint8_t *pool, int *table, KvGeom g0, KvGeom g1, int *n_tok, int *n_pg, int *want,
+              const float *pscore, float *stage, const LkvPolicy *policy, int slot, int n,
+              int n_heads, int gq, int head_dim, int ctx) {
+    typedef cub::BlockScan<int, PLACE_THREADS> Scan;
+    __shared__ typename Scan::TempStorage scan_tmp;
+    extern __shared__ uint32_t place_sm[];
+    int d = head_dim, kvh = blockIdx.x, layer = blockIdx.y, tid = threadIdx.x;
+    int kc = lkv_code_bytes(d, g0.kbits) / 4, ks = lkv_sz_bytes(g0.groups, g0.kbits) / 4;
+    int vc = lkv_code_bytes(d, g0.vbits) / 4, vs = lkv_sz_bytes(g0.groups, g0.vbits) / 4;
+    int words = kc + ks + vc + vs + 2;           /* a high-tier token, in 32-bit words */
+    uint32_t *tile = place_sm;                   /* (PLACE_THREADS, words) */
+    int *tab_old = (int *)(place_sm + PLACE_THREADS * words);   /* (width) */
+    uint8_t *tier_of = (uint8_t *)(tab_old + g0.width);          /* (n) */
+    size_t hh = kv_head(g0, slot, layer, kvh);
+    LkvPolicy p = policy[slot];
+    const float *ps = pscore + ((size_t)layer * n_heads + kvh * gq) * ctx;
+    float *st = stage + ((size_t)layer * g0.n_kv_heads + kvh) * ctx * (2 * d + 2);   /* (ctx, 2d + 2):
+                                                                    k, v, score, pos */
+    int nl = 0;
+    for (int t0 = 0; t0 < n; t0 += PLACE_THREADS) {       /* 1. classify, stage */
+        int i = t0 + tid, low = 0, s;
+        if (i < n) {
+            float score = ps[i];
+            for (int g = 1; g < gq; g++) score = fmaxf(score, ps[(size_t)g * ctx + i]);
+            uint8_t *page = kv_page(pool, table, g0, hh, LKV_HIGH, i, &s);
+            int pos = ((int *)(page + g0.pos))[s];
+            int tier = lkv_eligible(pos, n, p.window)
+                           ? lkv_classify(lkv_mean(score, n, pos, p.first), n, p.alpha_high,
+                                          p.alpha_low)
+                           : LKV_HIGH;
+            tier_of[i] = (uint8_t)tier;
+            ((float *)(page + g0.scores))[s] = score;
+            low = tier == LKV_LOW;
+        }
+        int off, total;
+        Scan(scan_tmp).ExclusiveSum(low, off, total);
+        if (low) {
+            uint8_t *page = kv_page(pool, table, g0, hh, LKV_HIGH, i, &s);
+            float *x = st + (size_t)(nl + off) * (2 * d + 2);
+            for (int j = 0; j < 2 * d; j++) x[j] = kv_load_at(page, g0, s, j >= d, d, j % d);
+            x[2 * d] = ((float *)(page + g0.scores))[s];
+            x[2 * d + 1] = __int_as_float(((int *)(page + g0.pos))[s]);
+        }
+        nl += total;
+        __syncthreads();   /* scan_tmp is reused */
+    }
+    int nh = 0;
+    for (int t0 = 0; t0 < n; t0 += PLACE_THREADS) {       /* 2. compact the high tier */
+        int i = t0 + tid, high = i < n && tier_of[i] == LKV_HIGH, off, total, s;
+        Scan(scan_tmp).ExclusiveSum(high, off, total);
+        uint32_t *w = tile + (size_t)tid * words;
+        if (high) {
+            const uint8_t *page = kv_page(pool, table, g0, hh, LKV_HIGH, i, &s);
+            const uint32_t *kcw = (const uint32_t *)(page + g0.k_codes) + (size_t)s * kc;
+            const uint32_t *ksw = (const uint32_t *)(page + g0.k_sz) + (size_t)s * ks;
+            const uint32_t *vcw = (const uint32_t *)(page + g0.v_codes) + (size_t)s * vc;
+            const uint32_t *vsw = (const uint32_t *)(page + g0.v_sz) + (size_t)s * vs;
+            int o = 0;
+            for (int j = 0; j < kc; j++) w[o++] = kcw[j];
+            for (int j = 0; j < ks; j++) w[o++] = ksw[j];
+            for (int j = 0; j < vc; j++) w[o++] = vcw[j];
+            for (int j = 0; j < vs; j++) w[o++] = vsw[j];
+            w[o++] = ((const uint32_t *)(page + g0.scores))[s];
+            w[o++] = ((const uint32_t *)(page + g0.pos))[s];
+        }
+        __syncthreads();   /* the whole tile is read before any of it is written */
+        if (high && nh + off != i) {
+            uint8_t *page = kv_page(pool, table, g0, hh, LKV_HIGH, nh + off, &s);
+            uint32_t *kcw = (uint32_t *)(page + g0.k_codes) + (size_t)s * kc;
+            uint32_t *ksw = (uint32_t *)(page + g0.k_sz) + (size_t)s * ks;
+            uint32_t *vcw = (uint32_t *)(page + g0.v_codes) + (size_t)s * vc;
+            uint32_t *vsw = (uint32_t *)(page + g0.v_sz) + (size_t)s * vs;
+            int o = 0;
+            for (int j = 0; j < kc; j++) kcw[j] = w[o++];
+            for (int j = 0; j < ks; j++) ksw[j] = w[o++];
+            for (int j = 0; j < vc; j++) vcw[j] = w[o++];
+            for (int j = 0; j < vs; j++) vsw[j] = w[o++];
+            ((uint32_t *)(page + g0.scores))[s] = w[o++];
+            ((uint32_t *)(page + g0.pos))[s] = w[o++];
+        }
+        nh += total;
+        __syncthreads();
+    }
+    int np = n_pg[hh * 2], ph = lkv_pages_for(nh, g0.tpp), pl = lkv_pages_for(nl, g1.tpp);
+    int spare = np - ph - pl, *tab = table + hh * g0.width;
+    if (spare < 0) {   /* leankv.h 4c proves this cannot happen */
+        if (tid == 0) printf("leankv: internal: placement needs %d pages, the head holds %d\n", ph + pl, np);
+        __trap();
+    }
+    for (int k = tid; k < np; k += blockDim.x) tab_old[k] = tab[k];
+    __syncthreads();                                       /* 3. the table */
+    for (int k = tid; k < spare; k += blockDim.x) tab[ph + k] = tab_old[ph + pl + k];
+    for (int k = tid; k < pl; k += blockDim.x) tab[g0.width - 1 - k] = tab_old[ph + k];
+    __syncthreads();
+    for (int j = tid; j < nl; j += blockDim.x) {           /* 4. the low tier */
+        int s;
+        uint8_t *page = kv_page(pool, table, g1, hh, LKV_LOW, j, &s);
+        const float *x = st + (size_t)j * (2 * d + 2);
+        lkv_quantize(x, d, g1.kbits, g1.groups, page + g1.k_codes + (size_t)s * lkv_code_bytes(d, g1.kbits),
+                     (uint16_t *)(page + g1.k_sz + (size_t)s * lkv_sz_bytes(g1.groups, g1.kbits)));
+        lkv_quantize(x + d, d, g1.vbits, g1.groups, page + g1.v_codes + (size_t)s * lkv_code_bytes(d, g1.vbits),
+                     (uint16_t *)(page + g1.v_sz + (size_t)s * lkv_sz_bytes(g1.groups, g1.vbits)));
+        ((float *)(page + g1.scores))[s] = x[2 * d];
+        ((int *)(page + g1.pos))[s] = __float_as_int(x[2 * d + 1]);
+    }
+    if (tid == 0) {
+        n_tok[hh * 2] = nh; n_tok[hh * 2 + 1] = nl;
+        n_pg[hh * 2] = ph + spare; n_pg[hh * 2 + 1] = pl;
+        want[hh * 2] = spare; want[hh * 2 + 1] = 0;
     }
 }
 
@@ -529,6 +957,59 @@ __global__ void rope(float *q, uint8_t *pool, const float *qkv, const float *bqk
                   kv_sm + vec * head_dim, head_dim, lane);
 }
 
+/* Writes a decode step's new token into each (row, KV head) as its planned case says
+ * (leankv.c kv_write_token): SWAP and DEMOTE first re-quantize L at the low precision (into R's
+ * slot, or a new low slot), then the new key (rotated) and value take L's slot; APPEND puts
+ * them at the end of the high tier. Block (KV head, row), 64 threads: warp 0 keys, warp 1 values. */
+__global__ void __launch_bounds__(64)
+kv_write_token(uint8_t *pool, const int *table, KvGeom g0, KvGeom g1, int *n_tok, int *plan,
+               const float *qkv, const float *bqkv, const float2 *cos_sin, int style,
+               const int *row_slot, const int *row_pos, int layer, int n_heads, int head_dim) {
+    __shared__ float nw[2 * 128], old[2 * 128];   /* new and demoted (k, v); head_dim <= 128 */
+    __shared__ float old_score;
+    __shared__ int old_pos;
+    int kvh = blockIdx.x, r = blockIdx.y, pos = row_pos[r], tid = threadIdx.x;
+    if (pos < 0) return;
+    size_t hh = kv_head(g0, row_slot[r], layer, kvh);
+    int QD = n_heads * head_dim, KVD = g0.n_kv_heads * head_dim;
+    const float *in = qkv + (size_t)r * (QD + 2 * KVD);
+    int ko = QD + kvh * head_dim, vo = QD + KVD + kvh * head_dim;
+    kv_rotate_head(nw, in + ko, in + vo, bqkv ? bqkv + ko : NULL, bqkv ? bqkv + vo : NULL,
+                   cos_sin, pos, head_dim, style, tid, blockDim.x);
+    int c = plan[hh * 3], L = plan[hh * 3 + 1], R = plan[hh * 3 + 2];
+    int nh = n_tok[hh * 2], nl = n_tok[hh * 2 + 1], s;
+    int demote = c == LKV_CASE_SWAP || c == LKV_CASE_DEMOTE;
+    if (demote) {   /* L, dequantized exactly as the CPU's kv_get */
+        const uint8_t *page = kv_page(pool, table, g0, hh, LKV_HIGH, L, &s);
+        for (int j = tid; j < 2 * head_dim; j += blockDim.x)
+            old[j] = kv_load_at(page, g0, s, j >= head_dim, head_dim, j % head_dim);
+        if (tid == 0) {
+            old_score = ((const float *)(page + g0.scores))[s];
+            old_pos = ((const int *)(page + g0.pos))[s];
+        }
+    }
+    __syncthreads();   /* nw and old are complete */
+    int warp = tid / 32, lane = tid % 32;
+    if (demote) {
+        uint8_t *page = kv_page(pool, table, g1, hh, LKV_LOW, c == LKV_CASE_SWAP ? R : nl, &s);
+        kv_put_vec(page, g1, s, warp, old + warp * head_dim, head_dim, lane);
+        if (tid == 0) {
+            ((float *)(page + g1.scores))[s] = old_score;
+            ((int *)(page + g1.pos))[s] = old_pos;
+        }
+    }
+    int append = c == LKV_CASE_NONE || c == LKV_CASE_APPEND;
+    uint8_t *page = kv_page(pool, table, g0, hh, LKV_HIGH, append ? nh : L, &s);
+    kv_put_vec(page, g0, s, warp, nw + warp * head_dim, head_dim, lane);
+    if (tid == 0) {
+        ((float *)(page + g0.scores))[s] = 0.0f;
+        ((int *)(page + g0.pos))[s] = pos;
+        if (append) n_tok[hh * 2] = nh + 1;
+        if (c == LKV_CASE_DEMOTE) n_tok[hh * 2 + 1] = nl + 1;
+        plan[hh * 3] = LKV_CASE_NONE;
+    }
+}
+
 /* What one thread loads of a token's key or value: the codes of its CH channels (8 or 16). */
 template <int BYTES> struct Bytes;
 template <> struct Bytes<16> { typedef uint4 T; };
@@ -616,12 +1097,26 @@ __device__ __forceinline__ float2 scale_zero(uint32_t sz) {
 #define ATT_BLOCKS_PER_SM 3   /* blocks of attention_paged<64, G <= 4> resident per SM */
 #endif
 #define ATT_THREADS(HD) ((HD) == 64 ? 128 : 256)   /* threads of a block */
+
+/* What a launch over one tier of a two-tier cache (or for prefill scores) adds to the plain
+ * one: per-head token counts instead of positions, the tier's end of the page table, where its
+ * splits go among all partials, and the scores q.k/sqrt(d) kept for significance. */
+typedef struct {
+    const int *n_tok;   /* (heads, 2) tokens per tier, or NULL: token t is position t */
+    int tier;           /* LKV_HIGH: table from the left; LKV_LOW: from the right */
+    int split_base;     /* this launch's first split among total_splits */
+    int total_splits;   /* partials per (row, head); 0: this launch's own splits */
+    float *raw;         /* (rows, n_heads, raw_stride) scores of rows at pos >= raw_first, or NULL */
+    int raw_first;
+    int raw_stride;
+} AttTier;
+
 template <int HD, int GM, int KB, int VB>
 __global__ void __launch_bounds__(ATT_THREADS(HD), HD == 64 && GM <= 4 ? ATT_BLOCKS_PER_SM : 1)
 attention_paged(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
                 const float2 *cos_sin, int style, uint8_t *pool, const int *table,
                 const int *row_slot, const int *row_pos, int layer, KvGeom g, int n_heads,
-                int gq, int pages_per_split) {
+                int gq, int pages_per_split, AttTier at) {
     /* channels per thread: 16 when keys are codes and the registers allow (a wider load, and
      * a thread's per-token work shared by more channels), else 8 */
     constexpr int CH = KB < 16 && GM <= 3 && KB + VB <= 12 ? 16 : 8;
@@ -631,7 +1126,16 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
     typedef typename CodeVec<VB, CH>::T VT;
     int split = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z, splits = gridDim.x;
     int tok = threadIdx.x / LANES, lane = threadIdx.x % LANES;
-    int n = row_pos[r] + 1;                 /* tokens to attend (0 for a padding row) */
+    int pos = row_pos[r];                   /* -1 for a padding row */
+    size_t head_kv = kv_head(g, row_slot[r], layer, kvh);
+    /* tokens to attend (0 for a padding row); a tier's low tokens follow its high ones in raw */
+    int n = at.n_tok ? (pos >= 0 ? at.n_tok[head_kv * 2 + at.tier] : 0) : pos + 1;
+    /* where in at.raw this row's scores go (kept for significance), -1 when they are not kept;
+     * an int, not a pointer: one register fewer in the loop (gpu_build checks the size) */
+    int raw_at = at.raw && pos >= 0 && pos >= at.raw_first
+                     ? (r * n_heads + kvh * gq) * at.raw_stride +
+                           (at.n_tok && at.tier ? at.n_tok[head_kv * 2] : 0)
+                     : -1;
     int t_begin = split * pages_per_split * g.tpp;
     int t_end = min(t_begin + pages_per_split * g.tpp, n);
 
@@ -642,7 +1146,7 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
     __shared__ float kv_sm[2 * HD];
     const float *qrow = q + ((size_t)r * n_heads + kvh * gq) * HD;
     if (qkv) {
-        int pos = n - 1, QD = n_heads * HD, KVD = g.n_kv_heads * HD;
+        int QD = n_heads * HD, KVD = g.n_kv_heads * HD;
         const float *in = qkv + (size_t)r * (QD + 2 * KVD);
         for (int i = threadIdx.x; i < gq * HD / 2 && pos >= 0; i += blockDim.x) {
             int off = (kvh * gq + i / (HD / 2)) * HD, a, b;
@@ -652,7 +1156,9 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
             q_sm[off - kvh * gq * HD + a] = y0;
             q_sm[off - kvh * gq * HD + b] = y1;
         }
-        int mine = pos >= 0 && (pos / g.tpp) / pages_per_split == split;
+        /* one tier: the block whose split holds the new token writes it (two tiers:
+         * kv_write_token has, before this launch) */
+        int mine = !at.n_tok && pos >= 0 && kv_page_index(g, pos) / pages_per_split == split;
         int ko = QD + kvh * HD, vo = QD + KVD + kvh * HD;
         if (mine)
             kv_rotate_head(kv_sm, in + ko, in + vo, bqkv ? bqkv + ko : NULL,
@@ -660,7 +1166,7 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
                            blockDim.x);
         __syncthreads();
         if (mine && threadIdx.x < 64)   /* warp 0 stores the key, warp 1 the value */
-            kv_append(pool, table, g, kv_head(g, row_slot[r], layer, kvh), pos, threadIdx.x / 32,
+            kv_append(pool, table, g, head_kv, pos, threadIdx.x / 32,
                       kv_sm + (threadIdx.x / 32) * HD, HD, threadIdx.x % 32);
         __syncthreads();   /* q_sm is complete and the new K, V are in the page */
         qrow = q_sm;
@@ -682,7 +1188,8 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
     }
 
     if (t_begin < t_end) {
-        const int *tab = table + kv_head(g, row_slot[r], layer, kvh) * g.width;
+        const int *tab = table + head_kv * g.width;
+        int flip = at.tier == LKV_LOW;   /* the low tier's pages sit at the table's right end */
         int kcb = HD * KB / 8, vcb = HD * VB / 8, szb = g.groups * 4;
         int grp = lane * CH / (HD / g.groups) * 4;  /* this thread's pair inside a token's sz */
         /* tokens per thread per iteration: about the bytes in flight of fp16's 3 tokens */
@@ -690,19 +1197,14 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
                                                    : (GM <= 4 ? 4 : 2);
         KT k[STEP]; VT v[STEP];
         uint32_t ksz[STEP], vsz[STEP];
-        /* pages of a power-of-two number of tokens (every single-precision page) need no
-         * division per token */
-        bool pow2 = (g.tpp & (g.tpp - 1)) == 0;
-        int tsh = __ffs(g.tpp) - 1;
         auto load = [&](int t0, KT *kk, VT *vv, uint32_t *ks, uint32_t *vs) {
 #pragma unroll
             for (int s = 0; s < STEP; s++) {
                 int t = t0 + s * NT + tok;
                 kk[s] = KT{}; vv[s] = VT{}; ks[s] = 0; vs[s] = 0;
                 if (t < t_end) {
-                    int pg = pow2 ? t >> tsh : t / g.tpp;
-                    int slot = pow2 ? t & (g.tpp - 1) : t % g.tpp;
-                    const uint8_t *page = pool + (size_t)tab[pg] * g.page_bytes;
+                    int pg = kv_page_index(g, t), slot = t - pg * g.tpp;
+                    const uint8_t *page = pool + (size_t)tab[flip ? g.width - 1 - pg : pg] * g.page_bytes;
                     kk[s] = *(const KT *)(page + g.k_codes + slot * kcb + lane * (CH * KB / 8));
                     vv[s] = *(const VT *)(page + g.v_codes + slot * vcb + lane * (CH * VB / 8));
                     if constexpr (KB < 16) ks[s] = *(const uint32_t *)(page + g.k_sz + slot * szb + grp);
@@ -733,6 +1235,8 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
                     for (int off = LANES / 2; off > 0; off >>= 1)
                         d += __shfl_xor_sync(0xffffffffu, d, off);
                     s[st][h] = valid ? d : -INFINITY;
+                    if (raw_at >= 0 && valid && lane == 0 && h < gq)
+                        at.raw[raw_at + h * at.raw_stride + t0 + st * NT + tok] = d;
                 }
             }
             /* online softmax: one rescale of l and acc per STEP tokens */
@@ -773,6 +1277,8 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
     /* merge the token groups, one query head at a time: shared [NT] m and l, then [NT][HD]
      * acc (plus the zero terms of quantized values) */
     __shared__ float sm_m[NT], sm_l[NT], sm_acc[NT * HD];
+    int total = at.total_splits ? at.total_splits : splits;
+    bool direct = total == 1 && !at.raw && !at.n_tok;   /* no partials to combine */
 #pragma unroll
     for (int h = 0; h < GM; h++) {
         if (h >= gq) break;                 /* gq is the same for the whole block */
@@ -790,10 +1296,10 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
                 L += sm_l[t] * w;
                 A += sm_acc[t * HD + c] * w;
             }
-            if (splits == 1) {
+            if (direct) {
                 o[((size_t)r * n_heads + head) * HD + c] = __float2half_rn(L > 0.0f ? A / L : 0.0f);
             } else {
-                float *pp = part + (((size_t)r * n_heads + head) * splits + split) * (HD + 2);
+                float *pp = part + (((size_t)r * n_heads + head) * total + at.split_base + split) * (HD + 2);
                 pp[c] = A;
                 if (c == 0) { pp[HD] = M; pp[HD + 1] = L; }
             }
@@ -803,9 +1309,10 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
 }
 
 /* o = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s, over the splits s of one
- * (row, head); one thread per channel */
-__global__ void attention_combine(__half *o, const float *part, int n_heads, int head_dim,
-                                  int splits) {
+ * (row, head); one thread per channel. ml, if not NULL, gets (M, L = sum_s l_s e^(m_s - M)):
+ * the softmax's max and sum, which turn kept scores into probabilities. */
+__global__ void attention_combine(__half *o, float *ml, const float *part, int n_heads,
+                                  int head_dim, int splits) {
     int head = blockIdx.x, r = blockIdx.y, c = threadIdx.x;
     const float *pp = part + ((size_t)r * n_heads + head) * splits * (head_dim + 2);
     float M = -INFINITY, L = 0.0f, A = 0.0f;
@@ -819,6 +1326,10 @@ __global__ void attention_combine(__half *o, const float *part, int n_heads, int
         A += ps[c] * w;
     }
     o[((size_t)r * n_heads + head) * head_dim + c] = __float2half_rn(L > 0.0f ? A / L : 0.0f);
+    if (ml && c == 0) {
+        ml[((size_t)r * n_heads + head) * 2] = M;
+        ml[((size_t)r * n_heads + head) * 2 + 1] = L;
+    }
 }
 
 /* hb = silu(g) * u, with silu(g) = g * sigmoid(g); gu holds g then u for each row */
@@ -877,6 +1388,18 @@ __global__ void argmax(int *next, const float *logits, int vocab) {
 
 #define MAX_BUCKETS 16          /* decode graphs for batch sizes 1, 2, 4, ... 2^15 */
 
+struct GpuEngine;
+/* one attention launch: which rows, which tier, where the queries come from and the output goes */
+typedef struct {
+    int layer, n_rows, splits, tier;
+    const float *qkv;    /* decode: the rows' q, k, v before RoPE (attention ropes them); NULL:
+                            prefill, the rotated queries are in s->q */
+    const float *bqkv;   /* their biases, or NULL */
+    __half *o;           /* (rows, n_heads * head_dim) output */
+    AttTier at;
+} AttCall;
+typedef void (*AttentionLaunch)(struct GpuEngine *, const AttCall *);
+
 struct GpuEngine {
     Config c;                               /* the model's hyperparameters */
     int max_slots;                          /* sequences held at once */
@@ -885,37 +1408,42 @@ struct GpuEngine {
     int ctx;                                /* tokens a slot can hold */
     int n_sms;                              /* multiprocessors, to size attention splits */
     int pages_per_split;                    /* attention splits: this many pages each */
-    int max_splits;                         /* splits of a ctx-token sequence */
+    int max_splits;                         /* splits of a ctx-token sequence (all tiers) */
+    int splits_t[LKV_MAX_TIERS];            /* decode splits of each tier over ctx tokens */
     int profile_step, steps;                /* LEANKV_PROFILE_STEP: profile that decode step */
+    int prefill_slot;                       /* the slot gpu_prefill is running */
+    int place_smem;                         /* kv_place_head's dynamic shared memory */
     cudaStream_t stream;                    /* every launch and copy, in order */
     cublasHandle_t blas;
     void *blas_ws;                          /* cuBLAS workspace, set once so graphs can hold it */
-    DeviceWeights w;
+    DeviceWeights w;                        /* no layers: the cache-only test engine */
     float2 *rope_cs;                        /* (ctx, head_dim/2) cos, sin of pos * freq_i */
     KVCache kv;
-    void (*attention)(GpuEngine *, int, int, int, int); /* attention_paged for this shape */
+    AttentionLaunch attention;              /* attention_paged for this shape (tier 0) */
+    AttentionLaunch attention_t[LKV_MAX_TIERS]; /* [n_tiers] the kernel of each tier */
     RunState s;
     cudaGraphExec_t graph[MAX_BUCKETS];     /* decode step per batch size 2^i, made on first use */
+    float *test_qkv;                        /* (n_layers, max_rows, QD + 2*KVD) test engine input */
+    __half *test_o;                         /* (n_layers, max_rows, QD) its attention output */
 };
 
 /* Attention for n_rows rows whose positions are below att_ctx. Splits sit at fixed multiples
  * of pages_per_split pages, the same for every step of an engine, so that a row's arithmetic
  * does not depend on the rest of the batch (batched output = output alone). */
 template <int HD, int GM, int KB, int VB>
-static void launch_attention(GpuEngine *g, int layer, int n_rows, int splits, int fused_rope) {
+static void launch_attention(GpuEngine *g, const AttCall *a) {
     Config *c = &g->c;
     RunState *s = &g->s;
-    dim3 grid(splits, c->n_kv_heads, n_rows), block(ATT_THREADS(HD));
+    dim3 grid(a->splits, c->n_kv_heads, a->n_rows), block(ATT_THREADS(HD));
     attention_paged<HD, GM, KB, VB><<<grid, block, 0, g->stream>>>(
-        s->o, s->att_part, s->q, fused_rope ? s->qkv : NULL, g->w.layers[layer].bqkv, g->rope_cs,
-        c->rope_style, g->kv.pool, g->kv.table, s->row_slot, s->row_pos, layer, g->kv.geom,
-        c->n_heads, c->n_heads / c->n_kv_heads, g->pages_per_split);
+        a->o, s->att_part, s->q, a->qkv, a->bqkv, g->rope_cs, c->rope_style, g->kv.pool,
+        g->kv.table, s->row_slot, s->row_pos, a->layer, a->tier ? g->kv.tg[1] : g->kv.geom,
+        c->n_heads, c->n_heads / c->n_kv_heads, g->pages_per_split, a->at);
 }
 
 /* the instantiated kernels: head dim 64 or 128; query heads per KV head rounded up to 1, 2, 3,
  * 4 or 8; keys at 16, 8, 4 or 2 bits and values at no more bits than keys (gpu_build refuses
  * other caches) */
-typedef void (*AttentionLaunch)(GpuEngine *, int, int, int, int);
 #define ATT_PAIRS(HD, GM) \
     {16, 16, launch_attention<HD, GM, 16, 16>}, {16, 8, launch_attention<HD, GM, 16, 8>}, \
     {16, 4, launch_attention<HD, GM, 16, 4>}, {16, 2, launch_attention<HD, GM, 16, 2>},   \
@@ -939,19 +1467,86 @@ static AttentionLaunch find_attention(int head_dim, int gq, int kb, int vb) {
     return NULL;
 }
 
-static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int fused_rope) {
-    KvGeom kg = g->kv.geom;
-    int pages = (att_ctx + kg.tpp - 1) / kg.tpp;
-    int splits = (pages + g->pages_per_split - 1) / g->pages_per_split;
-    if (splits < 1) splits = 1;
-    g->attention(g, layer, n_rows, splits, fused_rope);
+static void combine(GpuEngine *g, int n_rows, int splits, __half *o, float *ml) {
+    Config *c = &g->c;
+    attention_combine<<<dim3(c->n_heads, n_rows), c->head_dim, 0, g->stream>>>(
+        o, ml, g->s.att_part, c->n_heads, c->head_dim, splits);
     LAUNCH_CHECK();
-    if (splits > 1) {
-        Config *c = &g->c;
-        attention_combine<<<dim3(c->n_heads, n_rows), c->head_dim, 0, g->stream>>>(
-            g->s.o, g->s.att_part, c->n_heads, c->head_dim, splits);
+}
+
+/* Attention of n_rows rows (positions below att_ctx) into o. A decode step (decode = 1) ropes
+ * its queries inside the kernel; a prompt chunk's are in s->q already.
+ *   one tier: one launch, plus attention_combine when split
+ *   two tiers, decode: a launch per tier over the head's own tokens of that tier, at its own
+ *     precision, both writing partials that attention_combine merges; then kv_score_decode
+ *   two tiers, a prompt chunk holding counted rows: the scores are kept, and kv_score_prefill
+ *     adds the rows' probabilities to the prompt sums */
+static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int decode,
+                      const float *qkv, const float *bqkv, __half *o) {
+    KVCache *kv = &g->kv;
+    Config *c = &g->c;
+    int gq = c->n_heads / c->n_kv_heads;
+    AttCall a;
+    memset(&a, 0, sizeof a);
+    a.layer = layer; a.n_rows = n_rows; a.tier = LKV_HIGH; a.qkv = decode ? qkv : NULL;
+    a.bqkv = bqkv; a.o = o; a.at.raw_stride = g->ctx;
+    if (kv->n_tiers > 1 && decode) {
+        int total = g->splits_t[0] + g->splits_t[1];
+        for (int t = 0; t < 2; t++) {
+            a.tier = t;
+            a.splits = g->splits_t[t];
+            a.at = (AttTier){kv->n_tok, t, t ? g->splits_t[0] : 0, total, kv->raw, 0, g->ctx};
+            g->attention_t[t](g, &a);
+            LAUNCH_CHECK();
+        }
+        combine(g, n_rows, total, o, kv->ml);
+        kv_score_decode<<<dim3(c->n_kv_heads, n_rows, (g->ctx + 255) / 256), 256, 0, g->stream>>>(
+            kv->pool, kv->table, kv->tg[0], kv->tg[1], kv->n_tok, kv->raw, kv->ml, g->s.row_slot,
+            g->s.row_pos, layer, c->n_heads, gq, g->ctx);
+        LAUNCH_CHECK();
+        return;
+    }
+    int pages = (att_ctx + kv->geom.tpp - 1) / kv->geom.tpp;
+    a.splits = (pages + g->pages_per_split - 1) / g->pages_per_split;
+    if (a.splits < 1) a.splits = 1;
+    /* a prompt chunk whose last row is counted (prompts run alone: rows are consecutive) */
+    int scores = kv->n_tiers > 1 && !decode &&
+                 att_ctx - 1 >= kv->h_policy[g->prefill_slot].first;
+    if (scores) { a.at.raw = kv->raw; a.at.raw_first = kv->h_policy[g->prefill_slot].first; }
+    g->attention(g, &a);
+    LAUNCH_CHECK();
+    if (a.splits > 1 || scores) combine(g, n_rows, a.splits, o, scores ? kv->ml : NULL);
+    if (scores) {
+        kv_score_prefill<<<dim3(c->n_heads, (att_ctx + 255) / 256), 256, 0, g->stream>>>(
+            kv->pscore, kv->raw, kv->ml, g->s.row_slot, g->s.row_pos, n_rows, kv->policy, layer,
+            c->n_heads, g->ctx);
         LAUNCH_CHECK();
     }
+}
+
+/* The attention block of layer l from the projected rows qkv to o: RoPE, the new keys and
+ * values into the cache (a prompt chunk: rope; a decode step: inside attention_paged, or
+ * kv_write_token's tier cases on a two-tier cache), then attention. */
+static void attend(GpuEngine *g, int l, int n_rows, int att_ctx, int decode, const float *qkv,
+                   const float *bqkv, __half *o) {
+    Config *c = &g->c;
+    RunState *s = &g->s;
+    KVCache *kv = &g->kv;
+    int hd = c->head_dim, KVD = c->n_kv_heads * hd;
+    if (!decode) {   /* a prompt chunk: all keys in the cache before any row attends */
+        int rope_t = c->n_kv_heads * hd > c->n_heads * hd / 2 ? c->n_kv_heads * hd : c->n_heads * hd / 2;
+        rope_t = rope_t > 1024 ? 1024 : (rope_t + 31) / 32 * 32;
+        rope<<<n_rows, rope_t, 2 * KVD * sizeof(float), g->stream>>>(
+            s->q, kv->pool, qkv, bqkv, g->rope_cs, kv->table, s->row_slot, s->row_pos, l,
+            kv->geom, c->n_heads, hd, c->rope_style);
+        LAUNCH_CHECK();
+    } else if (kv->n_tiers > 1) {
+        kv_write_token<<<dim3(c->n_kv_heads, n_rows), 64, 0, g->stream>>>(
+            kv->pool, kv->table, kv->tg[0], kv->tg[1], kv->n_tok, kv->plan, qkv, bqkv, g->rope_cs,
+            c->rope_style, s->row_slot, s->row_pos, l, c->n_heads, hd);
+        LAUNCH_CHECK();
+    }
+    attention(g, l, n_rows, att_ctx, decode, qkv, bqkv, o);
 }
 
 /* Runs the n_rows rows staged in s->rows through the model; the n_out rows listed in out_rows
@@ -965,9 +1560,14 @@ static void forward(GpuEngine *g, int n_rows, int n_out, int att_ctx, int decode
     cudaStream_t st = g->stream;
     int D = c->dim, H = c->hidden_dim, hd = c->head_dim;
     int QD = c->n_heads * hd, KVD = c->n_kv_heads * hd;
+    if (!w->layers) {   /* the cache-only test engine: each layer's q, k, v come from the test */
+        for (int l = 0; l < c->n_layers; l++)
+            attend(g, l, n_rows, att_ctx, decode,
+                   g->test_qkv + (size_t)l * g->max_rows * (QD + 2 * KVD), NULL,
+                   g->test_o + (size_t)l * g->max_rows * QD);
+        return;
+    }
     int rms_t = rmsnorm_threads(D);
-    int rope_t = c->n_kv_heads * hd > c->n_heads * hd / 2 ? c->n_kv_heads * hd : c->n_heads * hd / 2;
-    rope_t = rope_t > 1024 ? 1024 : (rope_t + 31) / 32 * 32;
 
     embed<<<n_rows, 256, 0, st>>>(s->x, w->tok_embeddings, s->row_token, D);
     LAUNCH_CHECK();
@@ -979,13 +1579,7 @@ static void forward(GpuEngine *g, int n_rows, int n_out, int att_ctx, int decode
                                           c->norm_eps);
         LAUNCH_CHECK();
         matmul(g->blas, s->qkv, s->xb, L->wqkv, n_rows, D, QD + 2 * KVD);
-        if (!decode) {   /* a prompt chunk: all keys in the cache before any row attends */
-            rope<<<n_rows, rope_t, 2 * KVD * sizeof(float), st>>>(s->q, g->kv.pool, s->qkv, L->bqkv, g->rope_cs,
-                                            g->kv.table, s->row_slot, s->row_pos, l, g->kv.geom,
-                                            c->n_heads, hd, c->rope_style);
-            LAUNCH_CHECK();
-        }
-        attention(g, l, n_rows, att_ctx, decode);   /* a decode step ropes inside */
+        attend(g, l, n_rows, att_ctx, decode, s->qkv, L->bqkv, s->o);
         matmul(g->blas, s->y, s->o, L->wo, n_rows, QD, D);
 
         /* feed-forward block: x += W2 (silu(W1 xn) * W3 xn), xn = rmsnorm(x) */
@@ -1006,7 +1600,7 @@ static void forward(GpuEngine *g, int n_rows, int n_out, int att_ctx, int decode
 }
 
 /* RoPE angles, once, on the host with the CPU rope's formulas: the GPU rotates by the very
- * same cos and sin */
+ * same cos and sin. The cache-only test engine does not rotate (cos 1, sin 0: exact). */
 static void build_rope_table(GpuEngine *g) {
     int half = g->c.head_dim / 2;
     float2 *t = (float2 *)malloc((size_t)g->ctx * half * sizeof(float2));
@@ -1014,7 +1608,8 @@ static void build_rope_table(GpuEngine *g) {
         float freq = powf(g->c.rope_theta, -(float)(2 * i) / (float)g->c.head_dim);
         for (int pos = 0; pos < g->ctx; pos++) {
             float ang = pos * freq;
-            t[(size_t)pos * half + i] = make_float2(cosf(ang), sinf(ang));
+            t[(size_t)pos * half + i] = g->w.layers ? make_float2(cosf(ang), sinf(ang))
+                                                    : make_float2(1.0f, 0.0f);
         }
     }
     g->rope_cs = (float2 *)dmalloc((size_t)g->ctx * half * sizeof(float2));
@@ -1023,7 +1618,7 @@ static void build_rope_table(GpuEngine *g) {
     free(t);
 }
 
-/* page reservation for the rows staged in s->rows (see kv_reserve) */
+/* page reservation for the rows staged in s->rows (see kv_reserve), one-tier caches */
 static void reserve(GpuEngine *g, int n_rows) {
     kv_reserve<<<1, RESERVE_THREADS, 0, g->stream>>>(g->kv.table, g->kv.free_ids, g->kv.ring,
                                                       g->s.row_slot, g->s.row_pos, n_rows,
@@ -1031,17 +1626,67 @@ static void reserve(GpuEngine *g, int n_rows) {
     LAUNCH_CHECK();
 }
 
-/* pages a run of rows at positions pos0 .. pos0+n-1 opens, over all heads */
+/* The memory manager's steps 2 and 3 on a two-tier cache (step 1, a kv_prepare_* kernel, has
+ * filled want): the prefix sum, then the take or the give, then the ring's ends. */
+static void kv_scan(GpuEngine *g) {
+    KVCache *kv = &g->kv;
+    int n = kv->n_heads_total * 2;
+    CUDA_CHECK(cub::DeviceScan::ExclusiveSum(kv->scan_tmp, kv->scan_tmp_bytes, kv->want,
+                                             kv->offset, n, g->stream));
+    kv_total<<<1, 1, 0, g->stream>>>(kv->ring, kv->want, kv->offset, n);
+    LAUNCH_CHECK();
+}
+
+static void kv_take(GpuEngine *g) {
+    KVCache *kv = &g->kv;
+    int n = kv->n_heads_total * 2;
+    kv_scan(g);
+    kv_apply_take<<<(n + 255) / 256, 256, 0, g->stream>>>(kv->table, kv->free_ids, kv->want,
+                                                          kv->offset, kv->n_pg, kv->ring, n,
+                                                          kv->geom.width, kv->geom.n_pages);
+    kv_ring_update<<<1, 1, 0, g->stream>>>(kv->ring, 1, kv->geom.n_pages);
+    LAUNCH_CHECK();
+}
+
+/* gives back what want says; returns the pool's free pages after (read back: a give happens
+ * per request, not per step) */
+static int kv_give(GpuEngine *g) {
+    KVCache *kv = &g->kv;
+    int n = kv->n_heads_total * 2;
+    kv_scan(g);
+    kv_apply_give<<<(n + 255) / 256, 256, 0, g->stream>>>(kv->free_ids, kv->table, kv->want,
+                                                          kv->offset, kv->n_pg, kv->ring, n,
+                                                          kv->geom.width, kv->geom.n_pages);
+    kv_ring_update<<<1, 1, 0, g->stream>>>(kv->ring, 0, kv->geom.n_pages);
+    LAUNCH_CHECK();
+    int free_pages;
+    CUDA_CHECK(cudaMemcpyAsync(kv->h_need, kv->ring + 1, sizeof(int), cudaMemcpyDeviceToHost,
+                               g->stream));
+    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    free_pages = kv->h_need[0];
+    return free_pages;
+}
+
+/* pages a run of rows at positions pos0 .. pos0+n-1 opens, over all heads (one tier) */
 static int pages_opened(const GpuEngine *g, int pos0, int n) {
     int tpp = g->kv.geom.tpp;
     int pages_before = (pos0 + tpp - 1) / tpp, pages_after = (pos0 + n + tpp - 1) / tpp;
     return (pages_after - pages_before) * g->c.n_layers * g->c.n_kv_heads;
 }
 
-/* A decode step of `rows` rows: page reservation, then the forward pass with every row's
- * logits (out_rows holds 0 .. rows-1). */
+/* A decode step of `rows` rows: page reservation (one tier: by position; two tiers: the pages
+ * the planned cases take), then the forward pass with every row's logits (out_rows holds
+ * 0 .. rows-1). */
 static void decode_step(GpuEngine *g, int rows) {
-    reserve(g, rows);
+    KVCache *kv = &g->kv;
+    if (kv->n_tiers > 1) {
+        int heads = g->c.n_layers * g->c.n_kv_heads;
+        kv_prepare_planned<<<(rows * heads + 255) / 256, 256, 0, g->stream>>>(
+            kv->want, kv->plan, kv->n_tok, kv->n_pg, g->s.row_slot, g->s.row_pos, rows, heads,
+            kv->tg[0].tpp, kv->tg[1].tpp);
+        LAUNCH_CHECK();
+        kv_take(g);
+    } else reserve(g, rows);
     forward(g, rows, rows, g->ctx, 1);
 }
 
@@ -1059,9 +1704,9 @@ extern "C" int gpu_available(char *name, size_t len) {
     return 1;
 }
 
-extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, LkvPrecision kv,
-                                int max_slots, int prefill_chunk, int ctx, size_t kv_mem_mib,
-                                char *err, size_t errlen) {
+extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrecision *tiers,
+                                int n_tiers, LkvPolicy policy, int max_slots, int prefill_chunk,
+                                int ctx, size_t kv_mem_mib, char *err, size_t errlen) {
     int G = c->n_heads / c->n_kv_heads;
     if (c->dim > 1024 * RMS_PER_THREAD) {
         snprintf(err, errlen, "the GPU engine serves dim up to %d (this model: %d)",
@@ -1073,17 +1718,31 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, LkvPrecision 
                  "per KV head (this model: %d, %d)", c->head_dim, G);
         return NULL;
     }
-    const char *refused = lkv_gpu_refuses(kv, c->head_dim);
-    if (refused) {
-        snprintf(err, errlen, "k%dv%d, %d group%s: %s", kv.kbits, kv.vbits, kv.groups,
-                 kv.groups > 1 ? "s" : "", refused);
+    if (n_tiers > 1 && (double)(2 * max_slots > prefill_chunk ? 2 * max_slots : prefill_chunk) *
+                           c->n_heads * ctx >= 2147483647.0) {
+        snprintf(err, errlen, "two tiers keep %d x %d x %d scores per step: too many (lower --batch or --ctx)",
+                 max_slots, c->n_heads, ctx);
         return NULL;
     }
-    AttentionLaunch att = find_attention(c->head_dim, G, kv.kbits, kv.vbits);
-    if (!att) {
-        snprintf(err, errlen, "no attention kernel for head dim %d, %d query heads per KV head, k%dv%d",
-                 c->head_dim, G, kv.kbits, kv.vbits);
+    if (n_tiers < 1 || n_tiers > LKV_MAX_TIERS) {
+        snprintf(err, errlen, "%d tiers (1 or 2)", n_tiers);
         return NULL;
+    }
+    AttentionLaunch att[LKV_MAX_TIERS];
+    for (int t = 0; t < n_tiers; t++) {
+        LkvPrecision kv = tiers[t];
+        const char *refused = lkv_gpu_refuses(kv, c->head_dim);
+        if (refused) {
+            snprintf(err, errlen, "k%dv%d, %d group%s: %s", kv.kbits, kv.vbits, kv.groups,
+                     kv.groups > 1 ? "s" : "", refused);
+            return NULL;
+        }
+        att[t] = find_attention(c->head_dim, G, kv.kbits, kv.vbits);
+        if (!att[t]) {
+            snprintf(err, errlen, "no attention kernel for head dim %d, %d query heads per KV head, k%dv%d",
+                     c->head_dim, G, kv.kbits, kv.vbits);
+            return NULL;
+        }
     }
     char name[256];
     if (!gpu_available(name, sizeof name)) {
@@ -1106,10 +1765,17 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, LkvPrecision 
     g->blas_ws = dmalloc(ws);
     CUBLAS_CHECK(cublasSetWorkspace(g->blas, g->blas_ws, ws));
 
-    g->attention = att;
-    build_weights(&g->w, c, w);
+    g->attention = att[0];
+    for (int t = 0; t < n_tiers; t++) g->attention_t[t] = att[t];
+    if (w) build_weights(&g->w, c, w);
+    else {   /* the cache-only test engine */
+        size_t QD = (size_t)c->n_heads * c->head_dim, KVD = (size_t)c->n_kv_heads * c->head_dim;
+        g->test_qkv = (float *)dmalloc((size_t)c->n_layers * g->max_rows * (QD + 2 * KVD) * sizeof(float));
+        g->test_o = (__half *)dmalloc((size_t)c->n_layers * g->max_rows * QD * sizeof(__half));
+    }
     build_rope_table(g);
-    build_kvcache(&g->kv, c, kv, max_slots, ctx, kv_mem_mib, g->stream);
+    build_kvcache(&g->kv, c, tiers, n_tiers, max_slots, g->max_rows, ctx, kv_mem_mib, g->stream);
+    g->kv.defaults = policy;
     /* Attention splits: about enough blocks to fill the GPU once (ATT_BLOCKS_PER_SM resident
      * per SM) when every slot is busy -- measured: splitting further costs more in partials
      * and merging than it gains -- but no split shorter than 2 pages. */
@@ -1118,16 +1784,32 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, LkvPrecision 
     if (want < 1) want = 1;   /* rounded down: one wave of blocks, not one and a bit */
     g->pages_per_split = (pages + want - 1) / want;
     if (g->pages_per_split < 2) g->pages_per_split = 2;
-    g->max_splits = (pages + g->pages_per_split - 1) / g->pages_per_split;
+    g->max_splits = 0;
+    for (int t = 0; t < n_tiers; t++) {
+        int pt = (ctx + g->kv.tg[t].tpp - 1) / g->kv.tg[t].tpp;
+        g->splits_t[t] = (pt + g->pages_per_split - 1) / g->pages_per_split;
+        g->max_splits += g->splits_t[t];
+    }
+    if (n_tiers > 1) {   /* placement stages a tile of high-tier tokens in shared memory */
+        KvGeom *h = &g->kv.tg[0];
+        int words = (lkv_code_bytes(c->head_dim, h->kbits) + lkv_sz_bytes(h->groups, h->kbits) +
+                     lkv_code_bytes(c->head_dim, h->vbits) + lkv_sz_bytes(h->groups, h->vbits)) / 4 + 2;
+        g->place_smem = PLACE_THREADS * words * 4 + h->width * 4 + ctx;
+        CUDA_CHECK(cudaFuncSetAttribute(kv_place_head, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        g->place_smem));
+    }
     g->profile_step = getenv("LEANKV_PROFILE_STEP") ? atoi(getenv("LEANKV_PROFILE_STEP")) : -1;
     build_runstate(&g->s, c, g->max_rows, g->max_splits);
     CUDA_CHECK(cudaStreamSynchronize(g->stream));
     KvGeom *kg = &g->kv.geom;
-    fprintf(stderr, "leankv: GPU %s: KV pool %.0f MiB, %d pages of %d bytes (%d tokens at k%dv%d, "
-            "%d group%s, waste %.1f%%); %d slots of up to %d tokens\n", name,
-            (double)kg->n_pages * kg->page_bytes / (1 << 20), kg->n_pages, kg->page_bytes, kg->tpp,
-            kv.kbits, kv.vbits, kv.groups, kv.groups > 1 ? "s" : "",
-            100.0 * (kg->page_bytes - g->kv.layout.used) / kg->page_bytes, max_slots, ctx);
+    fprintf(stderr, "leankv: GPU %s: KV pool %.0f MiB, %d pages of %d bytes", name,
+            (double)kg->n_pages * kg->page_bytes / (1 << 20), kg->n_pages, kg->page_bytes);
+    for (int t = 0; t < n_tiers; t++)
+        fprintf(stderr, "%s%d tokens at k%dv%d, %d group%s, waste %.1f%%", t ? "; " : " (",
+                g->kv.tg[t].tpp, tiers[t].kbits, tiers[t].vbits, tiers[t].groups,
+                tiers[t].groups > 1 ? "s" : "",
+                100.0 * (kg->page_bytes - g->kv.layouts[t].used) / kg->page_bytes);
+    fprintf(stderr, "); %d slots of up to %d tokens\n", max_slots, ctx);
     return g;
 }
 
@@ -1136,7 +1818,8 @@ extern "C" void gpu_free(GpuEngine *g) {
     for (int i = 0; i < MAX_BUCKETS; i++) if (g->graph[i]) cudaGraphExecDestroy(g->graph[i]);
     free_kvcache(&g->kv);
     free_runstate(&g->s);
-    free_weights(&g->w, &g->c);
+    if (g->w.layers) free_weights(&g->w, &g->c);
+    cudaFree(g->test_qkv); cudaFree(g->test_o);
     cudaFree(g->rope_cs);
     cublasDestroy(g->blas);
     cudaFree(g->blas_ws);
@@ -1144,8 +1827,15 @@ extern "C" void gpu_free(GpuEngine *g) {
     free(g);
 }
 
+/* pages that appending n_new tokens to slot takes: one tier, by position; two tiers, a prompt
+ * (the high pages it reserves, leankv.h 4c) -- a decode step's pages come from gpu_plan */
 extern "C" int gpu_pages_needed(const GpuEngine *g, int slot, int n_new) {
-    return pages_opened(g, g->kv.slot_len[slot], n_new);
+    const KVCache *kv = &g->kv;
+    if (kv->n_tiers < 2) return pages_opened(g, kv->slot_len[slot], n_new);
+    int heads = g->c.n_layers * g->c.n_kv_heads, tpp = kv->tg[0].tpp;
+    int have = kv->slot_len[slot] ? lkv_prefill_pages(kv->slot_len[slot], tpp) : 0;
+    int need = lkv_prefill_pages(kv->slot_len[slot] + n_new, tpp) - have;
+    return need > 0 ? need * heads : 0;
 }
 
 extern "C" int gpu_slot_len(const GpuEngine *g, int slot) { return g->kv.slot_len[slot]; }
@@ -1158,6 +1848,27 @@ extern "C" void gpu_info(const GpuEngine *g, GpuInfo *info) {
     info->max_slots = g->max_slots;
     info->max_rows = g->max_rows;
     info->ctx = g->ctx;
+    info->n_tiers = g->kv.n_tiers;
+    info->tokens_per_page_low = g->kv.n_tiers > 1 ? g->kv.tg[1].tpp : 0;
+    info->table_width = g->kv.geom.width;
+}
+
+/* a two-tier cache: slot starts a prompt of n_prompt tokens with these alphas (kv_begin) */
+extern "C" void gpu_begin(GpuEngine *g, int slot, int n_prompt, float alpha_high,
+                          float alpha_low) {
+    KVCache *kv = &g->kv;
+    if (kv->n_tiers < 2) return;
+    LkvPolicy p = kv->defaults;
+    p.alpha_high = alpha_high;
+    p.alpha_low = alpha_low;
+    p.first = lkv_score_first(n_prompt);
+    kv->h_policy[slot] = p;
+    CUDA_CHECK(cudaMemcpyAsync(kv->policy + slot, kv->h_policy + slot, sizeof p,
+                               cudaMemcpyHostToDevice, g->stream));
+    CUDA_CHECK(cudaMemsetAsync(kv->pscore, 0,
+                               (size_t)g->c.n_layers * g->c.n_heads * g->ctx * sizeof(float),
+                               g->stream));
+    kv->placed[slot] = 0;
 }
 
 extern "C" int gpu_prefill(GpuEngine *g, int slot, const int *tokens, int n, int *next,
@@ -1167,10 +1878,19 @@ extern "C" int gpu_prefill(GpuEngine *g, int slot, const int *tokens, int n, int
     int len = kv->slot_len[slot], V = g->c.vocab_size;
     if (n <= 0) return 0;
     if (len + n > g->ctx) return -2;
-    int need = pages_opened(g, len, n);
+    if (kv->n_tiers > 1 && kv->placed[slot]) return -3;   /* tokens have moved: no more prompt */
+    int need = gpu_pages_needed(g, slot, n);
     if (need > kv->free_count) return -1;     /* all or nothing, as the CPU's kv_reserve */
     RunState *s = &g->s;
     int R = g->max_rows;
+    g->prefill_slot = slot;
+    if (kv->n_tiers > 1 && need > 0) {   /* every head: the prompt's high pages (+1) at once */
+        int heads = g->c.n_layers * g->c.n_kv_heads;
+        kv_prepare_reserve<<<(heads + 255) / 256, 256, 0, st>>>(
+            kv->want, kv->n_pg, slot, heads, lkv_prefill_pages(len + n, kv->tg[0].tpp));
+        LAUNCH_CHECK();
+        kv_take(g);
+    }
     for (int done = 0; done < n; done += g->chunk) {
         int cnt = n - done < g->chunk ? n - done : g->chunk, last = done + cnt == n;
         int n_out = logits ? cnt : last;      /* all rows' logits, or the final row's only */
@@ -1183,9 +1903,9 @@ extern "C" int gpu_prefill(GpuEngine *g, int slot, const int *tokens, int n, int
         /* the four arrays are copied as one block; the unused tails are never read */
         CUDA_CHECK(cudaMemcpyAsync(s->rows, s->h_rows, 4 * (size_t)R * sizeof(int),
                                    cudaMemcpyHostToDevice, st));
-        reserve(g, cnt);
+        if (kv->n_tiers < 2) reserve(g, cnt);
         forward(g, cnt, n_out, len + done + cnt, 0);
-        if (logits)
+        if (logits && g->w.layers)
             CUDA_CHECK(cudaMemcpyAsync(logits + (size_t)done * V, s->logits,
                                        (size_t)cnt * V * sizeof(float), cudaMemcpyDeviceToHost,
                                        st));
@@ -1200,6 +1920,54 @@ extern "C" int gpu_prefill(GpuEngine *g, int slot, const int *tokens, int n, int
     return 0;
 }
 
+/* a two-tier cache, after the whole prompt of slot is in: placement of every head (one block
+ * each), then one give of the spare pages of all heads (kv_place) */
+extern "C" void gpu_place(GpuEngine *g, int slot) {
+    KVCache *kv = &g->kv;
+    Config *c = &g->c;
+    if (kv->n_tiers < 2 || kv->placed[slot] || kv->slot_len[slot] == 0) return;
+    kv_place_head<<<dim3(c->n_kv_heads, c->n_layers), PLACE_THREADS, g->place_smem, g->stream>>>(
+        kv->pool, kv->table, kv->tg[0], kv->tg[1], kv->n_tok, kv->n_pg, kv->want, kv->pscore,
+        kv->stage, kv->policy, slot, kv->slot_len[slot], c->n_heads, c->n_heads / c->n_kv_heads,
+        c->head_dim, g->ctx);
+    LAUNCH_CHECK();
+    kv->free_count = kv_give(g);
+    kv->placed[slot] = 1;
+}
+
+/* Two tiers: decides every head's case for the next decode step of n slots (kv_plan_step) and
+ * gives each slot's pages in need[i]: the one read-back of a step. One tier: by position. */
+extern "C" void gpu_plan(GpuEngine *g, int n, const int *slots, int *need) {
+    KVCache *kv = &g->kv;
+    RunState *s = &g->s;
+    if (kv->n_tiers < 2) {
+        for (int i = 0; i < n; i++) need[i] = pages_opened(g, kv->slot_len[slots[i]], 1);
+        return;
+    }
+    int R = g->max_rows;
+    for (int i = 0; i < n; i++) {
+        s->h_rows[i] = slots[i];
+        s->h_rows[2 * R + i] = kv->slot_len[slots[i]];
+    }
+    CUDA_CHECK(cudaMemcpyAsync(s->rows, s->h_rows, 4 * (size_t)R * sizeof(int),
+                               cudaMemcpyHostToDevice, g->stream));
+    int profile = g->steps == g->profile_step;   /* the plan belongs to the profiled step */
+    if (profile) {
+        CUDA_CHECK(cudaStreamSynchronize(g->stream));
+        CUDA_CHECK(cudaProfilerStart());
+    }
+    CUDA_CHECK(cudaMemsetAsync(kv->row_need, 0, n * sizeof(int), g->stream));
+    kv_plan_step<<<dim3(g->c.n_layers * g->c.n_kv_heads, n), PLAN_THREADS, 0, g->stream>>>(
+        kv->plan, kv->row_need, kv->pool, kv->table, kv->tg[0], kv->tg[1], kv->n_tok, kv->n_pg,
+        kv->policy, s->row_slot, s->row_pos);
+    LAUNCH_CHECK();
+    CUDA_CHECK(cudaMemcpyAsync(kv->h_need, kv->row_need, n * sizeof(int), cudaMemcpyDeviceToHost,
+                               g->stream));
+    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    if (profile) CUDA_CHECK(cudaProfilerStop());
+    for (int i = 0; i < n; i++) need[i] = kv->slot_need[slots[i]] = kv->h_need[i];
+}
+
 extern "C" int gpu_decode(GpuEngine *g, int n, const int *slots, const int *tokens, int *next,
                           float *logits) {
     KVCache *kv = &g->kv;
@@ -1210,7 +1978,10 @@ extern "C" int gpu_decode(GpuEngine *g, int n, const int *slots, const int *toke
     int need = 0;
     for (int i = 0; i < n; i++) {
         if (kv->slot_len[slots[i]] >= g->ctx) return -2;
-        need += pages_opened(g, kv->slot_len[slots[i]], 1);
+        if (kv->n_tiers > 1) {
+            if (kv->slot_need[slots[i]] < 0 || !kv->placed[slots[i]]) return -3;   /* unplanned */
+            need += kv->slot_need[slots[i]];
+        } else need += pages_opened(g, kv->slot_len[slots[i]], 1);
     }
     if (need > kv->free_count) return -1;
     int bucket = 0, rows = 1;                 /* the graph for the next power of two */
@@ -1244,13 +2015,14 @@ extern "C" int gpu_decode(GpuEngine *g, int n, const int *slots, const int *toke
     }
     CUDA_CHECK(cudaMemcpyAsync(s->h_next, s->next, n * sizeof(int), cudaMemcpyDeviceToHost,
                                st));
-    if (logits)
+    if (logits && g->w.layers)
         CUDA_CHECK(cudaMemcpyAsync(logits, s->logits, (size_t)n * g->c.vocab_size * sizeof(float),
                                    cudaMemcpyDeviceToHost, st));
     CUDA_CHECK(cudaStreamSynchronize(st));
     for (int i = 0; i < n; i++) {
         next[i] = s->h_next[i];
         kv->slot_len[slots[i]]++;
+        if (kv->n_tiers > 1) kv->slot_need[slots[i]] = -1;
     }
     kv->free_count -= need;
     return 0;
@@ -1259,12 +2031,42 @@ extern "C" int gpu_decode(GpuEngine *g, int n, const int *slots, const int *toke
 extern "C" void gpu_release(GpuEngine *g, int slot) {
     KVCache *kv = &g->kv;
     cudaStream_t st = g->stream;
+    if (kv->n_tiers > 1) {   /* every page of every head of slot, in one give */
+        int heads = g->c.n_layers * g->c.n_kv_heads;
+        kv_prepare_release<<<(heads + 255) / 256, 256, 0, st>>>(kv->want, kv->n_pg, kv->n_tok,
+                                                                kv->plan, slot, heads);
+        LAUNCH_CHECK();
+        kv->free_count = kv_give(g);
+        kv->slot_len[slot] = 0;
+        kv->placed[slot] = 0;
+        kv->slot_need[slot] = -1;
+        return;
+    }
     int tpp = kv->geom.tpp, n_pg = (kv->slot_len[slot] + tpp - 1) / tpp;
     if (n_pg == 0) return;
     kv_release<<<1, 1024, 0, st>>>(kv->free_ids, kv->ring, kv->table, slot, n_pg, kv->geom);
     LAUNCH_CHECK();
     kv->free_count += n_pg * g->c.n_layers * g->c.n_kv_heads;
     kv->slot_len[slot] = 0;
+}
+
+/* what a two-tier slot holds now, per (layer, KV head): tokens high, tokens low, pages high,
+ * pages low -- for the closing report, --kv-map and the tests */
+extern "C" void gpu_tier_counts(GpuEngine *g, int slot, int *counts) {
+    KVCache *kv = &g->kv;
+    int heads = g->c.n_layers * g->c.n_kv_heads;
+    if (kv->n_tiers < 2) { memset(counts, 0, (size_t)heads * 4 * sizeof(int)); return; }
+    int *tmp = (int *)malloc((size_t)heads * 4 * sizeof(int));
+    CUDA_CHECK(cudaMemcpyAsync(tmp, kv->n_tok + (size_t)slot * heads * 2, heads * 2 * sizeof(int),
+                               cudaMemcpyDeviceToHost, g->stream));
+    CUDA_CHECK(cudaMemcpyAsync(tmp + heads * 2, kv->n_pg + (size_t)slot * heads * 2,
+                               heads * 2 * sizeof(int), cudaMemcpyDeviceToHost, g->stream));
+    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    for (int h = 0; h < heads; h++) {
+        counts[h * 4] = tmp[h * 2]; counts[h * 4 + 1] = tmp[h * 2 + 1];
+        counts[h * 4 + 2] = tmp[heads * 2 + h * 2]; counts[h * 4 + 3] = tmp[heads * 2 + h * 2 + 1];
+    }
+    free(tmp);
 }
 
 extern "C" double gpu_copy_bandwidth(void) {
@@ -1376,7 +2178,7 @@ extern "C" int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_to
     CUDA_CHECK(cudaMemcpy(e.s.q, q, (size_t)gq * head_dim * sizeof(float), cudaMemcpyHostToDevice));
     e.attention = fn;
     e.stream = 0;
-    attention(&e, 0, 1, n_tok, 0);
+    attention(&e, 0, 1, n_tok, 0, NULL, NULL, e.s.o);
     uint16_t *oh = (uint16_t *)malloc((size_t)gq * head_dim * sizeof(uint16_t));
     CUDA_CHECK(cudaMemcpy(oh, e.s.o, (size_t)gq * head_dim * sizeof(uint16_t), cudaMemcpyDeviceToHost));
     for (int i = 0; i < gq * head_dim; i++) o[i] = lkv_h2f(oh[i]);
@@ -1384,6 +2186,37 @@ extern "C" int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_to
     cudaFree(e.s.o); cudaFree(e.s.att_part);
     free(ids); free(oh);
     return 0;
+}
+
+/* The cache-only test engine (gpu_build with no weights): each layer's q, k, v for the next
+ * gpu_prefill / gpu_decode rows, qkv (n_layers, n_rows, QD + 2*KVD) as the projections would
+ * give them (no RoPE is applied), and the attention output o (n_layers, n_rows, QD) after. */
+extern "C" void gpu_test_set_qkv(GpuEngine *g, const float *qkv, int n_rows) {
+    size_t ld = (size_t)(g->c.n_heads + 2 * g->c.n_kv_heads) * g->c.head_dim;
+    CUDA_CHECK(cudaMemcpy2D(g->test_qkv, g->max_rows * ld * sizeof(float), qkv,
+                            n_rows * ld * sizeof(float), n_rows * ld * sizeof(float),
+                            g->c.n_layers, cudaMemcpyHostToDevice));
+}
+
+extern "C" void gpu_test_get_o(GpuEngine *g, float *o, int n_rows) {
+    size_t QD = (size_t)g->c.n_heads * g->c.head_dim, n = (size_t)g->c.n_layers * n_rows * QD;
+    uint16_t *h = (uint16_t *)malloc(n * sizeof(uint16_t));
+    CUDA_CHECK(cudaMemcpy2D(h, n_rows * QD * 2, g->test_o, g->max_rows * QD * 2, n_rows * QD * 2,
+                            g->c.n_layers, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; i++) o[i] = lkv_h2f(h[i]);
+    free(h);
+}
+
+/* the page tables (n_layers * n_kv_heads, table_width) of slot, and, when pool is not NULL,
+ * every page of the pool (n_pages * page_bytes) */
+extern "C" void gpu_test_cache(GpuEngine *g, int slot, int *tables, uint8_t *pool) {
+    KvGeom *kg = &g->kv.geom;
+    size_t heads = (size_t)g->c.n_layers * g->c.n_kv_heads;
+    CUDA_CHECK(cudaMemcpy(tables, g->kv.table + slot * heads * kg->width,
+                          heads * kg->width * sizeof(int), cudaMemcpyDeviceToHost));
+    if (pool)
+        CUDA_CHECK(cudaMemcpy(pool, g->kv.pool, (size_t)kg->n_pages * kg->page_bytes,
+                              cudaMemcpyDeviceToHost));
 }
 
 /* ----------------------------------------------------------------------------------------
@@ -1472,7 +2305,7 @@ extern "C" double gpu_bench_attention(LkvPrecision p, int head_dim, int n_heads,
     float *ms = (float *)malloc(iters * sizeof(float));
     for (int it = -3; it < iters; it++) {   /* three launches warm up */
         CUDA_CHECK(cudaEventRecord(e0, e.stream));
-        attention(&e, 0, batch, ctx, 0);
+        attention(&e, 0, batch, ctx, 0, NULL, NULL, e.s.o);
         CUDA_CHECK(cudaEventRecord(e1, e.stream));
         CUDA_CHECK(cudaEventSynchronize(e1));
         if (it >= 0) CUDA_CHECK(cudaEventElapsedTime(&ms[it], e0, e1));

@@ -655,6 +655,9 @@ typedef struct {
     int max_slots;        /* sequences that can be held at once */
     int max_rows;         /* rows one forward pass can take (prefill chunk, decode batch) */
     int ctx;              /* tokens a slot can hold */
+    int n_tiers;          /* 1, or 2 for leankv's high and low tiers */
+    int tokens_per_page_low; /* low-tier tokens per page (two tiers) */
+    int table_width;      /* page-table entries per (slot, layer, KV head) */
 } GpuInfo;
 
 /* NULL when the GPU engine serves caches of precision p at this head dim, else why not: it
@@ -674,24 +677,39 @@ static inline const char *lkv_gpu_refuses(LkvPrecision p, int head_dim) {
 /* 1 when a CUDA device is usable, with its name in name[len]; else 0 and the reason */
 int gpu_available(char *name, size_t len);
 /* Uploads the weights as fp16 and allocates everything once: a pool of kv_mem_mib MiB of pages
- * (0: most of the free GPU memory), page tables for max_slots sequences of ctx tokens, and
- * activations for max(max_slots, prefill_chunk) rows. Prints the pool size on stderr. Returns
- * NULL with a one-line reason in err when the model or device cannot be served. */
-GpuEngine *gpu_build(const Config *c, const Weights *w, LkvPrecision kv, int max_slots,
-                     int prefill_chunk, int ctx, size_t kv_mem_mib, char *err, size_t errlen);
+ * (0: most of the free GPU memory) for a cache of n_tiers precisions (1; or 2, leankv's high and
+ * low tiers with the default alphas and window of `policy`), page tables for max_slots
+ * sequences of ctx tokens, and activations for max(max_slots, prefill_chunk) rows. Prints the
+ * pool size on stderr. Returns NULL with a one-line reason in err when the model or device
+ * cannot be served. w = NULL builds the cache-only test engine (see gpu_test_set_qkv). */
+GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrecision *tiers, int n_tiers,
+                     LkvPolicy policy, int max_slots, int prefill_chunk, int ctx,
+                     size_t kv_mem_mib, char *err, size_t errlen);
 void gpu_free(GpuEngine *g);
 /* Appends tokens[0..n) to slot (chunks of prefill_chunk rows). *next gets the greedy token
  * after the last one; logits, if not NULL, gets (n, vocab) fp32, one row per token.
- * Returns 0; -1 when the pool lacks the pages (nothing done); -2 past the context. */
+ * Returns 0; -1 when the pool lacks the pages (nothing done); -2 past the context; -3 on a
+ * two-tier slot already placed. A two-tier prompt: gpu_begin, gpu_prefill (once or more),
+ * gpu_place; then each decode step: gpu_plan, gpu_decode. */
 int gpu_prefill(GpuEngine *g, int slot, const int *tokens, int n, int *next, float *logits);
+/* two tiers: slot starts a prompt of n_prompt tokens with these alphas (the CPU's kv_begin) */
+void gpu_begin(GpuEngine *g, int slot, int n_prompt, float alpha_high, float alpha_low);
+/* two tiers: prefill placement of slot's prompt, spare pages given back (kv_place) */
+void gpu_place(GpuEngine *g, int slot);
+/* the next decode step of n slots: need[i] = pages slot i takes (two tiers: every head's case
+ * is decided on the GPU now, kv_plan_step; need is the step's one read-back) */
+void gpu_plan(GpuEngine *g, int n, const int *slots, int *need);
+/* what a two-tier slot holds, per (layer, KV head): tokens high, low, pages high, low */
+void gpu_tier_counts(GpuEngine *g, int slot, int *counts);
 /* One decode step for n distinct slots, each taking one token: next[i] gets slot i's greedy
  * token, logits (n, vocab) if not NULL. The step is a CUDA graph per power-of-two batch size.
- * Returns 0, -1 (pool lacks the pages, nothing done) or -2 (a slot is at the context). */
+ * Returns 0, -1 (pool lacks the pages, nothing done), -2 (a slot is at the context) or -3 (a
+ * two-tier slot was not planned by gpu_plan). */
 int gpu_decode(GpuEngine *g, int n, const int *slots, const int *tokens, int *next,
                float *logits);
 /* gives back every page of slot at once; the slot is empty afterwards */
 void gpu_release(GpuEngine *g, int slot);
-/* pages that appending n_new tokens to slot would take from the pool */
+/* pages that appending n_new tokens to slot would take from the pool (two tiers: a prompt) */
 int gpu_pages_needed(const GpuEngine *g, int slot, int n_new);
 int gpu_slot_len(const GpuEngine *g, int slot);
 void gpu_info(const GpuEngine *g, GpuInfo *info);
@@ -709,16 +727,24 @@ int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_tok, const ui
  * tokens (CUDA events, after warm-up); *bytes = the K/V bytes it reads. -1 when not served. */
 double gpu_bench_attention(LkvPrecision p, int head_dim, int n_heads, int n_kv_heads, int batch,
                            int ctx, int iters, double *bytes);
+/* The cache-only test engine: the next rows' q, k, v per layer (n_layers, n_rows, QD+2*KVD),
+ * unrotated; the attention output they gave (n_layers, n_rows, QD); a slot's page tables
+ * (n_layers * n_kv_heads, table_width) and, pool not NULL, the whole pool's bytes. */
+void gpu_test_set_qkv(GpuEngine *g, const float *qkv, int n_rows);
+void gpu_test_get_o(GpuEngine *g, float *o, int n_rows);
+void gpu_test_cache(GpuEngine *g, int slot, int *tables, uint8_t *pool);
 #else
 /* CPU-only build: the GPU is never available */
 static inline int gpu_available(char *name, size_t len) {
     if (len) { strncpy(name, "built without CUDA", len - 1); name[len - 1] = 0; }
     return 0;
 }
-static inline GpuEngine *gpu_build(const Config *c, const Weights *w, LkvPrecision kv,
-                                   int max_slots, int prefill_chunk, int ctx, size_t kv_mem_mib,
-                                   char *err, size_t errlen) {
-    (void)c; (void)w; (void)kv; (void)max_slots; (void)prefill_chunk; (void)ctx; (void)kv_mem_mib;
+static inline GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrecision *tiers,
+                                   int n_tiers, LkvPolicy policy, int max_slots,
+                                   int prefill_chunk, int ctx, size_t kv_mem_mib, char *err,
+                                   size_t errlen) {
+    (void)c; (void)w; (void)tiers; (void)n_tiers; (void)policy; (void)max_slots;
+    (void)prefill_chunk; (void)ctx; (void)kv_mem_mib;
     if (errlen) { strncpy(err, "this leankv was built without CUDA", errlen - 1); err[errlen - 1] = 0; }
     return NULL;
 }

@@ -89,3 +89,31 @@ if [[ " $STAGES " == *" quant "* ]]; then
     echo "== $CARD: median of 3 runs, $MODEL"
     python3 bench/table.py < "$OUT/kvbench.log"
 fi
+
+# leankv's tiers on the GPU (issue 5): the cache-only equality test, then throughput under a
+# fixed KV budget (--kv-mem 1024, 512 requests of 1,024 prompt + 1,024 forced tokens) for fp16,
+# k8v4 and leankv settings, then one profiled leankv decode step (kernel time split).
+budget() {   # budget NAME FLAGS...: one -m bench run under the fixed KV budget
+    local name=$1; shift
+    echo "== $name: $*" | tee -a "$OUT/budget.log"
+    timeout ${BUDGET_TIMEOUT:-280} ${LEANKV_BIN:-./leankv} $MODEL -m bench "$@" --kv-mem 1024 \
+        --batch 512 --requests ${BUDGET_REQUESTS:-512} --prompt-len 1024 --gen-len 1024 \
+        --ctx 2048 --device cuda 2>"$OUT/budget_$name.err" | tee -a "$OUT/budget.log" | grep -v '^{'
+    grep -E "kv tiers|KV pool|error" "$OUT/budget_$name.err" | tee -a "$OUT/budget.log"
+}
+if [[ " $STAGES " == *" budget "* ]]; then
+    : > "$OUT/budget.log"
+    budget fp16 --kv fp16
+    budget k8v4 --kv k8v4
+    budget leankv-1-0.02 --kv leankv
+    budget leankv-8-4 --kv leankv --alpha-high 8 --alpha-low 4
+fi
+if [[ " $STAGES " == *" tierprof "* ]]; then
+    LEANKV=${LEANKV_BIN:-./leankv}
+    LEANKV_PROFILE_STEP=40 ncu --profile-from-start off --clock-control none \
+        --metrics gpu__time_duration.sum --csv $LEANKV $MODEL -m bench --kv leankv --kv-mem 1024 \
+        --batch 64 --requests 64 --prompt-len 1024 --gen-len 48 --ctx 2048 --device cuda \
+        > "$OUT/ncu_leankv.csv" 2>/dev/null
+    echo "== leankv decode step, batch 64, 1,024-token prompts ($CARD)"
+    python3 bench/ncu_sum.py "$OUT/ncu_leankv.csv" | head -30
+fi

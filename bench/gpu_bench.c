@@ -6,6 +6,8 @@
  *                                 force preemption; the greedy outputs must all agree
  *   leankv-gpu-bench bench MODEL  synthetic throughput (prefill, decode, total tok/s)
  *   leankv-gpu-bench attn none    decode attention alone, each cache type, CUDA events
+ *   leankv-gpu-bench tiers none   leankv's two tiers: the GPU's cache against the CPU's from
+ *                                 the same inputs (tables, counts, page bytes, scores)
  *   leankv-gpu-bench quant none   the device's write path against the CPU's kv_store, byte for
  *                                 byte, and its attention kernel against dense fp32 attention
  *                                 over the dequantized values, for every cache type
@@ -86,7 +88,9 @@ static void load_model(Model *m, const char *path) {
 static GpuEngine *gpu_engine(Model *m, LkvPrecision kv, int slots, int chunk, int ctx,
                              size_t kv_mem_mib) {
     char err[256];
-    GpuEngine *g = gpu_build(&m->c, &m->w, kv, slots, chunk, ctx, kv_mem_mib, err, sizeof err);
+    LkvPolicy pol = {1.0f, 0.02f, 64, 0};
+    GpuEngine *g = gpu_build(&m->c, &m->w, &kv, 1, pol, slots, chunk, ctx, kv_mem_mib, err,
+                             sizeof err);
     if (!g) die("GPU: %s", err);
     return g;
 }
@@ -561,10 +565,254 @@ static int gpu_mode_attn(const BenchOptions *o) {
     return 0;
 }
 
+/* ----------------------------------------------------------------------------------------
+ * tiers: leankv's two-tier cache on the GPU against the CPU's, from the same inputs. The
+ * cache-only test engine (gpu_build with no weights) and a CPU KVCache of the same pages are
+ * fed the same q, k, v for every layer, row and step (no RoPE on either side), through the
+ * same operations: several prompts (prefill scores, placement), decode steps (plan, take, the
+ * four cases, attention over both tiers, decode scores), a release and a new admission in
+ * the middle. Then, for every head: tier counts, page counts, the used page-table entries and
+ * the bytes of every held token (codes, scales, zeros, positions) must be equal; scores and
+ * attention outputs equal within a tolerance (they are sums of exponentials computed in a
+ * different order). */
+
+static void tiers_fill(float *x, size_t n, float scale) {
+    for (size_t i = 0; i < n; i++) x[i] = rng_uniform() * scale;
+}
+
+/* the CPU twin of one prompt's pass through the cache-only engine: for each layer every row's
+ * k, v into the cache, then every query head's attention_rows with prompt scores, as
+ * forward_rows does; o (n_layers, n, QD) */
+static void tiers_cpu_prefill(KVCache *kv, const Config *c, int seq, const float *qkv, int n,
+                              float *o, float *att) {
+    int hd = c->head_dim, QD = c->n_heads * hd, KVD = c->n_kv_heads * hd, ld = QD + 2 * KVD;
+    int group = c->n_heads / c->n_kv_heads;
+    for (int l = 0; l < c->n_layers; l++) {
+        const float *in = qkv + (size_t)l * n * ld;
+        for (int r = 0; r < n; r++)
+            for (int h = 0; h < c->n_kv_heads; h++)
+                kv_append(kv, kv_head(kv, seq, l, h), in + (size_t)r * ld + QD + h * hd,
+                          in + (size_t)r * ld + QD + KVD + h * hd, r);
+        float *q = xmalloc((size_t)n * QD * sizeof(float));
+        for (int r = 0; r < n; r++) memcpy(q + (size_t)r * QD, in + (size_t)r * ld, QD * sizeof(float));
+        for (int h = 0; h < c->n_heads; h++) {
+            int hh = kv_head(kv, seq, l, h / group), n_tok = kv->n_tok[hh * LKV_MAX_TIERS];
+            float *psc = kv->pscore + ((size_t)l * c->n_heads + h) * kv->ctx;
+            for (int r = 0; r < n; r += ATT_LANES)
+                attention_rows(kv, hh, n_tok - (n - 1 - r), n - r < ATT_LANES ? n - r : ATT_LANES,
+                               q + (size_t)r * QD + h * hd, o + ((size_t)l * n + r) * QD + h * hd,
+                               QD, att, psc, kv->policy[seq].first);
+        }
+        free(q);
+    }
+}
+
+/* the CPU twin of a decode step of rows seqs[0..n): kv_write_token, attention_paged and
+ * kv_score_decode per layer and KV head, as forward does (plans and pages: the caller) */
+static void tiers_cpu_decode(KVCache *kv, const Config *c, const int *seqs, const int *pos,
+                             const float *qkv, int n, float *o, float *att) {
+    int hd = c->head_dim, QD = c->n_heads * hd, KVD = c->n_kv_heads * hd, ld = QD + 2 * KVD;
+    int group = c->n_heads / c->n_kv_heads;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int r = 0; r < n; r++) {
+            const float *in = qkv + ((size_t)l * n + r) * ld;
+            for (int h = 0; h < c->n_kv_heads; h++) {
+                int hh = kv_head(kv, seqs[r], l, h), stride = pos[r] + 1;
+                kv_write_token(kv, hh, in + QD + h * hd, in + QD + KVD + h * hd, pos[r]);
+                attention_paged(kv, hh, group, in + h * group * hd, att, stride,
+                                o + ((size_t)l * n + r) * QD + h * group * hd);
+                kv_score_decode(kv, hh, att, group, stride);
+            }
+        }
+}
+
+static double tiers_max_err(const float *a, const float *b, size_t n) {
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (d > worst) worst = d;
+    }
+    return worst;
+}
+
+/* every head of seq: counts, tables and held tokens of the GPU's cache against the CPU's;
+ * returns the number of mismatches (printing the first few), *score_err the largest score
+ * difference relative to max(1, |score|) */
+static int tiers_compare(GpuEngine *g, KVCache *kv, const Config *c, int seq, const uint8_t *pool,
+                         double *score_err) {
+    int heads = c->n_layers * c->n_kv_heads, W = kv->table_width, bad = 0;
+    int *counts = xmalloc((size_t)heads * 4 * sizeof(int)), *tabs = xmalloc((size_t)heads * W * sizeof(int));
+    gpu_tier_counts(g, seq, counts);
+    gpu_test_cache(g, seq, tabs, NULL);
+    int d = kv->head_dim;
+    for (int a = 0; a < heads; a++) {
+        int hh = kv_head(kv, seq, a / c->n_kv_heads, a % c->n_kv_heads);
+        int *nt = &kv->n_tok[hh * LKV_MAX_TIERS], *np = &kv->n_pg[hh * LKV_MAX_TIERS];
+        if (counts[a * 4] != nt[0] || counts[a * 4 + 1] != nt[1] || counts[a * 4 + 2] != np[0] ||
+            counts[a * 4 + 3] != np[1]) {
+            if (bad++ < 5)
+                printf("tiers: seq %d head %d: GPU tokens %d/%d pages %d/%d, CPU %d/%d, %d/%d\n", seq,
+                       a, counts[a * 4], counts[a * 4 + 1], counts[a * 4 + 2], counts[a * 4 + 3],
+                       nt[0], nt[1], np[0], np[1]);
+            continue;
+        }
+        for (int t = 0; t < 2; t++)
+            for (int k = 0; k < np[t]; k++) {
+                int idx = t ? W - 1 - k : k;
+                if (tabs[(size_t)a * W + idx] != kv->table[(size_t)hh * W + idx] && bad++ < 5)
+                    printf("tiers: seq %d head %d: tier %d page %d is %d on the GPU, %d on the CPU\n",
+                           seq, a, t, k, tabs[(size_t)a * W + idx], kv->table[(size_t)hh * W + idx]);
+            }
+        for (int t = 0; t < 2; t++) {
+            const LkvPageLayout *L = &kv->layout[t];
+            LkvPrecision p = kv->tier[t];
+            int kc = lkv_code_bytes(d, p.kbits), ks = lkv_sz_bytes(p.groups, p.kbits);
+            int vc = lkv_code_bytes(d, p.vbits), vs = lkv_sz_bytes(p.groups, p.vbits);
+            for (int i = 0; i < nt[t]; i++) {
+                int slot;
+                const uint8_t *cp = kv_page(kv, hh, t, i, &slot);
+                const uint8_t *gp = pool + (cp - kv->pool);   /* same page id on both sides */
+                int same = !memcmp(cp + L->k_codes + slot * kc, gp + L->k_codes + slot * kc, kc) &&
+                           !memcmp(cp + L->k_sz + slot * ks, gp + L->k_sz + slot * ks, ks) &&
+                           !memcmp(cp + L->v_codes + slot * vc, gp + L->v_codes + slot * vc, vc) &&
+                           !memcmp(cp + L->v_sz + slot * vs, gp + L->v_sz + slot * vs, vs) &&
+                           !memcmp(cp + L->pos + slot * 4, gp + L->pos + slot * 4, 4);
+                if (!same && bad++ < 5)
+                    printf("tiers: seq %d head %d: tier %d token %d differs\n", seq, a, t, i);
+                float sc = ((const float *)(cp + L->scores))[slot];
+                float sg = ((const float *)(gp + L->scores))[slot];
+                double e = fabs((double)sc - sg) / (fabs(sc) > 1 ? fabs(sc) : 1);
+                if (e > *score_err) *score_err = e;
+            }
+        }
+    }
+    free(counts); free(tabs);
+    return bad;
+}
+
+static int gpu_mode_tiers(const BenchOptions *o) {
+    int failures = 0;
+    for (int hd = 64; hd <= 128; hd *= 2) {
+        Config c;
+        memset(&c, 0, sizeof c);
+        c.n_layers = 2; c.n_heads = 6; c.n_kv_heads = 2; c.head_dim = hd; c.dim = 6 * hd;
+        c.hidden_dim = 64; c.vocab_size = 64; c.seq_len = 1024; c.rope_theta = 10000.0f;
+        c.rope_style = LKV_ROPE_HALF; c.norm_eps = 1e-5f;
+        int S = 4, ctx = 512, N = o->gen_len, QD = c.n_heads * hd, KVD = c.n_kv_heads * hd;
+        int ld = QD + 2 * KVD, prompt[4] = {200, 131, 97, 256}, group = c.n_heads / c.n_kv_heads;
+        LkvPrecision tiers[2] = {{8, 4, 1}, {4, 2, 1}};
+        LkvPolicy pol = {2.0f, 0.8f, 16, 0};   /* high alphas: every decode case happens */
+        KVCache kv;
+        build_kvcache_tiers(&kv, &c, S, ctx, 8, tiers, 2);
+        kv.defaults = pol;
+        char err[256];
+        GpuEngine *g = gpu_build(&c, NULL, tiers, 2, pol, S, 256, ctx, 8, err, sizeof err);
+        if (!g) die("tiers: %s", err);
+        GpuInfo gi;
+        gpu_info(g, &gi);
+        if (gi.n_pages != kv.n_pages || gi.table_width != kv.table_width)
+            die("tiers: GPU pool %d pages, width %d; CPU %d, %d", gi.n_pages, gi.table_width,
+                kv.n_pages, kv.table_width);
+        float *qkv = xmalloc((size_t)c.n_layers * 256 * ld * sizeof(float));
+        float *o_cpu = xmalloc((size_t)c.n_layers * 256 * QD * sizeof(float));
+        float *o_gpu = xmalloc((size_t)c.n_layers * 256 * QD * sizeof(float));
+        float *att = xmalloc((size_t)(ctx + 4) * ATT_LANES * group * sizeof(float) + (size_t)group * ctx * sizeof(float));
+        int *len = xmalloc(S * sizeof(int)), cases[5] = {0}, toks[256] = {0}, nx[256];
+        double o_err = 0, score_err = 0;
+        /* a prompt into slot s, both sides; q scaled up so that attention is peaked enough for
+         * every tier case to happen */
+        for (int phase = 0; phase < 2; phase++) {
+            for (int s = 0; s < S; s++) {
+                if (phase == 1 && s != 1) continue;   /* phase 1: slot 1 again, after its release */
+                int n = phase ? 180 : prompt[s];
+                for (int l = 0; l < c.n_layers; l++)
+                    for (int r = 0; r < n; r++) {
+                        float *in = qkv + ((size_t)l * n + r) * ld;
+                        tiers_fill(in, QD, 4.0f);
+                        tiers_fill(in + QD, 2 * KVD, 1.0f);
+                    }
+                kv_begin(&kv, s, n, pol.alpha_high, pol.alpha_low);
+                if (kv_reserve(&kv, s, n) != 0) die("tiers: CPU pool too small");
+                tiers_cpu_prefill(&kv, &c, s, qkv, n, o_cpu, att);
+                kv_place(&kv, s);
+                gpu_begin(g, s, n, pol.alpha_high, pol.alpha_low);
+                gpu_test_set_qkv(g, qkv, n);
+                if (gpu_prefill(g, s, toks, n, nx, NULL) != 0) die("tiers: GPU prefill failed");
+                gpu_test_get_o(g, o_gpu, n);
+                double e = tiers_max_err(o_cpu, o_gpu, (size_t)c.n_layers * n * QD);
+                if (e > o_err) o_err = e;
+                gpu_place(g, s);
+                len[s] = n;
+            }
+            /* decode steps for every slot at once */
+            int slots[4] = {0, 1, 2, 3}, pos[4], need_c[4], need_g[4];
+            for (int step = 0; step < N; step++) {
+                for (int r = 0; r < S; r++) {
+                    pos[r] = len[r];
+                    need_c[r] = kv_plan_step(&kv, r, pos[r]);
+                    for (int a = 0; a < c.n_layers * c.n_kv_heads; a++)
+                        cases[kv.plan[kv_head(&kv, r, a / c.n_kv_heads, a % c.n_kv_heads) * 3]]++;
+                }
+                gpu_plan(g, S, slots, need_g);
+                for (int r = 0; r < S; r++)
+                    if (need_c[r] != need_g[r] && failures++ < 5)
+                        printf("tiers: step %d slot %d: GPU plans %d pages, CPU %d\n", step, r,
+                               need_g[r], need_c[r]);
+                if (kv_take_planned(&kv) != 0) die("tiers: CPU pool too small");
+                for (int l = 0; l < c.n_layers; l++)
+                    for (int r = 0; r < S; r++) {
+                        float *in = qkv + ((size_t)l * S + r) * ld;
+                        tiers_fill(in, QD, 4.0f);
+                        tiers_fill(in + QD, 2 * KVD, 1.0f);
+                    }
+                tiers_cpu_decode(&kv, &c, slots, pos, qkv, S, o_cpu, att);
+                gpu_test_set_qkv(g, qkv, S);
+                if (gpu_decode(g, S, slots, toks, nx, NULL) != 0) die("tiers: GPU decode failed");
+                gpu_test_get_o(g, o_gpu, S);
+                double e = tiers_max_err(o_cpu, o_gpu, (size_t)c.n_layers * S * QD);
+                if (e > o_err) o_err = e;
+                for (int r = 0; r < S; r++) len[r]++;
+            }
+            if (phase == 0) {   /* slot 1 leaves, its pages go back on both sides */
+                kv_release(&kv, 1);
+                gpu_release(g, 1);
+                len[1] = 0;
+            }
+        }
+        gpu_info(g, &gi);
+        uint8_t *pool = xmalloc((size_t)kv.n_pages * kv.page_bytes);
+        int tabs_dummy_bad = 0;
+        {
+            int *tabs = xmalloc((size_t)c.n_layers * c.n_kv_heads * kv.table_width * sizeof(int));
+            gpu_test_cache(g, 0, tabs, pool);
+            free(tabs);
+        }
+        for (int s = 0; s < S; s++) tabs_dummy_bad += tiers_compare(g, &kv, &c, s, pool, &score_err);
+        int free_ok = gi.free_pages == kv.free_count;
+        KVTotals tot;
+        for (int s = 0; s < S; s++) kv_account(&kv, s);
+        tot = kv_totals(&kv);
+        int ok = !tabs_dummy_bad && free_ok && score_err <= 1e-3 && o_err <= 2e-2;
+        printf("tiers: head dim %d, %d slots, %d decode steps x 2 phases: cases prune %d swap %d "
+               "demote %d append %d (all heads); held high %.0f%% low %.0f%% pruned %.0f%%; "
+               "free pages GPU %d CPU %d; %d mismatches; score err %.2e (<= 1e-3); attention "
+               "max abs err %.2e (<= 2e-2) %s\n", hd, S, N, cases[1], cases[2], cases[3], cases[4],
+               100 * tot.high / tot.seen, 100 * tot.low / tot.seen,
+               100 * (tot.seen - tot.high - tot.low) / tot.seen, gi.free_pages, kv.free_count,
+               tabs_dummy_bad, score_err, o_err, ok ? "ok" : "FAIL");
+        failures += !ok;
+        free(pool); free(qkv); free(o_cpu); free(o_gpu); free(att); free(len);
+        gpu_free(g);
+        free_kvcache(&kv);
+    }
+    printf("tiers: %s\n", failures ? "FAIL" : "PASS");
+    return failures ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
     BenchOptions o = {0};
     o.prompt_len = 64; o.gen_len = 64; o.batch = 1; o.requests = 0; o.chunk = 512; o.runs = 3;
-    if (argc < 3) die("usage: leankv-gpu-bench check|batch|bench|quant|attn MODEL.bin|random|none [options]");
+    if (argc < 3) die("usage: leankv-gpu-bench check|batch|bench|quant|attn|tiers MODEL.bin|random|none [options]");
     o.mode = argv[1];
     o.model = argv[2];
     const char *kv_name = "fp16";
@@ -598,10 +846,11 @@ int main(int argc, char **argv) {
     build_h2f_table();
     if (!strcmp(o.mode, "quant")) return gpu_mode_quant();
     if (!strcmp(o.mode, "attn")) return gpu_mode_attn(&o);
+    if (!strcmp(o.mode, "tiers")) return gpu_mode_tiers(&o);
     Model m;
     load_model(&m, o.model);
     if (!strcmp(o.mode, "check")) return gpu_mode_check(&m, &o);
     if (!strcmp(o.mode, "batch")) { if (!o.requests) o.requests = 64; return gpu_mode_batch(&m, &o); }
     if (!strcmp(o.mode, "bench")) return gpu_mode_bench(&m, &o);
-    die("unknown mode '%s' (check, batch, bench, quant, attn)", o.mode);
+    die("unknown mode '%s' (check, batch, bench, quant, attn, tiers)", o.mode);
 }
