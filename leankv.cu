@@ -1112,11 +1112,11 @@ typedef struct {
 } AttTier;
 
 template <int HD, int GM, int KB, int VB>
-__global__ void __launch_bounds__(ATT_THREADS(HD), HD == 64 && GM <= 4 ? ATT_BLOCKS_PER_SM : 1)
-attention_paged(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
+__device__ __forceinline__ void
+attention_block(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
                 const float2 *cos_sin, int style, uint8_t *pool, const int *table,
-                const int *row_slot, const int *row_pos, int layer, KvGeom g, int n_heads,
-                int gq, int pages_per_split, AttTier at) {
+                const int *row_slot, const int *row_pos, int layer, const KvGeom &g, int n_heads,
+                int gq, int pages_per_split, const AttTier &at, int split, int splits) {
     /* channels per thread: 16 when keys are codes and the registers allow (a wider load, and
      * a thread's per-token work shared by more channels), else 8 */
     constexpr int CH = KB < 16 && GM <= 3 && KB + VB <= 12 ? 16 : 8;
@@ -1124,7 +1124,7 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
     constexpr int NT = ATT_THREADS(HD) / LANES;   /* tokens read at once by a block */
     typedef typename CodeVec<KB, CH>::T KT;
     typedef typename CodeVec<VB, CH>::T VT;
-    int split = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z, splits = gridDim.x;
+    int kvh = blockIdx.y, r = blockIdx.z;
     int tok = threadIdx.x / LANES, lane = threadIdx.x % LANES;
     int pos = row_pos[r];                   /* -1 for a padding row */
     size_t head_kv = kv_head(g, row_slot[r], layer, kvh);
@@ -1308,6 +1308,37 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
     }
 }
 
+template <int HD, int GM, int KB, int VB>
+__global__ void __launch_bounds__(ATT_THREADS(HD), HD == 64 && GM <= 4 ? ATT_BLOCKS_PER_SM : 1)
+attention_paged(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
+                const float2 *cos_sin, int style, uint8_t *pool, const int *table,
+                const int *row_slot, const int *row_pos, int layer, KvGeom g, int n_heads,
+                int gq, int pages_per_split, AttTier at) {
+    attention_block<HD, GM, KB, VB>(o, part, q, qkv, bqkv, cos_sin, style, pool, table, row_slot,
+                                    row_pos, layer, g, n_heads, gq, pages_per_split, at,
+                                    blockIdx.x, gridDim.x);
+}
+
+/* Both tiers of a two-tier decode step in one launch (leankv's default pair, k8v4 and k4v2):
+ * blocks [0, s0) read the high tier's splits, the rest the low tier's, so the two overlap on the
+ * GPU instead of running one after the other. */
+template <int HD, int GM, int KB0, int VB0, int KB1, int VB1>
+__global__ void __launch_bounds__(ATT_THREADS(HD), HD == 64 && GM <= 4 ? ATT_BLOCKS_PER_SM : 1)
+attention_tiers(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
+                const float2 *cos_sin, int style, uint8_t *pool, const int *table,
+                const int *row_slot, const int *row_pos, int layer, KvGeom g0, KvGeom g1,
+                int n_heads, int gq, int pages_per_split, AttTier a0, AttTier a1) {
+    int s0 = a1.split_base;
+    if ((int)blockIdx.x < s0)
+        attention_block<HD, GM, KB0, VB0>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
+                                          row_slot, row_pos, layer, g0, n_heads, gq,
+                                          pages_per_split, a0, blockIdx.x, s0);
+    else
+        attention_block<HD, GM, KB1, VB1>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
+                                          row_slot, row_pos, layer, g1, n_heads, gq,
+                                          pages_per_split, a1, blockIdx.x - s0, gridDim.x - s0);
+}
+
 /* o = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s, over the splits s of one
  * (row, head); one thread per channel. ml, if not NULL, gets (M, L = sum_s l_s e^(m_s - M)):
  * the softmax's max and sum, which turn kept scores into probabilities. */
@@ -1421,6 +1452,8 @@ struct GpuEngine {
     KVCache kv;
     AttentionLaunch attention;              /* attention_paged for this shape (tier 0) */
     AttentionLaunch attention_t[LKV_MAX_TIERS]; /* [n_tiers] the kernel of each tier */
+    void (*attention_pair)(struct GpuEngine *, const AttCall *, const AttTier *); /* both tiers
+                                               in one launch, or NULL: one launch per tier */
     RunState s;
     cudaGraphExec_t graph[MAX_BUCKETS];     /* decode step per batch size 2^i, made on first use */
     float *test_qkv;                        /* (n_layers, max_rows, QD + 2*KVD) test engine input */
@@ -1440,6 +1473,22 @@ static void launch_attention(GpuEngine *g, const AttCall *a) {
         g->kv.table, s->row_slot, s->row_pos, a->layer, a->tier ? g->kv.tg[1] : g->kv.geom,
         c->n_heads, c->n_heads / c->n_kv_heads, g->pages_per_split, a->at);
 }
+
+/* both tiers at once: a0 the high tier's, a1 the low's (a1.split_base = the high splits) */
+template <int HD, int GM>
+static void launch_tiers(GpuEngine *g, const AttCall *a, const AttTier *at) {
+    Config *c = &g->c;
+    RunState *s = &g->s;
+    dim3 grid(at[0].total_splits, c->n_kv_heads, a->n_rows), block(ATT_THREADS(HD));
+    attention_tiers<HD, GM, 8, 4, 4, 2><<<grid, block, 0, g->stream>>>(
+        a->o, s->att_part, s->q, a->qkv, a->bqkv, g->rope_cs, c->rope_style, g->kv.pool,
+        g->kv.table, s->row_slot, s->row_pos, a->layer, g->kv.tg[0], g->kv.tg[1], c->n_heads,
+        c->n_heads / c->n_kv_heads, g->pages_per_split, at[0], at[1]);
+}
+typedef void (*PairLaunch)(GpuEngine *, const AttCall *, const AttTier *);
+static const PairLaunch pair_kernels[2][5] = {
+    {launch_tiers<64, 1>, launch_tiers<64, 2>, launch_tiers<64, 3>, launch_tiers<64, 4>, launch_tiers<64, 8>},
+    {launch_tiers<128, 1>, launch_tiers<128, 2>, launch_tiers<128, 3>, launch_tiers<128, 4>, launch_tiers<128, 8>}};
 
 /* the instantiated kernels: head dim 64 or 128; query heads per KV head rounded up to 1, 2, 3,
  * 4 or 8; keys at 16, 8, 4 or 2 bits and values at no more bits than keys (gpu_build refuses
@@ -1492,13 +1541,18 @@ static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int deco
     a.bqkv = bqkv; a.o = o; a.at.raw_stride = g->ctx;
     if (kv->n_tiers > 1 && decode) {
         int total = g->splits_t[0] + g->splits_t[1];
-        for (int t = 0; t < 2; t++) {
-            a.tier = t;
-            a.splits = g->splits_t[t];
-            a.at = (AttTier){kv->n_tok, t, t ? g->splits_t[0] : 0, total, kv->raw, 0, g->ctx};
-            g->attention_t[t](g, &a);
-            LAUNCH_CHECK();
-        }
+        AttTier at[2];
+        for (int t = 0; t < 2; t++)
+            at[t] = (AttTier){kv->n_tok, t, t ? g->splits_t[0] : 0, total, kv->raw, 0, g->ctx};
+        if (g->attention_pair) g->attention_pair(g, &a, at);   /* one launch for both */
+        else
+            for (int t = 0; t < 2; t++) {
+                a.tier = t;
+                a.splits = g->splits_t[t];
+                a.at = at[t];
+                g->attention_t[t](g, &a);
+            }
+        LAUNCH_CHECK();
         combine(g, n_rows, total, o, kv->ml);
         kv_score_decode<<<dim3(c->n_kv_heads, n_rows, (g->ctx + 255) / 256), 256, 0, g->stream>>>(
             kv->pool, kv->table, kv->tg[0], kv->tg[1], kv->n_tok, kv->raw, kv->ml, g->s.row_slot,
@@ -1767,6 +1821,9 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
 
     g->attention = att[0];
     for (int t = 0; t < n_tiers; t++) g->attention_t[t] = att[t];
+    if (n_tiers > 1 && tiers[0].kbits == 8 && tiers[0].vbits == 4 && tiers[1].kbits == 4 &&
+        tiers[1].vbits == 2)   /* leankv's default pair has its own fused launch */
+        g->attention_pair = pair_kernels[c->head_dim == 64 ? 0 : 1][G <= 4 ? G - 1 : 4];
     if (w) build_weights(&g->w, c, w);
     else {   /* the cache-only test engine */
         size_t QD = (size_t)c->n_heads * c->head_dim, KVD = (size_t)c->n_kv_heads * c->head_dim;

@@ -692,7 +692,13 @@ static int tiers_compare(GpuEngine *g, KVCache *kv, const Config *c, int seq, co
 
 static int gpu_mode_tiers(const BenchOptions *o) {
     int failures = 0;
-    for (int hd = 64; hd <= 128; hd *= 2) {
+    /* leankv's default tiers at both head dims (one fused attention launch for both tiers),
+     * and another pair (fp16 high, k8v4 low: a launch per tier) */
+    static const LkvPrecision pairs[3][2] = {{{8, 4, 1}, {4, 2, 1}}, {{8, 4, 1}, {4, 2, 1}},
+                                             {{16, 16, 1}, {8, 4, 1}}};
+    static const int dims[3] = {64, 128, 64};
+    for (int ci = 0; ci < 3; ci++) {
+        int hd = dims[ci];
         Config c;
         memset(&c, 0, sizeof c);
         c.n_layers = 2; c.n_heads = 6; c.n_kv_heads = 2; c.head_dim = hd; c.dim = 6 * hd;
@@ -700,7 +706,7 @@ static int gpu_mode_tiers(const BenchOptions *o) {
         c.rope_style = LKV_ROPE_HALF; c.norm_eps = 1e-5f;
         int S = 4, ctx = 512, N = o->gen_len, QD = c.n_heads * hd, KVD = c.n_kv_heads * hd;
         int ld = QD + 2 * KVD, prompt[4] = {200, 131, 97, 256}, group = c.n_heads / c.n_kv_heads;
-        LkvPrecision tiers[2] = {{8, 4, 1}, {4, 2, 1}};
+        LkvPrecision tiers[2] = {pairs[ci][0], pairs[ci][1]};
         LkvPolicy pol = {2.0f, 0.8f, 16, 0};   /* high alphas: every decode case happens */
         KVCache kv;
         build_kvcache_tiers(&kv, &c, S, ctx, 8, tiers, 2);
@@ -793,10 +799,11 @@ static int gpu_mode_tiers(const BenchOptions *o) {
         for (int s = 0; s < S; s++) kv_account(&kv, s);
         tot = kv_totals(&kv);
         int ok = !tabs_dummy_bad && free_ok && score_err <= 1e-3 && o_err <= 2e-2;
-        printf("tiers: head dim %d, %d slots, %d decode steps x 2 phases: cases prune %d swap %d "
+        printf("tiers: k%dv%d / k%dv%d, head dim %d, %d slots, %d decode steps x 2 phases: cases prune %d swap %d "
                "demote %d append %d (all heads); held high %.0f%% low %.0f%% pruned %.0f%%; "
                "free pages GPU %d CPU %d; %d mismatches; score err %.2e (<= 1e-3); attention "
-               "max abs err %.2e (<= 2e-2) %s\n", hd, S, N, cases[1], cases[2], cases[3], cases[4],
+               "max abs err %.2e (<= 2e-2) %s\n", tiers[0].kbits, tiers[0].vbits, tiers[1].kbits,
+               tiers[1].vbits, hd, S, N, cases[1], cases[2], cases[3], cases[4],
                100 * tot.high / tot.seen, 100 * tot.low / tot.seen,
                100 * (tot.seen - tot.high - tot.low) / tot.seen, gi.free_pages, kv.free_count,
                tabs_dummy_bad, score_err, o_err, ok ? "ok" : "FAIL");

@@ -106,8 +106,9 @@ def test_batch_equals_alone_quantized(bench):
 
 
 def test_tiers_gpu_equals_cpu(bench):
-    """leankv's two tiers (k8v4 high, k4v2 low; alphas 2 and 0.8, window 16; head dims 64 and
-    128): the GPU's cache-only engine and the CPU's cache, fed the same q, k, v, through four
+    """leankv's two tiers (k8v4 high, k4v2 low at head dims 64 and 128: both tiers in one
+    attention launch; fp16 high, k8v4 low at 64: a launch per tier; alphas 2 and 0.8, window
+    16): the GPU's cache-only engine and the CPU's cache, fed the same q, k, v, through four
     prompts (prefill scores and placement), 64 decode steps of all four sequences (the GPU
     plans every head's case, takes pages with its prepare / scan / apply kernels, demotes,
     prunes and scores), a release and a new prompt, and 64 more steps. Afterwards every head
@@ -117,13 +118,14 @@ def test_tiers_gpu_equals_cpu(bench):
     decode case must have happened."""
     r = run([str(bench), "tiers", "none", "--gen-len", "64"])
     assert r.returncode == 0 and "tiers: PASS" in r.stdout
-    for m in re.finditer(r"cases prune (\d+) swap (\d+) demote (\d+) append (\d+)", r.stdout):
-        assert all(int(x) > 0 for x in m.groups()), m.group(0)
+    runs = re.findall(r"cases prune (\d+) swap (\d+) demote (\d+) append (\d+)", r.stdout)
+    assert len(runs) == 3 and all(sum(int(x[i]) for x in runs) > 0 for i in range(4)), runs
 
 
 def test_leankv_cli_on_gpu(tmp_path):
     """./leankv --kv leankv runs on the GPU: a bench whose pool is too small for its batch
-    completes every request through preemption and reports the tier fractions and ratios."""
+    completes every request through preemption, reports the tier fractions and ratios and
+    writes the --kv-map picture."""
     exe = ROOT / "leankv"
     if os.environ.get("LEANKV_BIN"):   # a binary built elsewhere (bench/gpu.sh carries one)
         exe = Path(os.environ["LEANKV_BIN"]).resolve()
@@ -132,10 +134,13 @@ def test_leankv_cli_on_gpu(tmp_path):
     model = str(SMOLLM2) if SMOLLM2.exists() else None
     if model is None:
         pytest.skip("needs models/smollm2-135m-instruct.bin")
+    png = tmp_path / "map.png"
     r = run([str(exe), model, "-m", "bench", "--kv", "leankv", "--batch", "32", "--requests",
-             "48", "--prompt-len", "200", "--gen-len", "64", "--kv-mem", "24", "--device", "cuda"])
+             "48", "--prompt-len", "200", "--gen-len", "64", "--kv-mem", "24", "--device", "cuda",
+             "--kv-map", str(png)])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "device: cuda" in r.stderr and "kv tiers:" in r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     m = re.search(r"(\d+) preemptions", r.stdout)
     assert m and int(m.group(1)) > 0
 
