@@ -3,9 +3,10 @@
  * leankv.c runs one token at a time on the CPU. Here a forward pass takes a batch of "rows",
  * each row one token of one sequence at that sequence's next position, so the same code serves
  * a chunk of a prompt (many rows of one sequence) and a decode step (one row of each of many
- * sequences). The KV cache is the CPU's: fp16 pages of one (sequence, layer, KV head), a page
- * table per such head, a circular array of free page ids -- only it lives in GPU memory and is
- * managed by kernels (../shared/LEANKV.md sections 5 and 6).
+ * sequences). The KV cache is the CPU's: pages of one (sequence, layer, KV head) at one
+ * precision (fp16 or kXvY codes; with --kv leankv, a high and a low tier), a page table per
+ * such head, a circular array of free page ids -- only it lives in GPU memory and is managed by
+ * kernels (../shared/LEANKV.md sections 3 to 6).
  *
  * Sections, in the order data flows (the same as leankv.c):
  *   errors | model (weights upload, activations) | KV cache | forward | argmax | engine API
@@ -204,8 +205,10 @@ static void free_runstate(RunState *s) {
  * section 6: each row (or head) says how many pages it takes, a prefix sum turns the counts
  * into disjoint ranges of the free ring, and each one moves its own range. The host never
  * touches a page id; it keeps only the counts it needs to decide what fits (free_count and
- * each slot's length), which are exact because every page a slot holds is a full or the last
- * partial page of its tokens: ceil(len / tpp) pages per head. */
+ * each slot's length). With one precision they are exact by arithmetic: every page a slot
+ * holds is a full or the last partial page of its tokens, ceil(len / tpp) pages per head.
+ * With leankv's two tiers each head's counts live on the GPU (n_tok, n_pg), the policy kernel
+ * tells the host each step's pages, and a give reads back the free count. */
 
 typedef struct {
     int n_layers;
