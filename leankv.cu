@@ -1747,6 +1747,18 @@ static void decode_step(GpuEngine *g, int rows) {
     forward(g, rows, rows, g->ctx, 1);
 }
 
+/* Attention splits of a sequence of `pages` pages: about enough blocks to fill the GPU once
+ * (ATT_BLOCKS_PER_SM resident per SM) when every slot is busy -- measured: splitting further
+ * costs more in partials and merging than it gains -- but no split shorter than one pass of a
+ * block over its tokens: 2 pages of fp16 keys, 4 of codes (a block of the code kernels reads
+ * 64 or 128 tokens a pass). */
+static int split_pages(int pages, int n_sms, int slots, int n_kv_heads, int kbits) {
+    int want = ATT_BLOCKS_PER_SM * n_sms / (slots * n_kv_heads);
+    if (want < 1) want = 1;   /* rounded down: one wave of blocks, not one and a bit */
+    int pps = (pages + want - 1) / want, least = kbits < 16 ? 4 : 2;
+    return pps < least ? least : pps;
+}
+
 extern "C" int gpu_available(char *name, size_t len) {
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
@@ -1836,14 +1848,8 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
     build_rope_table(g);
     build_kvcache(&g->kv, c, tiers, n_tiers, max_slots, g->max_rows, ctx, kv_mem_mib, g->stream);
     g->kv.defaults = policy;
-    /* Attention splits: about enough blocks to fill the GPU once (ATT_BLOCKS_PER_SM resident
-     * per SM) when every slot is busy -- measured: splitting further costs more in partials
-     * and merging than it gains -- but no split shorter than 2 pages. */
-    int pages = (ctx + g->kv.geom.tpp - 1) / g->kv.geom.tpp;
-    int want = ATT_BLOCKS_PER_SM * g->n_sms / (max_slots * c->n_kv_heads);
-    if (want < 1) want = 1;   /* rounded down: one wave of blocks, not one and a bit */
-    g->pages_per_split = (pages + want - 1) / want;
-    if (g->pages_per_split < 2) g->pages_per_split = 2;
+    g->pages_per_split = split_pages((ctx + g->kv.geom.tpp - 1) / g->kv.geom.tpp, g->n_sms,
+                                     max_slots, c->n_kv_heads, tiers[0].kbits);
     g->max_splits = 0;
     for (int t = 0; t < n_tiers; t++) {
         int pt = (ctx + g->kv.tg[t].tpp - 1) / g->kv.tg[t].tpp;
@@ -2333,10 +2339,7 @@ extern "C" double gpu_bench_attention(LkvPrecision p, int head_dim, int n_heads,
     g->n_kv_heads = n_kv_heads;
     int per_head = g->width;                       /* pages of one (sequence, KV head) */
     g->n_pages = batch * n_kv_heads * per_head;
-    int want = ATT_BLOCKS_PER_SM * e.n_sms / (batch * n_kv_heads);   /* as gpu_build */
-    if (want < 1) want = 1;
-    e.pages_per_split = (per_head + want - 1) / want;
-    if (e.pages_per_split < 2) e.pages_per_split = 2;
+    e.pages_per_split = split_pages(per_head, e.n_sms, batch, n_kv_heads, p.kbits);   /* as gpu_build */
     int splits = (per_head + e.pages_per_split - 1) / e.pages_per_split;
     DeviceLayer layer;
     memset(&layer, 0, sizeof layer);
