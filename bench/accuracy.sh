@@ -14,7 +14,8 @@
 # comma-separated: ah= alpha_high, al= alpha_low, w= window, hi= high tier, lo= low tier,
 # g= channel groups; e.g. leankv:ah=2,al=0.5,lo=k2v2. KL=0 skips the --ref fp16 run (half the
 # time; the perplexity increase is then taken against the fp16 setting's row, which must come
-# first). JOBS runs that many settings at once (one thread each).
+# first, or be given as FP16_PPL=17.919834). JOBS runs that many settings at once (one thread
+# each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${MODEL:-models/smollm2-135m-instruct.bin}"
@@ -26,6 +27,7 @@ PASSKEY_LEANKV="${PASSKEY_LEANKV:-1}"
 SETTINGS="${SETTINGS:-fp16 k8v8 k8v4 k4v4 k4v2 k2v2 k4v4:2 k4v2:2 k4v2:4 k2v2:4 \
 leankv:ah=1,al=0.02 leankv:ah=2,al=0.5 leankv:ah=4,al=1}"
 KL="${KL:-1}"
+export FP16_PPL="${FP16_PPL:-}"   # the fp16 perplexity, for KL=0 runs without the fp16 setting
 JOBS="${JOBS:-1}"
 OUT="${OUT:-bench}"
 TMP="$(mktemp -d)"

@@ -3,8 +3,10 @@ compression ratio, one point per setting, the Pareto front (no other setting com
 for less loss) drawn through. Used by bench/accuracy.sh.
 
 The perplexity increase is against --ref fp16 on the same text when the row has it, else
-against the row of the fp16 setting (KL=0 runs)."""
+against the row of the fp16 setting (KL=0 runs), or, when the CSV has no fp16 row, against
+FP16_PPL from the environment (a KL=0 run of a few settings compared with an earlier fp16 run)."""
 import csv
+import os
 import sys
 
 import matplotlib
@@ -13,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 rows = list(csv.DictReader(open(sys.argv[1])))
 fp16 = next((float(r["ppl"]) for r in rows if r["setting"] == "fp16"), None)
+if fp16 is None and os.environ.get("FP16_PPL"):
+    fp16 = float(os.environ["FP16_PPL"])
 
 
 def num(x, fmt):
