@@ -954,15 +954,23 @@ static void kv_place(KVCache *kv, int seq) {
 
 /* ---- What the cache holds: the report every run prints, and --kv-map */
 
+/* adds to the totals of (layer, KV head) a what one head held at its end: tokens in each tier,
+ * tokens it processed, pages (the GPU engine's heads are counted through this too) */
+static void kv_account_head(KVCache *kv, int a, int high, int low, int seen, int pages) {
+    kv->acc_high[a] += high;
+    kv->acc_low[a] += low;
+    kv->acc_seen[a] += seen;
+    kv->acc_pages += pages;
+}
+
 /* adds what seq holds now (at its end) to the totals */
 static void kv_account(KVCache *kv, int seq) {
     for (int l = 0; l < kv->n_layers; l++)
         for (int h = 0; h < kv->n_kv_heads; h++) {
-            int hh = kv_head(kv, seq, l, h), a = l * kv->n_kv_heads + h;
-            kv->acc_high[a] += kv->n_tok[hh * LKV_MAX_TIERS];
-            kv->acc_low[a] += kv->n_tok[hh * LKV_MAX_TIERS + 1];
-            kv->acc_seen[a] += kv->n_seen[hh];
-            kv->acc_pages += kv->n_pg[hh * LKV_MAX_TIERS] + kv->n_pg[hh * LKV_MAX_TIERS + 1];
+            int hh = kv_head(kv, seq, l, h);
+            const int *nt = &kv->n_tok[hh * LKV_MAX_TIERS], *np = &kv->n_pg[hh * LKV_MAX_TIERS];
+            kv_account_head(kv, l * kv->n_kv_heads + h, nt[0], nt[1], kv->n_seen[hh],
+                            np[0] + np[1]);
         }
 }
 
@@ -2209,12 +2217,9 @@ static void engine_release(Batch *b, Request *r, int finished) {
             KVCache *kv = b->acct;
             int heads = kv->n_layers * kv->n_kv_heads, counts[heads * 4];
             gpu_tier_counts(b->gpu, r->slot, counts);
-            for (int a = 0; a < heads; a++) {
-                kv->acc_high[a] += counts[a * 4];
-                kv->acc_low[a] += counts[a * 4 + 1];
-                kv->acc_seen[a] += gpu_slot_len(b->gpu, r->slot);
-                kv->acc_pages += counts[a * 4 + 2] + counts[a * 4 + 3];
-            }
+            for (int a = 0; a < heads; a++)
+                kv_account_head(kv, a, counts[a * 4], counts[a * 4 + 1],
+                                gpu_slot_len(b->gpu, r->slot), counts[a * 4 + 2] + counts[a * 4 + 3]);
         }
         gpu_release(b->gpu, r->slot);
     } else
