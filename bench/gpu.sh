@@ -2,11 +2,14 @@
 # bench/gpu.sh: the one script for a GPU machine. Builds the driver, runs the GPU tests (with
 # compute-sanitizer) and the speed targets of issue 3, and prints a table last.
 #
-#   bench/gpu.sh [tests] [bench] [quant] [profile]     (no argument: tests and bench)
+#   bench/gpu.sh [tests] [bench] [quant] [profile] [budget] [tierprof]
+#                                                       (no argument: tests and bench)
 #
 # quant: decode attention alone for each cache type (leankv-gpu-bench attn) and the end-to-end
 #        bench for fp16, k8v4 and k4v2 at batch 256 and at batch 1 with a 4k context.
 # profile: per-kernel times of one decode step under ncu (kernels one by one).
+# budget: leankv's throughput under a fixed KV budget (fp16, k8v4, two leankv settings);
+# tierprof: per-kernel times of one leankv decode step under ncu.
 #
 # The real model: its GGUF travels in two halves (a call carries at most 64 MiB), made with
 # `split -n 2 models/SmolLM2-135M-Instruct.Q4_1.gguf`: one call carries m1/ (the first half,
