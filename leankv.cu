@@ -1114,6 +1114,73 @@ typedef struct {
     int raw_stride;
 } AttTier;
 
+/* The queries of block (kvh, row r), rotated. In a decode step (qkv given: every row a
+ * different sequence) the block does rope itself, and the block whose split holds the new token
+ * appends its key and value first -- no other block reads that page -- which saves a kernel
+ * launch per layer. Returns where the gq query rows are: q_sm (gq, HD), or the prompt's q. */
+template <int HD>
+__device__ __forceinline__ const float *
+attention_queries(float *q_sm, float *kv_sm, const float *q, const float *qkv, const float *bqkv,
+                  const float2 *cos_sin, int style, uint8_t *pool, const int *table,
+                  const KvGeom &g, size_t head_kv, int pos, int r, int kvh, int n_heads, int gq,
+                  int pages_per_split, const AttTier &at, int split) {
+    if (qkv) {
+        int QD = n_heads * HD, KVD = g.n_kv_heads * HD;
+        const float *in = qkv + (size_t)r * (QD + 2 * KVD);
+        for (int i = threadIdx.x; i < gq * HD / 2 && pos >= 0; i += blockDim.x) {
+            int off = (kvh * gq + i / (HD / 2)) * HD, a, b;
+            float y0, y1;
+            rope_pair(in + off, bqkv ? bqkv + off : NULL, cos_sin, pos, i % (HD / 2), HD, style,
+                      1, &a, &b, &y0, &y1);
+            q_sm[off - kvh * gq * HD + a] = y0;
+            q_sm[off - kvh * gq * HD + b] = y1;
+        }
+        /* one tier: the block whose split holds the new token writes it (two tiers:
+         * kv_write_token has, before this launch) */
+        int mine = !at.n_tok && pos >= 0 && kv_page_index(g, pos) / pages_per_split == split;
+        int ko = QD + kvh * HD, vo = QD + KVD + kvh * HD;
+        if (mine)
+            kv_rotate_head(kv_sm, in + ko, in + vo, bqkv ? bqkv + ko : NULL,
+                           bqkv ? bqkv + vo : NULL, cos_sin, pos, HD, style, threadIdx.x,
+                           blockDim.x);
+        __syncthreads();
+        if (mine && threadIdx.x < 64)   /* warp 0 stores the key, warp 1 the value */
+            kv_append(pool, table, g, head_kv, pos, threadIdx.x / 32,
+                      kv_sm + (threadIdx.x / 32) * HD, HD, threadIdx.x % 32);
+        __syncthreads();   /* q_sm is complete and the new K, V are in the page */
+        return q_sm;
+    }
+    return q + ((size_t)r * n_heads + kvh * gq) * HD;
+}
+
+/* The end of a block: merges what its token groups left in shared memory for query head
+ * `head` -- group t's running max sm_m[t], sum sm_l[t] and output sm_acc[t * HD ..] -- into o
+ * (total = 0: the block saw the row's every token, nothing to combine) or into partial
+ * `split` of `total` for attention_combine. */
+template <int HD>
+__device__ __forceinline__ void attention_merge(__half *o, float *part, const float *sm_m,
+                                                const float *sm_l, const float *sm_acc,
+                                                int groups, int r, int head, int n_heads,
+                                                int total, int split) {
+    for (int c = threadIdx.x; c < HD; c += blockDim.x) {
+        float M = -INFINITY, L = 0.0f, A = 0.0f;
+        for (int t = 0; t < groups; t++) M = fmaxf(M, sm_m[t]);
+        for (int t = 0; t < groups; t++) {
+            if (sm_l[t] == 0.0f) continue;   /* a group that saw no token */
+            float w = __expf(sm_m[t] - M);
+            L += sm_l[t] * w;
+            A += sm_acc[t * HD + c] * w;
+        }
+        if (!total) {
+            o[((size_t)r * n_heads + head) * HD + c] = __float2half_rn(L > 0.0f ? A / L : 0.0f);
+        } else {
+            float *pp = part + (((size_t)r * n_heads + head) * total + split) * (HD + 2);
+            pp[c] = A;
+            if (c == 0) { pp[HD] = M; pp[HD + 1] = L; }
+        }
+    }
+}
+
 template <int HD, int GM, int KB, int VB>
 __device__ __forceinline__ void
 attention_block(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
@@ -1142,38 +1209,11 @@ attention_block(__half *o, float *part, const float *q, const float *qkv, const 
     int t_begin = split * pages_per_split * g.tpp;
     int t_end = min(t_begin + pages_per_split * g.tpp, n);
 
-    /* The queries, rotated. In a decode step (qkv given: every row a different sequence) the
-     * block does rope itself, and the block whose split holds the new token appends its key and
-     * value first -- no other block reads that page -- which saves a kernel launch per layer. */
     __shared__ float q_sm[GM * HD];
     __shared__ float kv_sm[2 * HD];
-    const float *qrow = q + ((size_t)r * n_heads + kvh * gq) * HD;
-    if (qkv) {
-        int QD = n_heads * HD, KVD = g.n_kv_heads * HD;
-        const float *in = qkv + (size_t)r * (QD + 2 * KVD);
-        for (int i = threadIdx.x; i < gq * HD / 2 && pos >= 0; i += blockDim.x) {
-            int off = (kvh * gq + i / (HD / 2)) * HD, a, b;
-            float y0, y1;
-            rope_pair(in + off, bqkv ? bqkv + off : NULL, cos_sin, pos, i % (HD / 2), HD, style,
-                      1, &a, &b, &y0, &y1);
-            q_sm[off - kvh * gq * HD + a] = y0;
-            q_sm[off - kvh * gq * HD + b] = y1;
-        }
-        /* one tier: the block whose split holds the new token writes it (two tiers:
-         * kv_write_token has, before this launch) */
-        int mine = !at.n_tok && pos >= 0 && kv_page_index(g, pos) / pages_per_split == split;
-        int ko = QD + kvh * HD, vo = QD + KVD + kvh * HD;
-        if (mine)
-            kv_rotate_head(kv_sm, in + ko, in + vo, bqkv ? bqkv + ko : NULL,
-                           bqkv ? bqkv + vo : NULL, cos_sin, pos, HD, style, threadIdx.x,
-                           blockDim.x);
-        __syncthreads();
-        if (mine && threadIdx.x < 64)   /* warp 0 stores the key, warp 1 the value */
-            kv_append(pool, table, g, head_kv, pos, threadIdx.x / 32,
-                      kv_sm + (threadIdx.x / 32) * HD, HD, threadIdx.x % 32);
-        __syncthreads();   /* q_sm is complete and the new K, V are in the page */
-        qrow = q_sm;
-    }
+    const float *qrow = attention_queries<HD>(q_sm, kv_sm, q, qkv, bqkv, cos_sin, style, pool,
+                                              table, g, head_kv, pos, r, kvh, n_heads, gq,
+                                              pages_per_split, at, split);
 
     float qr[GM][CH], qsum[GM], m[GM], l[GM], acc[GM][CH], accz[GM];
     const float scale = 1.0f / sqrtf((float)HD);
@@ -1289,57 +1329,353 @@ attention_block(__half *o, float *part, const float *q, const float *qkv, const 
 #pragma unroll
         for (int j = 0; j < CH; j++) sm_acc[tok * HD + lane * CH + j] = acc[h][j] + accz[h];
         __syncthreads();
-        for (int c = threadIdx.x; c < HD; c += blockDim.x) {
-            int head = kvh * gq + h;
-            float M = -INFINITY, L = 0.0f, A = 0.0f;
-            for (int t = 0; t < NT; t++) M = fmaxf(M, sm_m[t]);
-            for (int t = 0; t < NT; t++) {
-                if (sm_l[t] == 0.0f) continue;   /* a group that saw no token */
-                float w = __expf(sm_m[t] - M);
-                L += sm_l[t] * w;
-                A += sm_acc[t * HD + c] * w;
-            }
-            if (direct) {
-                o[((size_t)r * n_heads + head) * HD + c] = __float2half_rn(L > 0.0f ? A / L : 0.0f);
-            } else {
-                float *pp = part + (((size_t)r * n_heads + head) * total + at.split_base + split) * (HD + 2);
-                pp[c] = A;
-                if (c == 0) { pp[HD] = M; pp[HD + 1] = L; }
-            }
-        }
+        attention_merge<HD>(o, part, sm_m, sm_l, sm_acc, NT, r, kvh * gq + h, n_heads,
+                            direct ? 0 : total, at.split_base + split);
         __syncthreads();   /* before the next head overwrites the shared arrays */
     }
 }
 
-template <int HD, int GM, int KB, int VB>
+/* ---- Decode attention on tensor cores, for code keys with one scale and zero per vector.
+ *
+ * The same sums as attention_block, arranged as two small matrix products per 16 tokens for
+ * one warp, each an mma.sync of a 16x16 by 16x8 fp16 tile into fp32:
+ *   S^T (query heads x tokens)  = Q (heads x channels) . C_K^T   then  s_t S + z_t sum(q)
+ *   O   (query heads x channels) += (P s) (heads x tokens) . C_V  plus  sum_t p_t z_t
+ * where C_K, C_V are the codes themselves: small integers, exact in fp16, so dequantization is
+ * a byte permute (and for values, which run through the products as 1024 + 2^j c, a logic op;
+ * the 1024 sum(P s) and the 2^j come back out once, at the end), and the scale and zero stay
+ * out of the product. A GQA group
+ * fills at most 8 of the 16 rows of Q and P; the other 8 carry what fp16 rounding left behind
+ * (q = hi + lo, both fp16), so S and O keep fp32's precision at no extra product.
+ * Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4 g + t holds A rows g and g + 8 at columns
+ * 2t, 2t+1, 2t+8, 2t+9; B rows 2t, 2t+1, 2t+8, 2t+9 at column g; C rows g, g+8 at columns 2t,
+ * 2t+1. A sum does not care in which order it adds, so each thread reads whole runs of bytes:
+ *   keys: lane (g, t) loads channels [t HD/4, (t+1) HD/4) of tokens g and g + 8, and the
+ *         channel behind each k index follows from how the codes unpack (mma_codes);
+ *   values: lane (g, t) loads channels [g HD/8, (g+1) HD/8) of tokens 2t, 2t+1, 2t+8, 2t+9,
+ *         the tokens of its column of P, and its C columns are the matching channels.
+ * Measured (bench/RESULTS.md): at batch 64 and 8k tokens, k8v4 in half of fp16's time, where
+ * attention_block took three quarters; the block's split has its page ids in shared memory. */
+
+__device__ __forceinline__ void mma_16816(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* two fp16 (lo in the low half) as one register */
+__device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *(uint32_t *)&h;
+}
+
+/* x - 1024 on both halves: 0x6400 | c is the fp16 1024 + c, exactly, for c < 1024 */
+__device__ __forceinline__ uint32_t minus_1024(uint32_t x) {
+    __half2 h = __hsub2(*(__half2 *)&x, __float2half2_rn(1024.0f));
+    return *(uint32_t *)&h;
+}
+
+/* The BITS-bit codes of one word of a key as fp16 pairs, h[0 .. 16/BITS): pair i holds the
+ * elements 2i, 2i+1 of the word, and element e is channel mma_code_channel<BITS>(e) of it. */
+template <int BITS>
+__device__ __forceinline__ void mma_codes(uint32_t w, uint32_t *h) {
+    constexpr uint32_t MASK = BITS == 8 ? 0xFFFFFFFFu : BITS == 4 ? 0x0F0F0F0Fu : 0x03030303u;
+#pragma unroll
+    for (int sub = 0; sub < 8 / BITS; sub++) {   /* one code a byte: bits sub*BITS .. */
+        uint32_t m = (w >> (BITS * sub)) & MASK;
+        h[2 * sub] = minus_1024(__byte_perm(m, 0x64, 0x4140));       /* bytes 0, 1 */
+        h[2 * sub + 1] = minus_1024(__byte_perm(m, 0x64, 0x4342));   /* bytes 2, 3 */
+    }
+}
+template <int BITS>
+__host__ __device__ constexpr int mma_code_channel(int e) {   /* byte e % 4, sub-code e / 4 */
+    return (e % 4) * (8 / BITS) + e / 4;
+}
+
+/* The BITS-bit codes at byte b of two tokens' value words wa, wb as fp16 pairs (token a low,
+ * token b high), one pair per channel of the byte in channel order: h[0 .. 8/BITS). Each is
+ * left as 1024 + 2^(BITS sub) c -- the code where it sits in its byte, under 1024's exponent,
+ * one logic op -- and attention_mma takes the 1024 and the power of two back out at the end. */
+template <int BITS>
+__device__ __forceinline__ void mma_code_pairs(uint32_t wa, uint32_t wb, int b, uint32_t *h) {
+    constexpr uint32_t MASK = ((1u << BITS) - 1) * 0x00010001u;
+    uint32_t u = __byte_perm(wa, wb, b | ((b + 4) << 8));   /* a's byte b, then b's at bit 16 */
+#pragma unroll
+    for (int sub = 0; sub < 8 / BITS; sub++) h[sub] = (u & (MASK << (BITS * sub))) | 0x64006400u;
+}
+
+/* n bytes from p into words (n = 2, 4, 8, 16 or 32), with the widest loads their alignment allows */
+template <int N>
+__device__ __forceinline__ void load_words(const uint8_t *p, uint32_t *w) {
+    if constexpr (N == 2) w[0] = *(const uint16_t *)p;
+    else if constexpr (N == 4) w[0] = *(const uint32_t *)p;
+    else if constexpr (N == 8) { uint2 x = *(const uint2 *)p; w[0] = x.x; w[1] = x.y; }
+    else {
+#pragma unroll
+        for (int i = 0; i < N / 16; i++) {
+            uint4 x = ((const uint4 *)p)[i];
+            w[4 * i] = x.x; w[4 * i + 1] = x.y; w[4 * i + 2] = x.z; w[4 * i + 3] = x.w;
+        }
+    }
+}
+
+template <int HD, int KB, int VB>
+__device__ __forceinline__ void
+attention_mma(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
+              const float2 *cos_sin, int style, uint8_t *pool, const int *table,
+              const int *row_slot, const int *row_pos, int layer, const KvGeom &g, int n_heads,
+              int gq, int pages_per_split, const AttTier &at, int split, int splits) {
+    constexpr int WARPS = ATT_THREADS(HD) / 32;
+    constexpr int KBYTES = HD * KB / 32, VBYTES = HD * VB / 64;   /* a lane's bytes of a token */
+    constexpr int KW = (KBYTES + 3) / 4, VW = (VBYTES + 3) / 4;   /* ... in words */
+    constexpr int KSTEPS = HD / 16, NTILES = HD / 8;              /* mma k steps; output tiles */
+    constexpr int KPW = 32 / KB;                                  /* key codes per word */
+    int kvh = blockIdx.y, r = blockIdx.z;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
+    int pos = row_pos[r];
+    size_t head_kv = kv_head(g, row_slot[r], layer, kvh);
+    int n = at.n_tok ? (pos >= 0 ? at.n_tok[head_kv * 2 + at.tier] : 0) : pos + 1;
+    int raw_at = at.raw && pos >= 0 && pos >= at.raw_first
+                     ? (r * n_heads + kvh * gq) * at.raw_stride +
+                           (at.n_tok && at.tier ? at.n_tok[head_kv * 2] : 0)
+                     : -1;
+    int t_begin = split * pages_per_split * g.tpp;
+    int t_end = min(t_begin + pages_per_split * g.tpp, n);
+    __shared__ float q_sm[8 * HD];
+    __shared__ float kv_sm[2 * HD];
+    const float *qrow = attention_queries<HD>(q_sm, kv_sm, q, qkv, bqkv, cos_sin, style, pool,
+                                              table, g, head_kv, pos, r, kvh, n_heads, gq,
+                                              pages_per_split, at, split);
+
+    /* Q as A fragments, in the key codes' channel order: rows g (hi) and g + 8 (lo) of head g */
+    uint32_t qa[KSTEPS][4];
+    float qsum = 0.0f;   /* sum over channels of head g's scaled query */
+    const float scale = 1.0f / sqrtf((float)HD);
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ks++) {
+        float x[4], lo[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {   /* elements 4 ks + e of this lane's run of channels */
+            int el = 4 * ks + e;
+            int ch = ti * (HD / 4) + el / KPW * KPW + mma_code_channel<KB>(el % KPW);
+            x[e] = n > 0 && gi < gq ? qrow[gi * HD + ch] * scale : 0.0f;
+            qsum += x[e];
+            lo[e] = x[e] - __half2float(__float2half_rn(x[e]));
+        }
+        qa[ks][0] = half2_bits(x[0], x[1]);  qa[ks][1] = half2_bits(lo[0], lo[1]);
+        qa[ks][2] = half2_bits(x[2], x[3]);  qa[ks][3] = half2_bits(lo[2], lo[3]);
+    }
+    qsum += __shfl_xor_sync(0xffffffffu, qsum, 1);
+    qsum += __shfl_xor_sync(0xffffffffu, qsum, 2);
+
+    float acc[NTILES][4], m = -INFINITY, l = 0.0f, accz = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NTILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+    /* the split's page ids, staged in shared memory: a token's address then costs one global
+     * load (its data), not two (the table, then the data) */
+    extern __shared__ int att_pages[];   /* (pages_per_split) */
+    const int *tab = table + head_kv * g.width;
+    int flip = at.tier == LKV_LOW, p0 = split * pages_per_split;
+    int np = t_begin < t_end ? kv_page_index(g, t_end - 1) - p0 + 1 : 0;
+    for (int i = threadIdx.x; i < np; i += blockDim.x)
+        att_pages[i] = tab[flip ? g.width - 1 - (p0 + i) : p0 + i];
+    __syncthreads();
+    /* one chunk's loads: keys of tokens g, g + 8; scales, zeros and values of 2t, 2t+1, 2t+8, 2t+9 */
+    struct Chunk { uint32_t k[2][KW], v[4][VW], ksz[4], vsz[4]; };
+    int whole = g.tpp % 16 == 0;   /* every chunk lies inside one page (splits start at pages) */
+    auto load = [&](int c0, Chunk &ck) {
+        const uint8_t *chunk_page = pool;
+        int chunk_slot = 0;
+        if (whole) {
+            int pg = kv_page_index(g, c0);
+            chunk_page += (size_t)att_pages[pg - p0] * g.page_bytes;
+            chunk_slot = c0 - pg * g.tpp;
+        }
+#pragma unroll
+        for (int i = 0; i < 6; i++) {
+            int dt = i < 2 ? 8 * i + gi : 2 * ti + ((i - 2) & 1) + ((i - 2) >> 1) * 8;
+            int t = c0 + dt, ok = t < t_end, slot;
+            const uint8_t *page;
+            if (whole) { page = chunk_page; slot = chunk_slot + dt; }
+            else {
+                int pg = ok ? kv_page_index(g, t) : p0;
+                slot = t - pg * g.tpp;
+                page = pool + (size_t)(ok ? att_pages[pg - p0] : 0) * g.page_bytes;
+            }
+            if (i < 2) {
+                if (ok) load_words<KBYTES>(page + g.k_codes + slot * (HD * KB / 8) + ti * KBYTES, ck.k[i]);
+                else
+#pragma unroll
+                    for (int w = 0; w < KW; w++) ck.k[i][w] = 0;
+            } else {
+                int u = i - 2;
+                if (ok) {
+                    load_words<VBYTES>(page + g.v_codes + slot * (HD * VB / 8) + gi * VBYTES, ck.v[u]);
+                    ck.ksz[u] = *(const uint32_t *)(page + g.k_sz + slot * 4);
+                    ck.vsz[u] = *(const uint32_t *)(page + g.v_sz + slot * 4);
+                } else {
+#pragma unroll
+                    for (int w = 0; w < VW; w++) ck.v[u][w] = 0;
+                    ck.ksz[u] = ck.vsz[u] = 0;
+                }
+            }
+        }
+    };
+    /* the sums of one chunk of 16 tokens into m, l, acc, accz and acs */
+    float acs = 0.0f;   /* sum of the P s fed to the products: each carries 1024 x it */
+    auto chunk = [&](const Chunk &ck, int c0) {
+        /* S^T: tile i holds tokens 8i .. 8i+7 of the chunk */
+        float s4[2][4];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            s4[i][0] = s4[i][1] = s4[i][2] = s4[i][3] = 0.0f;
+            uint32_t kh[HD / 8];
+#pragma unroll
+            for (int w = 0; w < KW; w++) mma_codes<KB>(ck.k[i][w], kh + w * (16 / KB));
+#pragma unroll
+            for (int ks = 0; ks < KSTEPS; ks++) mma_16816(s4[i], qa[ks], kh[2 * ks], kh[2 * ks + 1]);
+        }
+        /* this lane's scores of head g: tokens 2t, 2t+1, 2t+8, 2t+9 (u = 0 .. 3) */
+        float sc[4], mx = -INFINITY;
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int t = c0 + 2 * ti + (u & 1) + (u >> 1) * 8;
+            float2 sz = scale_zero(ck.ksz[u]);
+            float d = (s4[u >> 1][u & 1] + s4[u >> 1][2 + (u & 1)]) * sz.x + sz.y * qsum;
+            sc[u] = t < t_end ? d : -INFINITY;
+            if (raw_at >= 0 && t < t_end && gi < gq) at.raw[raw_at + gi * at.raw_stride + t] = d;
+            mx = fmaxf(mx, sc[u]);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        float mnew = fmaxf(m, mx);   /* finite: the chunk's first token is valid */
+        if (__any_sync(0xffffffffu, mnew != m)) {   /* online softmax: rescale what came before */
+            float corr = __expf(m - mnew);
+            l *= corr; accz *= corr; acs *= corr;
+#pragma unroll
+            for (int j = 0; j < NTILES; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[j][e] *= corr;
+            m = mnew;
+        }
+        /* P s as A fragments (hi rows g, lo rows g + 8); the zero terms on the side */
+        __half hi[4], lo[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            float e = __expf(sc[u] - m);   /* 0 for a token past the end */
+            float2 sz = scale_zero(ck.vsz[u]);
+            l += e;
+            accz += e * sz.y;
+            float es = e * sz.x;
+            hi[u] = __float2half_rn(es);
+            lo[u] = __float2half_rn(es - __half2float(hi[u]));
+            acs += __half2float(hi[u]) + __half2float(lo[u]);
+        }
+        __half2 p01 = __halves2half2(hi[0], hi[1]), l01 = __halves2half2(lo[0], lo[1]);
+        __half2 p89 = __halves2half2(hi[2], hi[3]), l89 = __halves2half2(lo[2], lo[3]);
+        uint32_t pa[4] = {*(uint32_t *)&p01, *(uint32_t *)&l01, *(uint32_t *)&p89, *(uint32_t *)&l89};
+        /* O += (P s) C_V, one 8-channel tile at a time: tile j is channel g HD/8 + j of lane g */
+#pragma unroll
+        for (int b = 0; b < VBYTES; b++) {
+            uint32_t v01[8 / VB], v89[8 / VB];
+            mma_code_pairs<VB>(ck.v[0][b / 4], ck.v[1][b / 4], b % 4, v01);
+            mma_code_pairs<VB>(ck.v[2][b / 4], ck.v[3][b / 4], b % 4, v89);
+#pragma unroll
+            for (int sub = 0; sub < 8 / VB; sub++)
+                mma_16816(acc[b * (8 / VB) + sub], pa, v01[sub], v89[sub]);
+        }
+    };
+    /* warp w takes chunks w, w + WARPS, ...; the next chunk's loads are in flight while one is
+     * summed (two buffers, unrolled so that no registers are copied) */
+    constexpr int STRIDE = 16 * WARPS;
+    Chunk ca, cb;
+    int c0 = t_begin + 16 * warp;
+    if (c0 < t_end) load(c0, ca);
+    for (; c0 < t_end; c0 += 2 * STRIDE) {
+        if (c0 + STRIDE < t_end) load(c0 + STRIDE, cb);
+        chunk(ca, c0);
+        if (c0 + STRIDE >= t_end) break;
+        if (c0 + 2 * STRIDE < t_end) load(c0 + 2 * STRIDE, ca);
+        chunk(cb, c0 + STRIDE);
+    }
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    accz += __shfl_xor_sync(0xffffffffu, accz, 1);
+    accz += __shfl_xor_sync(0xffffffffu, accz, 2);
+    acs += __shfl_xor_sync(0xffffffffu, acs, 1);
+    acs += __shfl_xor_sync(0xffffffffu, acs, 2);
+
+    /* merge the warps, one query head at a time */
+    __shared__ float sm_m[WARPS], sm_l[WARPS], sm_acc[WARPS * HD];
+    int total = at.total_splits ? at.total_splits : splits;
+    bool direct = total == 1 && !at.raw && !at.n_tok;
+    for (int h = 0; h < gq; h++) {
+        if (gi == h) {
+            if (ti == 0) { sm_m[warp] = m; sm_l[warp] = l; }
+#pragma unroll
+            for (int j = 0; j < NTILES; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++)   /* column 2t + e: channel (2t + e) HD/8 + j */
+                    sm_acc[warp * HD + (2 * ti + e) * (HD / 8) + j] =
+                        (acc[j][e] + acc[j][2 + e] - 1024.0f * acs) *
+                            (1.0f / (float)(1 << (VB * (j % (8 / VB))))) + accz;
+        }
+        __syncthreads();
+        attention_merge<HD>(o, part, sm_m, sm_l, sm_acc, WARPS, r, kvh * gq + h, n_heads,
+                            direct ? 0 : total, at.split_base + split);
+        __syncthreads();
+    }
+}
+
+/* TC: on tensor cores (attention_mma; code keys, one scale/zero pair per vector, gq <= 8) */
+template <int HD, int GM, int KB, int VB, bool TC>
 __global__ void __launch_bounds__(ATT_THREADS(HD), HD == 64 && GM <= 4 ? ATT_BLOCKS_PER_SM : 1)
 attention_paged(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
                 const float2 *cos_sin, int style, uint8_t *pool, const int *table,
                 const int *row_slot, const int *row_pos, int layer, KvGeom g, int n_heads,
                 int gq, int pages_per_split, AttTier at) {
-    attention_block<HD, GM, KB, VB>(o, part, q, qkv, bqkv, cos_sin, style, pool, table, row_slot,
-                                    row_pos, layer, g, n_heads, gq, pages_per_split, at,
-                                    blockIdx.x, gridDim.x);
+    if constexpr (TC)
+        attention_mma<HD, KB, VB>(o, part, q, qkv, bqkv, cos_sin, style, pool, table, row_slot,
+                                  row_pos, layer, g, n_heads, gq, pages_per_split, at,
+                                  blockIdx.x, gridDim.x);
+    else
+        attention_block<HD, GM, KB, VB>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
+                                        row_slot, row_pos, layer, g, n_heads, gq,
+                                        pages_per_split, at, blockIdx.x, gridDim.x);
 }
 
 /* Both tiers of a two-tier decode step in one launch (leankv's default pair, k8v4 and k4v2):
  * blocks [0, s0) read the high tier's splits, the rest the low tier's, so the two overlap on the
  * GPU instead of running one after the other. */
-template <int HD, int GM, int KB0, int VB0, int KB1, int VB1>
+template <int HD, int GM, int KB0, int VB0, int KB1, int VB1, bool TC>
 __global__ void __launch_bounds__(ATT_THREADS(HD), HD == 64 && GM <= 4 ? ATT_BLOCKS_PER_SM : 1)
 attention_tiers(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
                 const float2 *cos_sin, int style, uint8_t *pool, const int *table,
                 const int *row_slot, const int *row_pos, int layer, KvGeom g0, KvGeom g1,
                 int n_heads, int gq, int pages_per_split, AttTier a0, AttTier a1) {
     int s0 = a1.split_base;
-    if ((int)blockIdx.x < s0)
-        attention_block<HD, GM, KB0, VB0>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
-                                          row_slot, row_pos, layer, g0, n_heads, gq,
-                                          pages_per_split, a0, blockIdx.x, s0);
-    else
-        attention_block<HD, GM, KB1, VB1>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
-                                          row_slot, row_pos, layer, g1, n_heads, gq,
-                                          pages_per_split, a1, blockIdx.x - s0, gridDim.x - s0);
+    if ((int)blockIdx.x < s0) {
+        if constexpr (TC)
+            attention_mma<HD, KB0, VB0>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
+                                        row_slot, row_pos, layer, g0, n_heads, gq,
+                                        pages_per_split, a0, blockIdx.x, s0);
+        else
+            attention_block<HD, GM, KB0, VB0>(o, part, q, qkv, bqkv, cos_sin, style, pool,
+                                              table, row_slot, row_pos, layer, g0, n_heads, gq,
+                                              pages_per_split, a0, blockIdx.x, s0);
+    } else {
+        if constexpr (TC)
+            attention_mma<HD, KB1, VB1>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
+                                        row_slot, row_pos, layer, g1, n_heads, gq,
+                                        pages_per_split, a1, blockIdx.x - s0, gridDim.x - s0);
+        else
+            attention_block<HD, GM, KB1, VB1>(o, part, q, qkv, bqkv, cos_sin, style, pool,
+                                              table, row_slot, row_pos, layer, g1, n_heads, gq,
+                                              pages_per_split, a1, blockIdx.x - s0,
+                                              gridDim.x - s0);
+    }
 }
 
 /* o = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s, over the splits s of one
@@ -1466,32 +1802,38 @@ struct GpuEngine {
 /* Attention for n_rows rows whose positions are below att_ctx. Splits sit at fixed multiples
  * of pages_per_split pages, the same for every step of an engine, so that a row's arithmetic
  * does not depend on the rest of the batch (batched output = output alone). */
-template <int HD, int GM, int KB, int VB>
+template <int HD, int GM, int KB, int VB, bool TC = false>
 static void launch_attention(GpuEngine *g, const AttCall *a) {
     Config *c = &g->c;
     RunState *s = &g->s;
     dim3 grid(a->splits, c->n_kv_heads, a->n_rows), block(ATT_THREADS(HD));
-    attention_paged<HD, GM, KB, VB><<<grid, block, 0, g->stream>>>(
+    size_t smem = TC ? g->pages_per_split * sizeof(int) : 0;   /* attention_mma's page ids */
+    attention_paged<HD, GM, KB, VB, TC><<<grid, block, smem, g->stream>>>(
         a->o, s->att_part, s->q, a->qkv, a->bqkv, g->rope_cs, c->rope_style, g->kv.pool,
         g->kv.table, s->row_slot, s->row_pos, a->layer, a->tier ? g->kv.tg[1] : g->kv.geom,
         c->n_heads, c->n_heads / c->n_kv_heads, g->pages_per_split, a->at);
 }
 
 /* both tiers at once: a0 the high tier's, a1 the low's (a1.split_base = the high splits) */
-template <int HD, int GM>
+template <int HD, int GM, bool TC>
 static void launch_tiers(GpuEngine *g, const AttCall *a, const AttTier *at) {
     Config *c = &g->c;
     RunState *s = &g->s;
     dim3 grid(at[0].total_splits, c->n_kv_heads, a->n_rows), block(ATT_THREADS(HD));
-    attention_tiers<HD, GM, 8, 4, 4, 2><<<grid, block, 0, g->stream>>>(
+    size_t smem = TC ? g->pages_per_split * sizeof(int) : 0;
+    attention_tiers<HD, GM, 8, 4, 4, 2, TC><<<grid, block, smem, g->stream>>>(
         a->o, s->att_part, s->q, a->qkv, a->bqkv, g->rope_cs, c->rope_style, g->kv.pool,
         g->kv.table, s->row_slot, s->row_pos, a->layer, g->kv.tg[0], g->kv.tg[1], c->n_heads,
         c->n_heads / c->n_kv_heads, g->pages_per_split, at[0], at[1]);
 }
 typedef void (*PairLaunch)(GpuEngine *, const AttCall *, const AttTier *);
 static const PairLaunch pair_kernels[2][5] = {
-    {launch_tiers<64, 1>, launch_tiers<64, 2>, launch_tiers<64, 3>, launch_tiers<64, 4>, launch_tiers<64, 8>},
-    {launch_tiers<128, 1>, launch_tiers<128, 2>, launch_tiers<128, 3>, launch_tiers<128, 4>, launch_tiers<128, 8>}};
+    {launch_tiers<64, 1, false>, launch_tiers<64, 2, false>, launch_tiers<64, 3, false>,
+     launch_tiers<64, 4, false>, launch_tiers<64, 8, false>},
+    {launch_tiers<128, 1, false>, launch_tiers<128, 2, false>, launch_tiers<128, 3, false>,
+     launch_tiers<128, 4, false>, launch_tiers<128, 8, false>}};
+/* on tensor cores: one kernel serves every GQA group size up to 8 */
+static const PairLaunch pair_kernels_tc[2] = {launch_tiers<64, 4, true>, launch_tiers<128, 4, true>};
 
 /* the instantiated kernels: head dim 64 or 128; query heads per KV head rounded up to 1, 2, 3,
  * 4 or 8; keys at 16, 8, 4 or 2 bits and values at no more bits than keys (gpu_build refuses
@@ -1509,10 +1851,31 @@ static const struct { int kb, vb; AttentionLaunch fn; } attention_kernels[2][5][
 #undef ATT_GROUPS
 #undef ATT_PAIRS
 
-static AttentionLaunch find_attention(int head_dim, int gq, int kb, int vb) {
+/* the tensor-core kernels, for code keys with one scale/zero pair a vector */
+#define TC_PAIRS(HD) \
+    {8, 8, launch_attention<HD, 4, 8, 8, true>}, {8, 4, launch_attention<HD, 4, 8, 4, true>}, \
+    {8, 2, launch_attention<HD, 4, 8, 2, true>}, {4, 4, launch_attention<HD, 4, 4, 4, true>}, \
+    {4, 2, launch_attention<HD, 4, 4, 2, true>}, {2, 2, launch_attention<HD, 4, 2, 2, true>}
+static const struct { int kb, vb; AttentionLaunch fn; } attention_kernels_tc[2][6] = {
+    {TC_PAIRS(64)}, {TC_PAIRS(128)}};
+#undef TC_PAIRS
+
+/* Tensor cores serve code keys with one scale and zero per vector and gq <= 8; the environment
+ * variable LEANKV_ATT_SIMT=1 turns them off (to measure one against the other). */
+static int use_tensor_cores(LkvPrecision p) {
+    const char *e = getenv("LEANKV_ATT_SIMT");
+    return p.kbits < 16 && p.groups == 1 && !(e && *e && strcmp(e, "0"));
+}
+
+static AttentionLaunch find_attention(int head_dim, int gq, LkvPrecision p) {
     int hi = head_dim == 64 ? 0 : head_dim == 128 ? 1 : -1;
     int gi = gq <= 4 ? gq - 1 : gq <= 8 ? 4 : -1;
     if (hi < 0 || gi < 0) return NULL;
+    int kb = p.kbits, vb = p.vbits;
+    if (use_tensor_cores(p))
+        for (int i = 0; i < 6; i++)
+            if (attention_kernels_tc[hi][i].kb == kb && attention_kernels_tc[hi][i].vb == vb)
+                return attention_kernels_tc[hi][i].fn;
     for (int i = 0; i < 10; i++)
         if (attention_kernels[hi][gi][i].kb == kb && attention_kernels[hi][gi][i].vb == vb)
             return attention_kernels[hi][gi][i].fn;
@@ -1749,13 +2112,15 @@ static void decode_step(GpuEngine *g, int rows) {
 
 /* Attention splits of a sequence of `pages` pages: about enough blocks to fill the GPU once
  * (ATT_BLOCKS_PER_SM resident per SM) when every slot is busy -- measured: splitting further
- * costs more in partials and merging than it gains -- but no split shorter than one pass of a
- * block over its tokens: 2 pages of fp16 keys, 4 of codes (a block of the code kernels reads
- * 64 or 128 tokens a pass). */
+ * costs more in partials and merging than it gains, for the tensor-core kernel too -- but no
+ * split shorter than one pass of a block over its tokens: 2 pages of fp16 keys, 4 of codes (a
+ * block of the code kernels reads 64 or 128 tokens a pass), and none longer than 4096 pages
+ * (attention_mma keeps a split's page ids in shared memory). */
 static int split_pages(int pages, int n_sms, int slots, int n_kv_heads, int kbits) {
     int want = ATT_BLOCKS_PER_SM * n_sms / (slots * n_kv_heads);
     if (want < 1) want = 1;   /* rounded down: one wave of blocks, not one and a bit */
     int pps = (pages + want - 1) / want, least = kbits < 16 ? 4 : 2;
+    if (pps > 4096) pps = 4096;
     return pps < least ? least : pps;
 }
 
@@ -1806,7 +2171,7 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
                      kv.groups > 1 ? "s" : "", refused);
             return NULL;
         }
-        att[t] = find_attention(c->head_dim, G, kv.kbits, kv.vbits);
+        att[t] = find_attention(c->head_dim, G, kv);
         if (!att[t]) {
             snprintf(err, errlen, "no attention kernel for head dim %d, %d query heads per KV head, k%dv%d",
                      c->head_dim, G, kv.kbits, kv.vbits);
@@ -1838,7 +2203,9 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
     for (int t = 0; t < n_tiers; t++) g->attention_t[t] = att[t];
     if (n_tiers > 1 && tiers[0].kbits == 8 && tiers[0].vbits == 4 && tiers[1].kbits == 4 &&
         tiers[1].vbits == 2)   /* leankv's default pair has its own fused launch */
-        g->attention_pair = pair_kernels[c->head_dim == 64 ? 0 : 1][G <= 4 ? G - 1 : 4];
+        g->attention_pair = use_tensor_cores(tiers[0]) && use_tensor_cores(tiers[1])
+                                ? pair_kernels_tc[c->head_dim == 64 ? 0 : 1]
+                                : pair_kernels[c->head_dim == 64 ? 0 : 1][G <= 4 ? G - 1 : 4];
     if (w) build_weights(&g->w, c, w);
     else {   /* the cache-only test engine */
         size_t QD = (size_t)c->n_heads * c->head_dim, KVD = (size_t)c->n_kv_heads * c->head_dim;
@@ -2215,7 +2582,7 @@ extern "C" int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_to
                                   float *o) {
     char name[256];
     if (!gpu_available(name, sizeof name)) return -1;
-    AttentionLaunch fn = find_attention(head_dim, gq, p.kbits, p.vbits);
+    AttentionLaunch fn = find_attention(head_dim, gq, p);
     if (!fn || pages_per_split < 1) return -1;
     LkvPageLayout L;
     GpuEngine e;
@@ -2325,7 +2692,7 @@ extern "C" double gpu_bench_attention(LkvPrecision p, int head_dim, int n_heads,
                                       int batch, int ctx, int iters, double *bytes) {
     char name[256];
     if (!gpu_available(name, sizeof name) || lkv_gpu_refuses(p, head_dim)) return -1;
-    AttentionLaunch fn = find_attention(head_dim, n_heads / n_kv_heads, p.kbits, p.vbits);
+    AttentionLaunch fn = find_attention(head_dim, n_heads / n_kv_heads, p);
     if (!fn || iters < 1) return -1;
     GpuEngine e;
     memset(&e, 0, sizeof e);
