@@ -552,7 +552,8 @@ static void build_kvcache_tiers(KVCache *kv, const Config *c, int n_seqs, int ct
     float waste;
     kv->page_bytes = lkv_page_bytes(kv->tier, kv->n_tiers, c->head_dim, &waste);
     for (int t = 0; t < kv->n_tiers; t++)
-        if (lkv_layout_fit(&kv->layout[t], kv->tier[t], c->head_dim, kv->page_bytes) < 1)
+        if (lkv_layout_fit(&kv->layout[t], kv->tier[t], c->head_dim, kv->page_bytes,
+                           n_tiers > 1) < 1)
             die("kv cache: no token of k%dv%d fits a page of %d bytes", kv->tier[t].kbits,
                 kv->tier[t].vbits, kv->page_bytes);
     kv->n_seqs = n_seqs; kv->n_layers = c->n_layers; kv->n_kv_heads = c->n_kv_heads;
@@ -755,7 +756,8 @@ static inline void kv_load(const uint8_t *codes, const uint8_t *sz, LkvPrecision
                    p.groups, x);
 }
 
-/* token i of a tier of head hh <- k, v quantized at the tier's precision, with its metadata */
+/* token i of a tier of head hh <- k, v quantized at the tier's precision, with its metadata
+ * (score and position; a one-tier cache's pages keep none) */
 static void kv_put(KVCache *kv, int hh, int tier, int i, const float *k, const float *v,
                    float score, int pos) {
     int slot, d = kv->head_dim;
@@ -764,11 +766,13 @@ static void kv_put(KVCache *kv, int hh, int tier, int i, const float *k, const f
     LkvPrecision p = kv->tier[tier];
     kv_store(page + L->k_codes, page + L->k_sz, p, p.kbits, slot, d, k);
     kv_store(page + L->v_codes, page + L->v_sz, p, p.vbits, slot, d, v);
+    if (L->scores < 0) return;
     ((float *)(page + L->scores))[slot] = score;
     ((int32_t *)(page + L->pos))[slot] = pos;
 }
 
-/* the inverse: k, v dequantized (either may be NULL), score and position */
+/* the inverse: k, v dequantized (either may be NULL), score and position (NULL, or a
+ * tiered cache's) */
 static void kv_get(const KVCache *kv, int hh, int tier, int i, float *k, float *v, float *score,
                    int *pos) {
     int slot, d = kv->head_dim;
@@ -794,6 +798,7 @@ static void kv_copy_high(KVCache *kv, int hh, int from, int to) {
     memmove(dst + L->k_sz + s1 * ks, src + L->k_sz + s0 * ks, ks);
     memmove(dst + L->v_codes + s1 * vc, src + L->v_codes + s0 * vc, vc);
     memmove(dst + L->v_sz + s1 * vs, src + L->v_sz + s0 * vs, vs);
+    if (L->scores < 0) return;
     ((float *)(dst + L->scores))[s1] = ((const float *)(src + L->scores))[s0];
     ((int32_t *)(dst + L->pos))[s1] = ((const int32_t *)(src + L->pos))[s0];
 }

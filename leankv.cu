@@ -313,7 +313,8 @@ static void build_kvcache(KVCache *kv, const Config *c, const LkvPrecision *tier
     for (int t = 0; t < n_tiers; t++) kv->tier[t] = tiers[t];
     kv->prec = tiers[0];
     int page_bytes = lkv_page_bytes(tiers, n_tiers, c->head_dim, NULL);
-    for (int t = 0; t < n_tiers; t++) lkv_layout_fit(&kv->layouts[t], tiers[t], c->head_dim, page_bytes);
+    for (int t = 0; t < n_tiers; t++)
+        lkv_layout_fit(&kv->layouts[t], tiers[t], c->head_dim, page_bytes, n_tiers > 1);
     kv->layout = kv->layouts[0];
     int tpp = kv->layouts[0].tokens, width = (ctx + tpp - 1) / tpp + 2;
     for (int t = 0; t < n_tiers; t++)
@@ -475,7 +476,7 @@ __device__ void kv_append(uint8_t *pool, const int *table, const KvGeom &g, size
     uint16_t *sz = (uint16_t *)(page + (is_v ? g.v_sz : g.k_sz) +
                                 (size_t)slot * lkv_sz_bytes(g.groups, bits));
     kv_store(codes, sz, x, head_dim, bits, g.groups, lane);
-    if (!is_v && lane == 0) {
+    if (!is_v && lane == 0 && g.scores >= 0) {   /* a tiered cache's pages: score, position */
         ((float *)(page + g.scores))[slot] = 0.0f;
         ((int *)(page + g.pos))[slot] = pos;
     }
@@ -2539,7 +2540,7 @@ static KvGeom test_geom(LkvPrecision p, int head_dim, int n_tok, LkvPageLayout *
     KvGeom g;
     memset(&g, 0, sizeof g);
     g.page_bytes = lkv_page_bytes(&p, 1, head_dim, NULL);
-    lkv_layout_fit(L, p, head_dim, g.page_bytes);
+    lkv_layout_fit(L, p, head_dim, g.page_bytes, 0);
     g.n_layers = 1; g.n_kv_heads = 1; g.tpp = L->tokens;
     g.width = (n_tok + g.tpp - 1) / g.tpp;
     g.k_codes = L->k_codes; g.k_sz = L->k_sz; g.v_codes = L->v_codes; g.v_sz = L->v_sz;
@@ -2674,8 +2675,10 @@ __global__ void fill_pages(uint8_t *pool, KvGeom g, int head_dim) {
                 for (int i = 0; i < g.groups; i++) { sz[2 * i] = 0x211Fu; sz[2 * i + 1] = 0xBC00u; }
             }
         }
-        ((float *)(page + g.scores))[t] = 0.0f;
-        ((int *)(page + g.pos))[t] = 0;
+        if (g.scores >= 0) {
+            ((float *)(page + g.scores))[t] = 0.0f;
+            ((int *)(page + g.pos))[t] = 0;
+        }
     }
 }
 

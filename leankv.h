@@ -211,10 +211,12 @@ LKV_HD uint16_t lkv_f2h(float f) {
  *   K scale/zero  T * g * 2 fp16                 (absent when kbits is 16 or 32)
  *   V codes    T * head_dim * vbits / 8
  *   V scale/zero  T * g * 2 fp16                 (absent when vbits is 16 or 32)
- *   scores     T fp32    (attention-mass sums, section 3)
- *   positions  T int32   (the token's position in its sequence)
+ *   scores     T fp32    (attention-mass sums, section 3)      } a tiered cache's pages only
+ *   positions  T int32   (the token's position in its sequence) }
  * each segment starting at a multiple of LKV_SEG_ALIGN bytes so that 16-byte loads work.
- * Every page of a run has the same byte size, whatever its precision.
+ * Every page of a run has the same byte size, whatever its precision. Scores and positions
+ * are what leankv's policy reads (section 3, 4); a cache of one precision never prunes or
+ * demotes, so its pages leave them out (scores = pos = -1) and hold 8 bytes a token less.
  * ---------------------------------------------------------------------------------------- */
 
 #define LKV_SEG_ALIGN 16
@@ -230,7 +232,7 @@ typedef struct {
     int tokens;         /* tokens per page at this precision */
     int k_codes, k_sz;  /* byte offsets of the segments inside the page */
     int v_codes, v_sz;
-    int scores, pos;
+    int scores, pos;    /* -1 in the pages of a one-precision cache: not kept */
     int used;           /* bytes used, the rest of the page is waste */
 } LkvPageLayout;
 
@@ -241,29 +243,34 @@ LKV_HD int lkv_align(int x) { return (x + LKV_SEG_ALIGN - 1) / LKV_SEG_ALIGN * L
 LKV_HD int lkv_code_bytes(int head_dim, int bits) { return head_dim * bits / 8; }
 LKV_HD int lkv_sz_bytes(int groups, int bits) { return bits <= 8 ? groups * 2 * 2 : 0; }
 
-/* segment offsets for T tokens; returns the bytes they need */
-LKV_HD int lkv_layout(LkvPageLayout *L, LkvPrecision p, int head_dim, int T) {
+/* segment offsets for T tokens (tiered: with scores and positions); returns the bytes they need */
+LKV_HD int lkv_layout(LkvPageLayout *L, LkvPrecision p, int head_dim, int T, int tiered) {
     int off = 0;
     L->tokens = T;
     L->k_codes = off; off = lkv_align(off + T * lkv_code_bytes(head_dim, p.kbits));
     L->k_sz = off;    off = lkv_align(off + T * lkv_sz_bytes(p.groups, p.kbits));
     L->v_codes = off; off = lkv_align(off + T * lkv_code_bytes(head_dim, p.vbits));
     L->v_sz = off;    off = lkv_align(off + T * lkv_sz_bytes(p.groups, p.vbits));
-    L->scores = off;  off = lkv_align(off + T * 4);
-    L->pos = off;     off = lkv_align(off + T * 4);
+    L->scores = L->pos = -1;
+    if (tiered) {
+        L->scores = off;  off = lkv_align(off + T * 4);
+        L->pos = off;     off = lkv_align(off + T * 4);
+    }
     L->used = off;
     return off;
 }
 
 /* the most tokens at precision p that fit a page of page_bytes; fills L */
-LKV_HD int lkv_layout_fit(LkvPageLayout *L, LkvPrecision p, int head_dim, int page_bytes) {
+LKV_HD int lkv_layout_fit(LkvPageLayout *L, LkvPrecision p, int head_dim, int page_bytes,
+                          int tiered) {
     /* the size grows monotonically with T and is at least T * per_token (alignment only
      * adds), so page_bytes / per_token + 1 is an upper estimate to step down from */
     int per_token = lkv_code_bytes(head_dim, p.kbits) + lkv_sz_bytes(p.groups, p.kbits) +
-                    lkv_code_bytes(head_dim, p.vbits) + lkv_sz_bytes(p.groups, p.vbits) + 8;
+                    lkv_code_bytes(head_dim, p.vbits) + lkv_sz_bytes(p.groups, p.vbits) +
+                    (tiered ? 8 : 0);
     int T = page_bytes / per_token + 1;
-    while (T > 0 && lkv_layout(L, p, head_dim, T) > page_bytes) T--;
-    if (T <= 0) { lkv_layout(L, p, head_dim, 0); return 0; }
+    while (T > 0 && lkv_layout(L, p, head_dim, T, tiered) > page_bytes) T--;
+    if (T <= 0) { lkv_layout(L, p, head_dim, 0, tiered); return 0; }
     return T;
 }
 
@@ -274,22 +281,24 @@ LKV_HD int lkv_layout_fit(LkvPageLayout *L, LkvPrecision p, int head_dim, int pa
 #define LKV_PAGE_MAX_TOKENS 32
 #define LKV_PAGE_STEP 64
 
+/* (the pages of more than one tier keep scores and positions) */
 LKV_HD int lkv_page_bytes(const LkvPrecision *tiers, int n_tiers, int head_dim, float *worst_waste) {
+    int tiered = n_tiers > 1;
     int widest = 0, widest_bits = -1;
     for (int i = 0; i < n_tiers; i++) {
         int b = tiers[i].kbits + tiers[i].vbits;
         if (b > widest_bits) { widest_bits = b; widest = i; }
     }
     LkvPageLayout L;
-    int lo = lkv_layout(&L, tiers[widest], head_dim, LKV_PAGE_MIN_TOKENS);
-    int hi = lkv_layout(&L, tiers[widest], head_dim, LKV_PAGE_MAX_TOKENS);
+    int lo = lkv_layout(&L, tiers[widest], head_dim, LKV_PAGE_MIN_TOKENS, tiered);
+    int hi = lkv_layout(&L, tiers[widest], head_dim, LKV_PAGE_MAX_TOKENS, tiered);
     int best = -1;
     float best_waste = 2.0f;
     for (int P = (lo + LKV_PAGE_STEP - 1) / LKV_PAGE_STEP * LKV_PAGE_STEP; P <= hi + LKV_PAGE_STEP;
          P += LKV_PAGE_STEP) {
         float worst = 0.0f;
         for (int i = 0; i < n_tiers; i++) {
-            lkv_layout_fit(&L, tiers[i], head_dim, P);
+            lkv_layout_fit(&L, tiers[i], head_dim, P, tiered);
             float w = (float)(P - L.used) / (float)P;
             if (w > worst) worst = w;
         }

@@ -283,7 +283,7 @@ static int gpu_mode_batch(Model *m, const BenchOptions *o) {
     int ctx = maxp + G + 1, peak, fails;
     LkvPageLayout L;
     int page_bytes = lkv_page_bytes(&o->kv, 1, m->c.head_dim, NULL);
-    int tpp = lkv_layout_fit(&L, o->kv, m->c.head_dim, page_bytes);
+    int tpp = lkv_layout_fit(&L, o->kv, m->c.head_dim, page_bytes, 0);
     long need = 0;   /* pages to hold every request at once */
     for (int i = 0; i < n; i++) need += (rq[i].n_prompt + G + tpp - 1) / tpp;
     need *= m->c.n_layers * m->c.n_kv_heads;
@@ -415,7 +415,7 @@ static int gpu_mode_bench(Model *m, const BenchOptions *o) {
 /* ----------------------------------------------------------------------------------------
  * quant: for head dims 64 and 128, every cache type the GPU serves and 1, 2 or 4 groups,
  *   1. the same keys and values stored by the CPU (kv_store) and by the device (kv_append)
- *      give byte-identical pages: codes, scales, zeros, scores, positions;
+ *      give byte-identical pages: codes, scales, zeros (a one-tier page keeps no scores or positions);
  *   2. the device's attention over those pages, in one split and in splits of one page,
  *      agrees with dense attention in double precision over the dequantized values
  *      (lkv_dequantize of the CPU's pages): max |o - ref| <= 2e-3 max |ref| (the kernel's
@@ -450,7 +450,7 @@ static int gpu_mode_quant(void) {
                 if (p.kbits == 16 && p.vbits == 16 && groups > 1) continue;
                 LkvPageLayout L;
                 int page_bytes = lkv_page_bytes(&p, 1, hd, NULL);
-                int tpp = lkv_layout_fit(&L, p, hd, page_bytes);
+                int tpp = lkv_layout_fit(&L, p, hd, page_bytes, 0);   /* one tier: no scores */
                 int n = 2 * tpp + 5, n_pages = (n + tpp - 1) / tpp;
                 size_t bytes = (size_t)n_pages * page_bytes;
                 float *k = xmalloc((size_t)n * hd * sizeof(float)), *v = xmalloc((size_t)n * hd * sizeof(float));
@@ -465,8 +465,6 @@ static int gpu_mode_quant(void) {
                     int slot = t % tpp;
                     kv_store(page + L.k_codes, page + L.k_sz, p, p.kbits, slot, hd, k + (size_t)t * hd);
                     kv_store(page + L.v_codes, page + L.v_sz, p, p.vbits, slot, hd, v + (size_t)t * hd);
-                    ((float *)(page + L.scores))[slot] = 0.0f;
-                    ((int32_t *)(page + L.pos))[slot] = t;
                 }
                 if (gpu_test_store(p, hd, n, k, v, gpu) != 0) die("quant: gpu_test_store refused k%dv%d", p.kbits, p.vbits);
                 size_t diff = 0;

@@ -55,32 +55,44 @@ static void test_fp16(void) {
 }
 
 /* segments are aligned, in order, disjoint and inside the page, for every precision pair at
- * head dims 64 and 128; and the page rule's choice holds at least 16 widest tokens */
+ * head dims 64 and 128, in a one-tier cache's pages (no scores or positions) and in a tiered
+ * cache's (with them); and the page rule's choice holds at least 16 widest tokens */
 static void test_layout(void) {
     int bits[4] = {16, 8, 4, 2}, dims[2] = {64, 128};
+    for (int tiered = 0; tiered < 2; tiered++)
     for (int di = 0; di < 2; di++)
         for (int a = 0; a < 4; a++)
             for (int b = 0; b < 4; b++)
                 for (int g = 1; g <= 4; g *= 2) {
                     int d = dims[di];
-                    LkvPrecision p = {bits[a], bits[b], g};
+                    LkvPrecision p = {bits[a], bits[b], g}, pp[2] = {p, p};
                     float waste;
-                    int P = lkv_page_bytes(&p, 1, d, &waste);
+                    int P = lkv_page_bytes(pp, 1 + tiered, d, &waste);
                     LkvPageLayout L;
-                    int T = lkv_layout_fit(&L, p, d, P);
+                    int T = lkv_layout_fit(&L, p, d, P, tiered);
                     int ok = P > 0 && P % LKV_PAGE_STEP == 0 && T >= LKV_PAGE_MIN_TOKENS &&
                              L.used <= P && waste >= 0 && waste < 0.5f;
                     int segs[7] = {L.k_codes, L.k_sz, L.v_codes, L.v_sz, L.scores, L.pos, L.used};
                     int sizes[6] = {T * d * p.kbits / 8, p.kbits < 16 ? T * g * 4 : 0,
                                     T * d * p.vbits / 8, p.vbits < 16 ? T * g * 4 : 0, T * 4, T * 4};
-                    for (int s = 0; s < 6; s++)
+                    if (!tiered) {   /* no metadata: v_sz is followed by the end */
+                        ok &= L.scores == -1 && L.pos == -1;
+                        segs[4] = L.used;
+                    }
+                    for (int s = 0; s < (tiered ? 6 : 4); s++)
                         ok &= segs[s] % LKV_SEG_ALIGN == 0 && segs[s] + sizes[s] <= segs[s + 1];
                     /* one more token must not fit */
                     LkvPageLayout L2;
-                    ok &= lkv_layout(&L2, p, d, T + 1) > P;
-                    CHECK(ok, "layout d=%d k%dv%d g=%d: page %d, %d tokens, used %d", d, p.kbits,
-                          p.vbits, g, P, T, L.used);
+                    ok &= lkv_layout(&L2, p, d, T + 1, tiered) > P;
+                    CHECK(ok, "layout d=%d k%dv%d g=%d tiered %d: page %d, %d tokens, used %d", d,
+                          p.kbits, p.vbits, g, tiered, P, T, L.used);
                 }
+    /* a one-tier k8v4 page at d 64 holds codes and scales only: 104 bytes a token, not 112 */
+    LkvPrecision k8v4 = {8, 4, 1};
+    LkvPageLayout L8;
+    int P8 = lkv_page_bytes(&k8v4, 1, 64, NULL);
+    lkv_layout_fit(&L8, k8v4, 64, P8, 0);
+    CHECK(L8.used == L8.tokens * 104, "one-tier k8v4 page: %d bytes for %d tokens", L8.used, L8.tokens);
     /* two tiers share one page size; the rule minimises the worse waste of the two */
     LkvPrecision tiers[2] = {{8, 4, 1}, {4, 2, 1}};
     float waste;
@@ -90,11 +102,11 @@ static void test_layout(void) {
         LkvPageLayout L;
         float w = 0;
         for (int t = 0; t < 2; t++) {
-            lkv_layout_fit(&L, tiers[t], 128, Q);
+            lkv_layout_fit(&L, tiers[t], 128, Q, 1);
             float x = (float)(Q - L.used) / Q;
             if (x > w) w = x;
         }
-        lkv_layout_fit(&L, tiers[0], 128, Q);
+        lkv_layout_fit(&L, tiers[0], 128, Q, 1);
         if (L.tokens >= LKV_PAGE_MIN_TOKENS && w < waste - 1e-6f) best_worst_ok = 0;
     }
     CHECK(best_worst_ok, "a smaller page than %d has less worst-case waste than %.4f", P, waste);
@@ -198,10 +210,9 @@ static void test_paged_attention(void) {
             double e = fabs(acc - o[j]);
             if (e > worst) worst = e;
         }
-        /* positions are kept beside each token */
-        int slot;
-        uint8_t *page = kv_high_page(&kv, kv_head(&kv, s, 0, 1), 77, &slot);
-        CHECK(((int32_t *)(page + kv.layout[0].pos))[slot] == 77, "position of token 77 lost");
+        /* a one-tier cache keeps no scores or positions beside its tokens */
+        CHECK(kv.layout[0].scores == -1 && kv.layout[0].pos == -1,
+              "a one-tier page keeps metadata at %d, %d", kv.layout[0].scores, kv.layout[0].pos);
     }
     CHECK(worst < 1e-5, "paged attention differs from dense by %.3g (bound 1e-5)", worst);
     printf("paged vs dense attention: max abs error %.3g\n", worst);

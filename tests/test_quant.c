@@ -493,9 +493,11 @@ static void test_exact_paths(void) {
 }
 
 /* the per-token byte counts are what lkv_layout reserves, for every precision including 32,
- * and lkv_layout_fit finds the largest token count that fits */
+ * with (tiered) and without the scores and positions, and lkv_layout_fit finds the largest
+ * token count that fits */
 static void test_layout_bytes(void) {
     int bitsv[5] = {2, 4, 8, 16, 32}, bad = 0, badfit = 0, badpage = 0;
+    for (int tiered = 0; tiered < 2; tiered++)
     for (int d = 64; d <= 128; d *= 2)
         for (int a = 0; a < 5; a++)
             for (int b = 0; b < 5; b++)
@@ -506,23 +508,29 @@ static void test_layout_bytes(void) {
                            lkv_sz_bytes(g, kb) != (kb <= 8 ? 4 * g : 0);
                     for (int T = 1; T <= 70; T++) {
                         LkvPageLayout L;
-                        int used = lkv_layout(&L, p, d, T);
+                        int used = lkv_layout(&L, p, d, T, tiered);
+                        int meta_end = tiered ? L.scores : L.used;   /* where v's pairs end */
                         bad += L.k_sz - L.k_codes != lkv_align(T * lkv_code_bytes(d, kb)) ||
                                L.v_codes - L.k_sz != lkv_align(T * lkv_sz_bytes(g, kb)) ||
                                L.v_sz - L.v_codes != lkv_align(T * lkv_code_bytes(d, vb)) ||
-                               L.scores - L.v_sz != lkv_align(T * lkv_sz_bytes(g, vb)) ||
+                               meta_end - L.v_sz != lkv_align(T * lkv_sz_bytes(g, vb)) ||
+                               (tiered ? L.pos - L.scores != lkv_align(T * 4) ||
+                                             L.used - L.pos != lkv_align(T * 4)
+                                       : L.scores != -1 || L.pos != -1) ||
                                used != L.used || L.tokens != T;
                     }
                     for (int P = 200; P <= 20000; P += 37) {
                         LkvPageLayout L, M;
-                        int T = lkv_layout_fit(&L, p, d, P);
-                        badfit += (T > 0 && lkv_layout(&M, p, d, T) > P) ||
-                                  lkv_layout(&M, p, d, T + 1) <= P || L.tokens != T;
+                        int T = lkv_layout_fit(&L, p, d, P, tiered);
+                        badfit += (T > 0 && lkv_layout(&M, p, d, T, tiered) > P) ||
+                                  lkv_layout(&M, p, d, T + 1, tiered) <= P || L.tokens != T;
                     }
                     float w;
-                    int P = lkv_page_bytes(&p, 1, d, &w);
+                    LkvPrecision pp[2] = {p, p};
+                    int P = lkv_page_bytes(pp, 1 + tiered, d, &w);
                     LkvPageLayout L;
-                    badpage += P <= 0 || P % LKV_PAGE_STEP || lkv_layout_fit(&L, p, d, P) < LKV_PAGE_MIN_TOKENS;
+                    badpage += P <= 0 || P % LKV_PAGE_STEP ||
+                               lkv_layout_fit(&L, p, d, P, tiered) < LKV_PAGE_MIN_TOKENS;
                 }
     CHECK(bad == 0, "lkv_layout segments disagree with lkv_code_bytes/lkv_sz_bytes %d times", bad);
     CHECK(badfit == 0, "lkv_layout_fit is not the largest fit %d times", badfit);
@@ -532,8 +540,8 @@ static void test_layout_bytes(void) {
         float w;
         int P = lkv_page_bytes(tiers, 2, d, &w);
         LkvPageLayout hi, lo;
-        lkv_layout_fit(&hi, tiers[0], d, P);
-        lkv_layout_fit(&lo, tiers[1], d, P);
+        lkv_layout_fit(&hi, tiers[0], d, P, 1);
+        lkv_layout_fit(&lo, tiers[1], d, P, 1);
         INFO("tiers k8v4 + k4v2, d %d: page %d B, %d / %d tokens, worst waste %.2f%%", d, P,
              hi.tokens, lo.tokens, 100 * w);
     }
