@@ -111,12 +111,14 @@ if [[ " $STAGES " == *" budget "* ]]; then
     budget leankv-1-0.02 --kv leankv
     budget leankv-8-4 --kv leankv --alpha-high 8 --alpha-low 4
 fi
-if [[ " $STAGES " == *" tierprof "* ]]; then
+if [[ " $STAGES " == *" tierprof "* ]]; then   # caches flushed before each kernel, then kept
     LEANKV=${LEANKV_BIN:-./leankv}
-    LEANKV_PROFILE_STEP=40 ncu --profile-from-start off --clock-control none \
-        --metrics gpu__time_duration.sum --csv $LEANKV $MODEL -m bench --kv leankv --kv-mem 1024 \
-        --batch 64 --requests 64 --prompt-len 1024 --gen-len 48 --ctx 2048 --device cuda \
-        > "$OUT/ncu_leankv.csv" 2>/dev/null
-    echo "== leankv decode step, batch 64, 1,024-token prompts ($CARD)"
-    python3 bench/ncu_sum.py "$OUT/ncu_leankv.csv" | head -30
+    for cache in all none; do
+        LEANKV_PROFILE_STEP=40 ncu --profile-from-start off --clock-control none \
+            --cache-control $cache --metrics gpu__time_duration.sum --csv $LEANKV $MODEL -m bench \
+            --kv leankv --kv-mem 1024 --batch 64 --requests 64 --prompt-len 1024 --gen-len 48 \
+            --ctx 2048 --device cuda > "$OUT/ncu_leankv_$cache.csv" 2>/dev/null
+        echo "== leankv decode step, batch 64, 1,024-token prompts, ncu --cache-control $cache ($CARD)"
+        python3 bench/ncu_sum.py "$OUT/ncu_leankv_$cache.csv" | head -16
+    done
 fi
