@@ -270,6 +270,7 @@ typedef struct {
     float *ml;            /* (max_rows, n_heads, 2) device: its softmax max and sum */
     int *row_need;        /* (max_rows) device: pages each row's planned step takes */
     int *h_need;          /* (max_rows) pinned host copy */
+    int *h_free;          /* (1) pinned: the free count a give reads back */
     int *slot_need;       /* (max_slots) host: pages each slot's planned step takes */
 } KVCache;
 
@@ -365,6 +366,7 @@ static void build_kvcache(KVCache *kv, const Config *c, const LkvPrecision *tier
     kv->ml = (float *)dmalloc((size_t)max_rows * c->n_heads * 2 * sizeof(float));
     kv->row_need = (int *)dmalloc(max_rows * sizeof(int));
     CUDA_CHECK(cudaMallocHost(&kv->h_need, max_rows * sizeof(int)));
+    CUDA_CHECK(cudaMallocHost(&kv->h_free, sizeof(int)));
     kv->slot_need = (int *)malloc(max_slots * sizeof(int));
     for (int i = 0; i < max_slots; i++) kv->slot_need[i] = -1;   /* -1: not planned */
 }
@@ -376,7 +378,8 @@ static void free_kvcache(KVCache *kv) {
     cudaFree(kv->n_tok); cudaFree(kv->n_pg); cudaFree(kv->want); cudaFree(kv->offset);
     cudaFree(kv->scan_tmp); cudaFree(kv->plan); cudaFree(kv->policy); cudaFreeHost(kv->h_policy);
     free(kv->placed); cudaFree(kv->pscore); cudaFree(kv->stage); cudaFree(kv->raw);
-    cudaFree(kv->ml); cudaFree(kv->row_need); cudaFreeHost(kv->h_need); free(kv->slot_need);
+    cudaFree(kv->ml); cudaFree(kv->row_need); cudaFreeHost(kv->h_need); cudaFreeHost(kv->h_free);
+    free(kv->slot_need);
 }
 
 /* Before a step: a row whose position is the first slot of a page opens a new page in every
@@ -1115,6 +1118,30 @@ typedef struct {
     int raw_stride;
 } AttTier;
 
+/* What block (split, KV head kvh = blockIdx.y, row r = blockIdx.z) attends: tokens
+ * [t_begin, t_end) of its head's n (a tier's count, or the row's position + 1; 0 for a
+ * padding row, pos < 0), and where in at.raw its scores go (kept for significance; a tier's
+ * low tokens follow its high ones), -1 when they are not kept -- an int, not a pointer: one
+ * register fewer in the loop (gpu_build checks the size). */
+typedef struct { size_t head_kv; int pos, n, raw_at, t_begin, t_end; } AttRange;
+__device__ __forceinline__ AttRange attention_range(const int *row_slot, const int *row_pos,
+                                                    int layer, const KvGeom &g, int n_heads,
+                                                    int gq, int pages_per_split,
+                                                    const AttTier &at, int split) {
+    AttRange a;
+    int kvh = blockIdx.y, r = blockIdx.z;
+    a.pos = row_pos[r];
+    a.head_kv = kv_head(g, row_slot[r], layer, kvh);
+    a.n = at.n_tok ? (a.pos >= 0 ? at.n_tok[a.head_kv * 2 + at.tier] : 0) : a.pos + 1;
+    a.raw_at = at.raw && a.pos >= 0 && a.pos >= at.raw_first
+                   ? (r * n_heads + kvh * gq) * at.raw_stride +
+                         (at.n_tok && at.tier ? at.n_tok[a.head_kv * 2] : 0)
+                   : -1;
+    a.t_begin = split * pages_per_split * g.tpp;
+    a.t_end = min(a.t_begin + pages_per_split * g.tpp, a.n);
+    return a;
+}
+
 /* The queries of block (kvh, row r), rotated. In a decode step (qkv given: every row a
  * different sequence) the block does rope itself, and the block whose split holds the new token
  * appends its key and value first -- no other block reads that page -- which saves a kernel
@@ -1197,18 +1224,10 @@ attention_block(__half *o, float *part, const float *q, const float *qkv, const 
     typedef typename CodeVec<VB, CH>::T VT;
     int kvh = blockIdx.y, r = blockIdx.z;
     int tok = threadIdx.x / LANES, lane = threadIdx.x % LANES;
-    int pos = row_pos[r];                   /* -1 for a padding row */
-    size_t head_kv = kv_head(g, row_slot[r], layer, kvh);
-    /* tokens to attend (0 for a padding row); a tier's low tokens follow its high ones in raw */
-    int n = at.n_tok ? (pos >= 0 ? at.n_tok[head_kv * 2 + at.tier] : 0) : pos + 1;
-    /* where in at.raw this row's scores go (kept for significance), -1 when they are not kept;
-     * an int, not a pointer: one register fewer in the loop (gpu_build checks the size) */
-    int raw_at = at.raw && pos >= 0 && pos >= at.raw_first
-                     ? (r * n_heads + kvh * gq) * at.raw_stride +
-                           (at.n_tok && at.tier ? at.n_tok[head_kv * 2] : 0)
-                     : -1;
-    int t_begin = split * pages_per_split * g.tpp;
-    int t_end = min(t_begin + pages_per_split * g.tpp, n);
+    AttRange ar = attention_range(row_slot, row_pos, layer, g, n_heads, gq, pages_per_split,
+                                  at, split);
+    int pos = ar.pos, n = ar.n, raw_at = ar.raw_at, t_begin = ar.t_begin, t_end = ar.t_end;
+    size_t head_kv = ar.head_kv;
 
     __shared__ float q_sm[GM * HD];
     __shared__ float kv_sm[2 * HD];
@@ -1434,15 +1453,10 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
     constexpr int KPW = 32 / KB;                                  /* key codes per word */
     int kvh = blockIdx.y, r = blockIdx.z;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
-    int pos = row_pos[r];
-    size_t head_kv = kv_head(g, row_slot[r], layer, kvh);
-    int n = at.n_tok ? (pos >= 0 ? at.n_tok[head_kv * 2 + at.tier] : 0) : pos + 1;
-    int raw_at = at.raw && pos >= 0 && pos >= at.raw_first
-                     ? (r * n_heads + kvh * gq) * at.raw_stride +
-                           (at.n_tok && at.tier ? at.n_tok[head_kv * 2] : 0)
-                     : -1;
-    int t_begin = split * pages_per_split * g.tpp;
-    int t_end = min(t_begin + pages_per_split * g.tpp, n);
+    AttRange ar = attention_range(row_slot, row_pos, layer, g, n_heads, gq, pages_per_split,
+                                  at, split);
+    int pos = ar.pos, n = ar.n, raw_at = ar.raw_at, t_begin = ar.t_begin, t_end = ar.t_end;
+    size_t head_kv = ar.head_kv;
     __shared__ float q_sm[8 * HD];
     __shared__ float kv_sm[2 * HD];
     const float *qrow = attention_queries<HD>(q_sm, kv_sm, q, qkv, bqkv, cos_sin, style, pool,
@@ -2058,34 +2072,29 @@ static void kv_scan(GpuEngine *g) {
     LAUNCH_CHECK();
 }
 
-static void kv_take(GpuEngine *g) {
+/* Applies what want says for every head at once (section 6's third step): take = 1 moves
+ * each head's range of the free ring into its table, take = 0 moves its pages back. A give
+ * returns the pool's free pages after it (read back: a give happens per request, not per
+ * step); a take returns -1 (the host knew the count before asking). */
+static int kv_apply(GpuEngine *g, int take) {
     KVCache *kv = &g->kv;
-    int n = kv->n_heads_total * 2;
+    int n = kv->n_heads_total * 2, blocks = (n + 255) / 256;
     kv_scan(g);
-    kv_apply_take<<<(n + 255) / 256, 256, 0, g->stream>>>(kv->table, kv->free_ids, kv->want,
-                                                          kv->offset, kv->n_pg, kv->ring, n,
-                                                          kv->geom.width, kv->geom.n_pages);
-    kv_ring_update<<<1, 1, 0, g->stream>>>(kv->ring, 1, kv->geom.n_pages);
+    if (take)
+        kv_apply_take<<<blocks, 256, 0, g->stream>>>(kv->table, kv->free_ids, kv->want,
+                                                     kv->offset, kv->n_pg, kv->ring, n,
+                                                     kv->geom.width, kv->geom.n_pages);
+    else
+        kv_apply_give<<<blocks, 256, 0, g->stream>>>(kv->free_ids, kv->table, kv->want,
+                                                     kv->offset, kv->n_pg, kv->ring, n,
+                                                     kv->geom.width, kv->geom.n_pages);
+    kv_ring_update<<<1, 1, 0, g->stream>>>(kv->ring, take, kv->geom.n_pages);
     LAUNCH_CHECK();
-}
-
-/* gives back what want says; returns the pool's free pages after (read back: a give happens
- * per request, not per step) */
-static int kv_give(GpuEngine *g) {
-    KVCache *kv = &g->kv;
-    int n = kv->n_heads_total * 2;
-    kv_scan(g);
-    kv_apply_give<<<(n + 255) / 256, 256, 0, g->stream>>>(kv->free_ids, kv->table, kv->want,
-                                                          kv->offset, kv->n_pg, kv->ring, n,
-                                                          kv->geom.width, kv->geom.n_pages);
-    kv_ring_update<<<1, 1, 0, g->stream>>>(kv->ring, 0, kv->geom.n_pages);
-    LAUNCH_CHECK();
-    int free_pages;
-    CUDA_CHECK(cudaMemcpyAsync(kv->h_need, kv->ring + 1, sizeof(int), cudaMemcpyDeviceToHost,
+    if (take) return -1;
+    CUDA_CHECK(cudaMemcpyAsync(kv->h_free, kv->ring + 1, sizeof(int), cudaMemcpyDeviceToHost,
                                g->stream));
     CUDA_CHECK(cudaStreamSynchronize(g->stream));
-    free_pages = kv->h_need[0];
-    return free_pages;
+    return *kv->h_free;
 }
 
 /* pages a run of rows at positions pos0 .. pos0+n-1 opens, over all heads (one tier) */
@@ -2106,7 +2115,7 @@ static void decode_step(GpuEngine *g, int rows) {
             kv->want, kv->plan, kv->n_tok, kv->n_pg, g->s.row_slot, g->s.row_pos, rows, heads,
             kv->tg[0].tpp, kv->tg[1].tpp);
         LAUNCH_CHECK();
-        kv_take(g);
+        kv_apply(g, 1);
     } else reserve(g, rows);
     forward(g, rows, rows, g->ctx, 1);
 }
@@ -2299,9 +2308,9 @@ extern "C" void gpu_begin(GpuEngine *g, int slot, int n_prompt, float alpha_high
     kv->h_policy[slot] = p;
     CUDA_CHECK(cudaMemcpyAsync(kv->policy + slot, kv->h_policy + slot, sizeof p,
                                cudaMemcpyHostToDevice, g->stream));
-    CUDA_CHECK(cudaMemsetAsync(kv->pscore, 0,
-                               (size_t)g->c.n_layers * g->c.n_heads * g->ctx * sizeof(float),
-                               g->stream));
+    /* the prompt's part of every (layer, query head) row of sums, as the CPU clears it */
+    CUDA_CHECK(cudaMemset2DAsync(kv->pscore, g->ctx * sizeof(float), 0, n_prompt * sizeof(float),
+                                 (size_t)g->c.n_layers * g->c.n_heads, g->stream));
     kv->placed[slot] = 0;
 }
 
@@ -2323,7 +2332,7 @@ extern "C" int gpu_prefill(GpuEngine *g, int slot, const int *tokens, int n, int
         kv_prepare_reserve<<<(heads + 255) / 256, 256, 0, st>>>(
             kv->want, kv->n_pg, slot, heads, lkv_prefill_pages(len + n, kv->tg[0].tpp));
         LAUNCH_CHECK();
-        kv_take(g);
+        kv_apply(g, 1);
     }
     for (int done = 0; done < n; done += g->chunk) {
         int cnt = n - done < g->chunk ? n - done : g->chunk, last = done + cnt == n;
@@ -2365,7 +2374,7 @@ extern "C" void gpu_place(GpuEngine *g, int slot) {
         kv->stage, kv->policy, slot, kv->slot_len[slot], c->n_heads, c->n_heads / c->n_kv_heads,
         c->head_dim, g->ctx);
     LAUNCH_CHECK();
-    kv->free_count = kv_give(g);
+    kv->free_count = kv_apply(g, 0);
     kv->placed[slot] = 1;
 }
 
@@ -2470,7 +2479,7 @@ extern "C" void gpu_release(GpuEngine *g, int slot) {
         kv_prepare_release<<<(heads + 255) / 256, 256, 0, st>>>(kv->want, kv->n_pg, kv->n_tok,
                                                                 kv->plan, slot, heads);
         LAUNCH_CHECK();
-        kv->free_count = kv_give(g);
+        kv->free_count = kv_apply(g, 0);
         kv->slot_len[slot] = 0;
         kv->placed[slot] = 0;
         kv->slot_need[slot] = -1;
