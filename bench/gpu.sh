@@ -60,7 +60,7 @@ if [[ " $STAGES " == *" profile "* ]]; then
             --metrics gpu__time_duration.sum --csv ./leankv-gpu-bench bench random --batch $1 \
             --prompt-len $2 --gen-len $3 --runs 1 > "$OUT/ncu_$1.csv" 2>/dev/null
         echo "== batch $1, prompt $2 ($CARD)"
-        python3 bench/ncu_sum.py "$OUT/ncu_$1.csv" | head -14
+        python3 bench/ncu_sum.py "$OUT/ncu_$1.csv" 13
     done
 fi
 
@@ -119,6 +119,6 @@ if [[ " $STAGES " == *" tierprof "* ]]; then   # caches flushed before each kern
             --kv leankv --kv-mem 1024 --batch 64 --requests 64 --prompt-len 1024 --gen-len 48 \
             --ctx 2048 --device cuda > "$OUT/ncu_leankv_$cache.csv" 2>/dev/null
         echo "== leankv decode step, batch 64, 1,024-token prompts, ncu --cache-control $cache ($CARD)"
-        python3 bench/ncu_sum.py "$OUT/ncu_leankv_$cache.csv" | head -16
+        python3 bench/ncu_sum.py "$OUT/ncu_leankv_$cache.csv" 15
     done
 fi

@@ -1,5 +1,7 @@
-"""Sums ncu's per-kernel durations (--metrics gpu__time_duration.sum --csv) by kernel name.
-Usage: python3 bench/ncu_sum.py ncu.csv"""
+"""Sums ncu's per-kernel durations (--metrics gpu__time_duration.sum --csv) by kernel name,
+the largest first (the first TOP of them), and the share of leankv's compression and
+memory-manager kernels (kv_*, and cub's scan inside the manager).
+Usage: python3 bench/ncu_sum.py ncu.csv [TOP]"""
 import csv
 import sys
 from collections import defaultdict
@@ -18,5 +20,10 @@ for r in csv.DictReader(rows):
     cnt[name] += 1
 all_us = sum(tot.values())
 print(f"one decode step, kernels one by one: {all_us:.0f} us in {sum(cnt.values())} kernels")
-for k in sorted(tot, key=tot.get, reverse=True):
+top = int(sys.argv[2]) if len(sys.argv) > 2 else len(tot)
+for k in sorted(tot, key=tot.get, reverse=True)[:top]:
     print(f"  {tot[k]:9.1f} us {100 * tot[k] / all_us:5.1f}%  x{cnt[k]:4d}  {k}")
+kv = sum(v for k, v in tot.items() if k.startswith("kv_") or "cub::" in k)
+if kv:
+    print(f"compression and memory-manager kernels (kv_*, cub's scan): {kv:.0f} us, "
+          f"{100 * kv / all_us:.1f}% of the step")
