@@ -1355,7 +1355,8 @@ attention_block(__half *o, float *part, const float *q, const float *qkv, const 
     }
 }
 
-/* ---- Decode attention on tensor cores, for code keys with one scale and zero per vector.
+/* ---- Decode attention on tensor cores: the fp16 cache, and code keys with one scale and zero
+ * per vector.
  *
  * The same sums as attention_block, arranged as two small matrix products per 16 tokens for
  * one warp, each an mma.sync of a 16x16 by 16x8 fp16 tile into fp32:
@@ -1366,7 +1367,8 @@ attention_block(__half *o, float *part, const float *q, const float *qkv, const 
  * the 1024 sum(P s) and the 2^j come back out once, at the end), and the scale and zero stay
  * out of the product. A GQA group
  * fills at most 8 of the 16 rows of Q and P; the other 8 carry what fp16 rounding left behind
- * (q = hi + lo, both fp16), so S and O keep fp32's precision at no extra product.
+ * (q = hi + lo, both fp16), so S and O keep fp32's precision at no extra product. The fp16
+ * cache runs here too: its keys and values are the operands as they are.
  * Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4 g + t holds A rows g and g + 8 at columns
  * 2t, 2t+1, 2t+8, 2t+9; B rows 2t, 2t+1, 2t+8, 2t+9 at column g; C rows g, g+8 at columns 2t,
  * 2t+1. A sum does not care in which order it adds, so each thread reads whole runs of bytes:
@@ -1400,6 +1402,7 @@ __device__ __forceinline__ uint32_t minus_1024(uint32_t x) {
  * elements 2i, 2i+1 of the word, and element e is channel mma_code_channel<BITS>(e) of it. */
 template <int BITS>
 __device__ __forceinline__ void mma_codes(uint32_t w, uint32_t *h) {
+    if constexpr (BITS == 16) { h[0] = w; return; }   /* fp16 keys: a pair of values already */
     constexpr uint32_t MASK = BITS == 8 ? 0xFFFFFFFFu : BITS == 4 ? 0x0F0F0F0Fu : 0x03030303u;
 #pragma unroll
     for (int sub = 0; sub < 8 / BITS; sub++) {   /* one code a byte: bits sub*BITS .. */
@@ -1410,7 +1413,7 @@ __device__ __forceinline__ void mma_codes(uint32_t w, uint32_t *h) {
 }
 template <int BITS>
 __host__ __device__ constexpr int mma_code_channel(int e) {   /* byte e % 4, sub-code e / 4 */
-    return (e % 4) * (8 / BITS) + e / 4;
+    return BITS == 16 ? e : (e % 4) * (8 / BITS) + e / 4;
 }
 
 /* The BITS-bit codes at byte b of two tokens' value words wa, wb as fp16 pairs (token a low,
@@ -1528,8 +1531,8 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
                 int u = i - 2;
                 if (ok) {
                     load_words<VBYTES>(page + g.v_codes + slot * (HD * VB / 8) + gi * VBYTES, ck.v[u]);
-                    ck.ksz[u] = *(const uint32_t *)(page + g.k_sz + slot * 4);
-                    ck.vsz[u] = *(const uint32_t *)(page + g.v_sz + slot * 4);
+                    if constexpr (KB < 16) ck.ksz[u] = *(const uint32_t *)(page + g.k_sz + slot * 4);
+                    if constexpr (VB < 16) ck.vsz[u] = *(const uint32_t *)(page + g.v_sz + slot * 4);
                 } else {
 #pragma unroll
                     for (int w = 0; w < VW; w++) ck.v[u][w] = 0;
@@ -1557,8 +1560,11 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             int t = c0 + 2 * ti + (u & 1) + (u >> 1) * 8;
-            float2 sz = scale_zero(ck.ksz[u]);
-            float d = (s4[u >> 1][u & 1] + s4[u >> 1][2 + (u & 1)]) * sz.x + sz.y * qsum;
+            float d = s4[u >> 1][u & 1] + s4[u >> 1][2 + (u & 1)];
+            if constexpr (KB < 16) {
+                float2 sz = scale_zero(ck.ksz[u]);
+                d = d * sz.x + sz.y * qsum;
+            }
             sc[u] = t < t_end ? d : -INFINITY;
             if (raw_at >= 0 && t < t_end && gi < gq) at.raw[raw_at + gi * at.raw_stride + t] = d;
             mx = fmaxf(mx, sc[u]);
@@ -1580,7 +1586,7 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             float e = __expf(sc[u] - m);   /* 0 for a token past the end */
-            float2 sz = scale_zero(ck.vsz[u]);
+            float2 sz = VB < 16 ? scale_zero(ck.vsz[u]) : make_float2(1.0f, 0.0f);
             l += e;
             accz += e * sz.y;
             float es = e * sz.x;
@@ -1592,14 +1598,23 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
         __half2 p89 = __halves2half2(hi[2], hi[3]), l89 = __halves2half2(lo[2], lo[3]);
         uint32_t pa[4] = {*(uint32_t *)&p01, *(uint32_t *)&l01, *(uint32_t *)&p89, *(uint32_t *)&l89};
         /* O += (P s) C_V, one 8-channel tile at a time: tile j is channel g HD/8 + j of lane g */
+        if constexpr (VB == 16) {   /* fp16 values: the halves of two tokens' words, paired */
 #pragma unroll
-        for (int b = 0; b < VBYTES; b++) {
-            uint32_t v01[8 / VB], v89[8 / VB];
-            mma_code_pairs<VB>(ck.v[0][b / 4], ck.v[1][b / 4], b % 4, v01);
-            mma_code_pairs<VB>(ck.v[2][b / 4], ck.v[3][b / 4], b % 4, v89);
+            for (int j = 0; j < NTILES; j++) {
+                uint32_t sel = j % 2 ? 0x7632u : 0x5410u;
+                mma_16816(acc[j], pa, __byte_perm(ck.v[0][j / 2], ck.v[1][j / 2], sel),
+                          __byte_perm(ck.v[2][j / 2], ck.v[3][j / 2], sel));
+            }
+        } else {
 #pragma unroll
-            for (int sub = 0; sub < 8 / VB; sub++)
-                mma_16816(acc[b * (8 / VB) + sub], pa, v01[sub], v89[sub]);
+            for (int b = 0; b < VBYTES; b++) {
+                uint32_t v01[8 / VB], v89[8 / VB];
+                mma_code_pairs<VB>(ck.v[0][b / 4], ck.v[1][b / 4], b % 4, v01);
+                mma_code_pairs<VB>(ck.v[2][b / 4], ck.v[3][b / 4], b % 4, v89);
+#pragma unroll
+                for (int sub = 0; sub < 8 / VB; sub++)
+                    mma_16816(acc[b * (8 / VB) + sub], pa, v01[sub], v89[sub]);
+            }
         }
     };
     /* warp w takes chunks w, w + WARPS, ...; the next chunk's loads are in flight while one is
@@ -1632,10 +1647,12 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
 #pragma unroll
             for (int j = 0; j < NTILES; j++)
 #pragma unroll
-                for (int e = 0; e < 2; e++)   /* column 2t + e: channel (2t + e) HD/8 + j */
-                    sm_acc[warp * HD + (2 * ti + e) * (HD / 8) + j] =
-                        (acc[j][e] + acc[j][2 + e] - 1024.0f * acs) *
-                            (1.0f / (float)(1 << (VB * (j % (8 / VB))))) + accz;
+                for (int e = 0; e < 2; e++) {   /* column 2t + e: channel (2t + e) HD/8 + j */
+                    float x = acc[j][e] + acc[j][2 + e];   /* rows g (hi) and g + 8 (lo) */
+                    if constexpr (VB < 16)   /* codes ran as 1024 + 2^(VB sub) c */
+                        x = (x - 1024.0f * acs) * (1.0f / (float)(1 << (VB * (j % (8 / VB))))) + accz;
+                    sm_acc[warp * HD + (2 * ti + e) * (HD / 8) + j] = x;
+                }
         }
         __syncthreads();
         attention_merge<HD>(o, part, sm_m, sm_l, sm_acc, WARPS, r, kvh * gq + h, n_heads,
@@ -1866,20 +1883,22 @@ static const struct { int kb, vb; AttentionLaunch fn; } attention_kernels[2][5][
 #undef ATT_GROUPS
 #undef ATT_PAIRS
 
-/* the tensor-core kernels, for code keys with one scale/zero pair a vector */
+/* the tensor-core kernels: fp16, and code keys with one scale/zero pair a vector */
 #define TC_PAIRS(HD) \
-    {8, 8, launch_attention<HD, 4, 8, 8, true>}, {8, 4, launch_attention<HD, 4, 8, 4, true>}, \
-    {8, 2, launch_attention<HD, 4, 8, 2, true>}, {4, 4, launch_attention<HD, 4, 4, 4, true>}, \
+    {16, 16, launch_attention<HD, 4, 16, 16, true>}, {8, 8, launch_attention<HD, 4, 8, 8, true>}, \
+    {8, 4, launch_attention<HD, 4, 8, 4, true>}, {8, 2, launch_attention<HD, 4, 8, 2, true>}, \
+    {4, 4, launch_attention<HD, 4, 4, 4, true>}, \
     {4, 2, launch_attention<HD, 4, 4, 2, true>}, {2, 2, launch_attention<HD, 4, 2, 2, true>}
-static const struct { int kb, vb; AttentionLaunch fn; } attention_kernels_tc[2][6] = {
+static const struct { int kb, vb; AttentionLaunch fn; } attention_kernels_tc[2][7] = {
     {TC_PAIRS(64)}, {TC_PAIRS(128)}};
 #undef TC_PAIRS
 
-/* Tensor cores serve code keys with one scale and zero per vector and gq <= 8; the environment
- * variable LEANKV_ATT_SIMT=1 turns them off (to measure one against the other). */
+/* Tensor cores serve code keys with one scale and zero per vector, and the fp16 cache, for
+ * gq <= 8; the environment variable LEANKV_ATT_SIMT=1 turns them off (to measure one against
+ * the other). */
 static int use_tensor_cores(LkvPrecision p) {
     const char *e = getenv("LEANKV_ATT_SIMT");
-    return p.kbits < 16 && p.groups == 1 && !(e && *e && strcmp(e, "0"));
+    return (p.kbits < 16 || p.vbits == 16) && p.groups == 1 && !(e && *e && strcmp(e, "0"));
 }
 
 static AttentionLaunch find_attention(int head_dim, int gq, LkvPrecision p) {
@@ -1888,7 +1907,7 @@ static AttentionLaunch find_attention(int head_dim, int gq, LkvPrecision p) {
     if (hi < 0 || gi < 0) return NULL;
     int kb = p.kbits, vb = p.vbits;
     if (use_tensor_cores(p))
-        for (int i = 0; i < 6; i++)
+        for (int i = 0; i < 7; i++)
             if (attention_kernels_tc[hi][i].kb == kb && attention_kernels_tc[hi][i].vb == vb)
                 return attention_kernels_tc[hi][i].fn;
     for (int i = 0; i < 10; i++)
@@ -2123,13 +2142,13 @@ static void decode_step(GpuEngine *g, int rows) {
 /* Attention splits of a sequence of `pages` pages: about enough blocks to fill the GPU once
  * (ATT_BLOCKS_PER_SM resident per SM) when every slot is busy -- measured: splitting further
  * costs more in partials and merging than it gains, for the tensor-core kernel too -- but no
- * split shorter than one pass of a block over its tokens: 2 pages of fp16 keys, 4 of codes (a
- * block of the code kernels reads 64 or 128 tokens a pass), and none longer than 4096 pages
- * (attention_mma keeps a split's page ids in shared memory). */
-static int split_pages(int pages, int n_sms, int slots, int n_kv_heads, int kbits) {
+ * split shorter than one pass of a block over its tokens: 2 pages of fp16 keys, 4 of codes or
+ * on tensor cores (a block of those kernels reads 64 or 128 tokens a pass), and none longer
+ * than 4096 pages (attention_mma keeps a split's page ids in shared memory). */
+static int split_pages(int pages, int n_sms, int slots, int n_kv_heads, LkvPrecision p) {
     int want = ATT_BLOCKS_PER_SM * n_sms / (slots * n_kv_heads);
     if (want < 1) want = 1;   /* rounded down: one wave of blocks, not one and a bit */
-    int pps = (pages + want - 1) / want, least = kbits < 16 ? 4 : 2;
+    int pps = (pages + want - 1) / want, least = p.kbits < 16 || use_tensor_cores(p) ? 4 : 2;
     if (pps > 4096) pps = 4096;
     return pps < least ? least : pps;
 }
@@ -2226,7 +2245,7 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
     build_kvcache(&g->kv, c, tiers, n_tiers, max_slots, g->max_rows, ctx, kv_mem_mib, g->stream);
     g->kv.defaults = policy;
     g->pages_per_split = split_pages((ctx + g->kv.geom.tpp - 1) / g->kv.geom.tpp, g->n_sms,
-                                     max_slots, c->n_kv_heads, tiers[0].kbits);
+                                     max_slots, c->n_kv_heads, tiers[0]);
     g->max_splits = 0;
     for (int t = 0; t < n_tiers; t++) {
         int pt = (ctx + g->kv.tg[t].tpp - 1) / g->kv.tg[t].tpp;
@@ -2718,7 +2737,7 @@ extern "C" double gpu_bench_attention(LkvPrecision p, int head_dim, int n_heads,
     g->n_kv_heads = n_kv_heads;
     int per_head = g->width;                       /* pages of one (sequence, KV head) */
     g->n_pages = batch * n_kv_heads * per_head;
-    e.pages_per_split = split_pages(per_head, e.n_sms, batch, n_kv_heads, p.kbits);   /* as gpu_build */
+    e.pages_per_split = split_pages(per_head, e.n_sms, batch, n_kv_heads, p);   /* as gpu_build */
     int splits = (per_head + e.pages_per_split - 1) / e.pages_per_split;
     DeviceLayer layer;
     memset(&layer, 0, sizeof layer);
