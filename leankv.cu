@@ -234,13 +234,11 @@ __device__ __forceinline__ int kv_page_index(const KvGeom &g, int t) {
 }               /* what a kernel needs to find token i of a head: passed by value */
 
 typedef struct {
-    KvGeom geom;          /* tier 0's geometry (the only tier of a one-precision cache) */
-    KvGeom tg[LKV_MAX_TIERS]; /* [n_tiers] each tier's geometry: same pages, own layout */
+    KvGeom tg[LKV_MAX_TIERS]; /* [n_tiers] each tier's geometry: same pages, own layout (tg[0]:
+                             the only tier of a one-precision cache) */
     int n_tiers;          /* 1: one precision; 2: leankv's high and low tiers */
     LkvPrecision tier[LKV_MAX_TIERS]; /* [n_tiers] precision of each tier (--kv / --kv-high, --kv-low) */
-    LkvPrecision prec;    /* = tier[0] */
-    LkvPageLayout layout; /* tier 0's page layout, from leankv.h */
-    LkvPageLayout layouts[LKV_MAX_TIERS]; /* [n_tiers] */
+    LkvPageLayout layouts[LKV_MAX_TIERS]; /* [n_tiers] each tier's page layout, from leankv.h */
     uint8_t *pool;        /* (n_pages, page_bytes) device */
     int *free_ids;        /* (n_pages) device, circular array of free page ids */
     int *ring;            /* (3) device: free_start, free_count, total of the last scan */
@@ -312,15 +310,13 @@ static void build_kvcache(KVCache *kv, const Config *c, const LkvPrecision *tier
     memset(kv, 0, sizeof *kv);
     kv->n_tiers = n_tiers;
     for (int t = 0; t < n_tiers; t++) kv->tier[t] = tiers[t];
-    kv->prec = tiers[0];
     int page_bytes = lkv_page_bytes(tiers, n_tiers, c->head_dim, NULL);
     for (int t = 0; t < n_tiers; t++)
         lkv_layout_fit(&kv->layouts[t], tiers[t], c->head_dim, page_bytes, n_tiers > 1);
-    kv->layout = kv->layouts[0];
     int tpp = kv->layouts[0].tokens, width = (ctx + tpp - 1) / tpp + 2;
     for (int t = 0; t < n_tiers; t++)
         kv->tg[t] = tier_geom(c, tiers[t], &kv->layouts[t], page_bytes, width);
-    KvGeom *g = &kv->geom;
+    KvGeom *g = &kv->tg[0];
     kv->max_slots = max_slots;
     size_t bytes;
     if (kv_mem_mib) bytes = kv_mem_mib << 20;
@@ -332,7 +328,6 @@ static void build_kvcache(KVCache *kv, const Config *c, const LkvPrecision *tier
     size_t n_pages = bytes / page_bytes;
     if (n_pages > (1u << 30)) n_pages = 1u << 30;
     for (int t = 0; t < n_tiers; t++) kv->tg[t].n_pages = (int)n_pages;
-    *g = kv->tg[0];
     kv->pool = (uint8_t *)dmalloc(n_pages * page_bytes);
     kv->free_ids = (int *)dmalloc(n_pages * sizeof(int));
     kv->ring = (int *)dmalloc(3 * sizeof(int));
@@ -1821,8 +1816,8 @@ struct GpuEngine {
     DeviceWeights w;                        /* no layers: the cache-only test engine */
     float2 *rope_cs;                        /* (ctx, head_dim/2) cos, sin of pos * freq_i */
     KVCache kv;
-    AttentionLaunch attention;              /* attention_paged for this shape (tier 0) */
-    AttentionLaunch attention_t[LKV_MAX_TIERS]; /* [n_tiers] the kernel of each tier */
+    AttentionLaunch attention_t[LKV_MAX_TIERS]; /* [n_tiers] the kernel of each tier (attention_t[0]:
+                                               the only one of a one-precision cache) */
     void (*attention_pair)(struct GpuEngine *, const AttCall *, const AttTier *); /* both tiers
                                                in one launch, or NULL: one launch per tier */
     RunState s;
@@ -1842,7 +1837,7 @@ static void launch_attention(GpuEngine *g, const AttCall *a) {
     size_t smem = TC ? g->pages_per_split * sizeof(int) : 0;   /* attention_mma's page ids */
     attention_paged<HD, GM, KB, VB, TC><<<grid, block, smem, g->stream>>>(
         a->o, s->att_part, s->q, a->qkv, a->bqkv, g->rope_cs, c->rope_style, g->kv.pool,
-        g->kv.table, s->row_slot, s->row_pos, a->layer, a->tier ? g->kv.tg[1] : g->kv.geom,
+        g->kv.table, s->row_slot, s->row_pos, a->layer, g->kv.tg[a->tier],
         c->n_heads, c->n_heads / c->n_kv_heads, g->pages_per_split, a->at);
 }
 
@@ -1960,14 +1955,14 @@ static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int deco
         LAUNCH_CHECK();
         return;
     }
-    int pages = (att_ctx + kv->geom.tpp - 1) / kv->geom.tpp;
+    int pages = (att_ctx + kv->tg[0].tpp - 1) / kv->tg[0].tpp;
     a.splits = (pages + g->pages_per_split - 1) / g->pages_per_split;
     if (a.splits < 1) a.splits = 1;
     /* a prompt chunk whose last row is counted (prompts run alone: rows are consecutive) */
     int scores = kv->n_tiers > 1 && !decode &&
                  att_ctx - 1 >= kv->h_policy[g->prefill_slot].first;
     if (scores) { a.at.raw = kv->raw; a.at.raw_first = kv->h_policy[g->prefill_slot].first; }
-    g->attention(g, &a);
+    g->attention_t[0](g, &a);
     LAUNCH_CHECK();
     if (a.splits > 1 || scores) combine(g, n_rows, a.splits, o, scores ? kv->ml : NULL);
     if (scores) {
@@ -1992,7 +1987,7 @@ static void attend(GpuEngine *g, int l, int n_rows, int att_ctx, int decode, con
         rope_t = rope_t > 1024 ? 1024 : (rope_t + 31) / 32 * 32;
         rope<<<n_rows, rope_t, 2 * KVD * sizeof(float), g->stream>>>(
             s->q, kv->pool, qkv, bqkv, g->rope_cs, kv->table, s->row_slot, s->row_pos, l,
-            kv->geom, c->n_heads, hd, c->rope_style);
+            kv->tg[0], c->n_heads, hd, c->rope_style);
         LAUNCH_CHECK();
     } else if (kv->n_tiers > 1) {
         kv_write_token<<<dim3(c->n_kv_heads, n_rows), 64, 0, g->stream>>>(
@@ -2076,7 +2071,7 @@ static void build_rope_table(GpuEngine *g) {
 static void reserve(GpuEngine *g, int n_rows) {
     kv_reserve<<<1, RESERVE_THREADS, 0, g->stream>>>(g->kv.table, g->kv.free_ids, g->kv.ring,
                                                       g->s.row_slot, g->s.row_pos, n_rows,
-                                                      g->kv.geom);
+                                                      g->kv.tg[0]);
     LAUNCH_CHECK();
 }
 
@@ -2102,12 +2097,12 @@ static int kv_apply(GpuEngine *g, int take) {
     if (take)
         kv_apply_take<<<blocks, 256, 0, g->stream>>>(kv->table, kv->free_ids, kv->want,
                                                      kv->offset, kv->n_pg, kv->ring, n,
-                                                     kv->geom.width, kv->geom.n_pages);
+                                                     kv->tg[0].width, kv->tg[0].n_pages);
     else
         kv_apply_give<<<blocks, 256, 0, g->stream>>>(kv->free_ids, kv->table, kv->want,
                                                      kv->offset, kv->n_pg, kv->ring, n,
-                                                     kv->geom.width, kv->geom.n_pages);
-    kv_ring_update<<<1, 1, 0, g->stream>>>(kv->ring, take, kv->geom.n_pages);
+                                                     kv->tg[0].width, kv->tg[0].n_pages);
+    kv_ring_update<<<1, 1, 0, g->stream>>>(kv->ring, take, kv->tg[0].n_pages);
     LAUNCH_CHECK();
     if (take) return -1;
     CUDA_CHECK(cudaMemcpyAsync(kv->h_free, kv->ring + 1, sizeof(int), cudaMemcpyDeviceToHost,
@@ -2118,7 +2113,7 @@ static int kv_apply(GpuEngine *g, int take) {
 
 /* pages a run of rows at positions pos0 .. pos0+n-1 opens, over all heads (one tier) */
 static int pages_opened(const GpuEngine *g, int pos0, int n) {
-    int tpp = g->kv.geom.tpp;
+    int tpp = g->kv.tg[0].tpp;
     int pages_before = (pos0 + tpp - 1) / tpp, pages_after = (pos0 + n + tpp - 1) / tpp;
     return (pages_after - pages_before) * g->c.n_layers * g->c.n_kv_heads;
 }
@@ -2228,7 +2223,6 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
     g->blas_ws = dmalloc(ws);
     CUBLAS_CHECK(cublasSetWorkspace(g->blas, g->blas_ws, ws));
 
-    g->attention = att[0];
     for (int t = 0; t < n_tiers; t++) g->attention_t[t] = att[t];
     if (n_tiers > 1 && tiers[0].kbits == 8 && tiers[0].vbits == 4 && tiers[1].kbits == 4 &&
         tiers[1].vbits == 2)   /* leankv's default pair has its own fused launch */
@@ -2244,7 +2238,7 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
     build_rope_table(g);
     build_kvcache(&g->kv, c, tiers, n_tiers, max_slots, g->max_rows, ctx, kv_mem_mib, g->stream);
     g->kv.defaults = policy;
-    g->pages_per_split = split_pages((ctx + g->kv.geom.tpp - 1) / g->kv.geom.tpp, g->n_sms,
+    g->pages_per_split = split_pages((ctx + g->kv.tg[0].tpp - 1) / g->kv.tg[0].tpp, g->n_sms,
                                      max_slots, c->n_kv_heads, tiers[0]);
     g->max_splits = 0;
     for (int t = 0; t < n_tiers; t++) {
@@ -2263,7 +2257,7 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
     g->profile_step = getenv("LEANKV_PROFILE_STEP") ? atoi(getenv("LEANKV_PROFILE_STEP")) : -1;
     build_runstate(&g->s, c, g->max_rows, g->max_splits);
     CUDA_CHECK(cudaStreamSynchronize(g->stream));
-    KvGeom *kg = &g->kv.geom;
+    KvGeom *kg = &g->kv.tg[0];
     fprintf(stderr, "leankv: GPU %s: KV pool %.0f MiB, %d pages of %d bytes", name,
             (double)kg->n_pages * kg->page_bytes / (1 << 20), kg->n_pages, kg->page_bytes);
     for (int t = 0; t < n_tiers; t++)
@@ -2303,16 +2297,16 @@ extern "C" int gpu_pages_needed(const GpuEngine *g, int slot, int n_new) {
 extern "C" int gpu_slot_len(const GpuEngine *g, int slot) { return g->kv.slot_len[slot]; }
 
 extern "C" void gpu_info(const GpuEngine *g, GpuInfo *info) {
-    info->n_pages = g->kv.geom.n_pages;
+    info->n_pages = g->kv.tg[0].n_pages;
     info->free_pages = g->kv.free_count;
-    info->page_bytes = g->kv.geom.page_bytes;
-    info->tokens_per_page = g->kv.geom.tpp;
+    info->page_bytes = g->kv.tg[0].page_bytes;
+    info->tokens_per_page = g->kv.tg[0].tpp;
     info->max_slots = g->max_slots;
     info->max_rows = g->max_rows;
     info->ctx = g->ctx;
     info->n_tiers = g->kv.n_tiers;
     info->tokens_per_page_low = g->kv.n_tiers > 1 ? g->kv.tg[1].tpp : 0;
-    info->table_width = g->kv.geom.width;
+    info->table_width = g->kv.tg[0].width;
 }
 
 /* a two-tier cache: slot starts a prompt of n_prompt tokens with these alphas (kv_begin) */
@@ -2504,9 +2498,9 @@ extern "C" void gpu_release(GpuEngine *g, int slot) {
         kv->slot_need[slot] = -1;
         return;
     }
-    int tpp = kv->geom.tpp, n_pg = (kv->slot_len[slot] + tpp - 1) / tpp;
+    int tpp = kv->tg[0].tpp, n_pg = (kv->slot_len[slot] + tpp - 1) / tpp;
     if (n_pg == 0) return;
-    kv_release<<<1, 1024, 0, st>>>(kv->free_ids, kv->ring, kv->table, slot, n_pg, kv->geom);
+    kv_release<<<1, 1024, 0, st>>>(kv->free_ids, kv->ring, kv->table, slot, n_pg, kv->tg[0]);
     LAUNCH_CHECK();
     kv->free_count += n_pg * g->c.n_layers * g->c.n_kv_heads;
     kv->slot_len[slot] = 0;
@@ -2616,8 +2610,8 @@ extern "C" int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_to
     LkvPageLayout L;
     GpuEngine e;
     memset(&e, 0, sizeof e);
-    e.kv.geom = test_geom(p, head_dim, n_tok, &L);
-    KvGeom *g = &e.kv.geom;
+    e.kv.tg[0] = test_geom(p, head_dim, n_tok, &L);
+    KvGeom *g = &e.kv.tg[0];
     e.c.n_heads = gq; e.c.n_kv_heads = 1; e.c.head_dim = head_dim;
     e.pages_per_split = pages_per_split;
     DeviceLayer layer;
@@ -2638,7 +2632,7 @@ extern "C" int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_to
     CUDA_CHECK(cudaMemcpy(e.kv.table, ids, g->width * sizeof(int), cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(e.s.rows, rows, sizeof rows, cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(e.s.q, q, (size_t)gq * head_dim * sizeof(float), cudaMemcpyHostToDevice));
-    e.attention = fn;
+    e.attention_t[0] = fn;
     e.stream = 0;
     attention(&e, 0, 1, n_tok, 0, NULL, NULL, e.s.o);
     uint16_t *oh = (uint16_t *)malloc((size_t)gq * head_dim * sizeof(uint16_t));
@@ -2672,7 +2666,7 @@ extern "C" void gpu_test_get_o(GpuEngine *g, float *o, int n_rows) {
 /* the page tables (n_layers * n_kv_heads, table_width) of slot, and, when pool is not NULL,
  * every page of the pool (n_pages * page_bytes) */
 extern "C" void gpu_test_cache(GpuEngine *g, int slot, int *tables, uint8_t *pool) {
-    KvGeom *kg = &g->kv.geom;
+    KvGeom *kg = &g->kv.tg[0];
     size_t heads = (size_t)g->c.n_layers * g->c.n_kv_heads;
     CUDA_CHECK(cudaMemcpy(tables, g->kv.table + slot * heads * kg->width,
                           heads * kg->width * sizeof(int), cudaMemcpyDeviceToHost));
@@ -2729,10 +2723,10 @@ extern "C" double gpu_bench_attention(LkvPrecision p, int head_dim, int n_heads,
     memset(&e, 0, sizeof e);
     e.c.n_heads = n_heads; e.c.n_kv_heads = n_kv_heads; e.c.head_dim = head_dim; e.c.n_layers = 1;
     CUDA_CHECK(cudaDeviceGetAttribute(&e.n_sms, cudaDevAttrMultiProcessorCount, 0));
-    e.attention = fn;
+    e.attention_t[0] = fn;
     CUDA_CHECK(cudaStreamCreateWithFlags(&e.stream, cudaStreamNonBlocking));
     LkvPageLayout L;
-    KvGeom *g = &e.kv.geom;
+    KvGeom *g = &e.kv.tg[0];
     *g = test_geom(p, head_dim, ctx, &L);
     g->n_kv_heads = n_kv_heads;
     int per_head = g->width;                       /* pages of one (sequence, KV head) */
