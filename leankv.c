@@ -2698,6 +2698,9 @@ static void free_batch(Batch *b) {
     free(b->logits);
 }
 
+/* sequences in flight, on average over the decode steps */
+static double mean_running(const Batch *b) { return b->n_steps ? b->sum_running / b->n_steps : 0.0; }
+
 static void print_summary(Batch *b, Request *reqs, int n, double wall) {
     long gen = 0, prompt = 0;
     int failed = 0;
@@ -2707,7 +2710,7 @@ static void print_summary(Batch *b, Request *reqs, int n, double wall) {
             "(mean %.1f), peak %d KV pages; %d preemptions\n", n, failed, prompt, gen, wall,
             b->n_prefill_tok / (b->t_prefill + 1e-9), b->n_decode_tok / (b->t_decode + 1e-9),
             (prompt + gen) / (wall + 1e-9), b->peak_running,
-            b->n_steps ? b->sum_running / b->n_steps : 0.0, b->peak_pages, b->preemptions);
+            mean_running(b), b->peak_pages, b->preemptions);
 }
 
 static void mode_serve(Model *m, const Options *o, int use_gpu) {
@@ -2825,7 +2828,7 @@ static void mode_bench(Model *m, const Options *o, int use_gpu) {
     double pf = b.n_prefill_tok / (b.t_prefill + 1e-9), dc = b.n_decode_tok / (b.t_decode + 1e-9);
     printf("bench: %s, %d requests, batch %d, prompt %d, generate %d\n",
            use_gpu ? "cuda" : "cpu", n, o->batch, o->prompt_len, o->gen_len);
-    double mean_seqs = b.n_steps ? b.sum_running / b.n_steps : 0.0;
+    double mean_seqs = mean_running(&b);
     printf("prefill %.1f tok/s, decode %.1f tok/s, total %.1f tok/s, peak %d sequences in flight "
            "(mean %.1f), peak %d KV pages, %d preemptions, %.2f s\n", pf, dc, (prompt + gen) / wall,
            b.peak_running, mean_seqs, b.peak_pages, b.preemptions, wall);
