@@ -2304,8 +2304,6 @@ extern "C" void gpu_info(const GpuEngine *g, GpuInfo *info) {
     info->max_slots = g->max_slots;
     info->max_rows = g->max_rows;
     info->ctx = g->ctx;
-    info->n_tiers = g->kv.n_tiers;
-    info->tokens_per_page_low = g->kv.n_tiers > 1 ? g->kv.tg[1].tpp : 0;
     info->table_width = g->kv.tg[0].width;
 }
 

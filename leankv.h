@@ -664,8 +664,6 @@ typedef struct {
     int max_slots;        /* sequences that can be held at once */
     int max_rows;         /* rows one forward pass can take (prefill chunk, decode batch) */
     int ctx;              /* tokens a slot can hold */
-    int n_tiers;          /* 1, or 2 for leankv's high and low tiers */
-    int tokens_per_page_low; /* low-tier tokens per page (two tiers) */
     int table_width;      /* page-table entries per (slot, layer, KV head) */
 } GpuInfo;
 
