@@ -12,7 +12,11 @@
  *   errors | model (weights upload, activations) | KV cache | forward | argmax | engine API
  *
  * Precision: weights and matrix inputs fp16, every accumulation fp32 (cuBLAS with fp32
- * compute), the residual stream fp32, logits fp32. */
+ * compute, or matvec for an engine of one or two sequences), the residual stream fp32, logits
+ * fp32.
+ *
+ * Launches: a decode step is a CUDA graph; its own kernels go out through launch_pdl, so that
+ * each may start while the one before finishes (programmatic dependent launch). */
 
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -49,6 +53,37 @@ static void cublas_check(cublasStatus_t s, const char *what, const char *file, i
     exit(1);
 }
 #define CUBLAS_CHECK(call) cublas_check((call), #call, __FILE__, __LINE__)
+
+/* Programmatic dependent launch (sm_90): a kernel launched by launch_pdl may start while the
+ * kernel before it is finishing, to run what does not depend on it (matvec fetches its weights).
+ * grid_wait() blocks until the kernel before has completed and its writes are visible; every
+ * kernel launched this way calls it before it reads what earlier kernels wrote, or writes what
+ * they read. grid_release(), called after grid_wait(), lets the next kernel start early: only
+ * two kernels overlap at a time. Both are no-ops in a kernel launched the plain way. */
+__device__ __forceinline__ void grid_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/* kernel<<<grid, block, smem, st>>>(args), marked as allowed to overlap the kernel before it
+ * when pdl is set (LEANKV_PDL=0 turns it off, to measure what it buys) */
+template <typename... Params, typename... Args>
+static void launch_pdl(int pdl, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                       cudaStream_t st, Args... args) {
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid; cfg.blockDim = block; cfg.dynamicSmemBytes = smem; cfg.stream = st;
+    cfg.attrs = &attr; cfg.numAttrs = pdl ? 1 : 0;
+    CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, ((Params)args)...));
+}
 
 static void *dmalloc(size_t bytes) {   /* device memory; only ever called from gpu_build */
     void *p = NULL;
@@ -100,6 +135,7 @@ typedef struct {
     int *next;         /* (max_rows) argmax of each logits row */
     int *h_rows;       /* (4, max_rows) pinned host staging for rows */
     int *h_next;       /* (max_rows) pinned host copy of next */
+    int *arrive;       /* (max_rows, n_kv_heads) attention_finish's counters, 0 between launches */
 } RunState;
 
 /* fp32 host values -> fp16 device buffer at dst, through the shared lkv_f2h */
@@ -187,6 +223,8 @@ static void build_runstate(RunState *s, const Config *c, int max_rows, int max_s
     s->xo = (__half *)dmalloc(R * D * sizeof(__half));
     s->logits = (float *)dmalloc(R * V * sizeof(float));
     s->next = (int *)dmalloc(R * sizeof(int));
+    s->arrive = (int *)dmalloc(R * c->n_kv_heads * sizeof(int));
+    CUDA_CHECK(cudaMemset(s->arrive, 0, R * c->n_kv_heads * sizeof(int)));
     CUDA_CHECK(cudaMallocHost(&s->h_rows, 4 * R * sizeof(int)));
     CUDA_CHECK(cudaMallocHost(&s->h_next, R * sizeof(int)));
 }
@@ -194,7 +232,7 @@ static void build_runstate(RunState *s, const Config *c, int max_rows, int max_s
 static void free_runstate(RunState *s) {
     cudaFree(s->rows); cudaFree(s->x); cudaFree(s->y); cudaFree(s->xb); cudaFree(s->qkv);
     cudaFree(s->q); cudaFree(s->o); cudaFree(s->att_part); cudaFree(s->gu); cudaFree(s->hb);
-    cudaFree(s->xo); cudaFree(s->logits); cudaFree(s->next);
+    cudaFree(s->xo); cudaFree(s->logits); cudaFree(s->next); cudaFree(s->arrive);
     cudaFreeHost(s->h_rows); cudaFreeHost(s->h_next);
 }
 
@@ -835,6 +873,8 @@ __device__ float block_sum(float v) {
 
 /* x[r] = tok_embeddings[token[r]] */
 __global__ void embed(float *x, const __half *emb, const int *row_token, int dim) {
+    grid_wait();
+    grid_release();
     const __half *e = emb + (size_t)row_token[blockIdx.x] * dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x)
         x[(size_t)blockIdx.x * dim + i] = __half2float(e[i]);
@@ -889,6 +929,126 @@ static void matmul(cublasHandle_t blas, float *y, const __half *x, const __half 
     CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, d, rows, n, &one, W, CUDA_R_16F, n,
                               x, CUDA_R_16F, n, &zero, y, CUDA_R_32F, d, CUBLAS_COMPUTE_32F,
                               CUBLAS_GEMM_DEFAULT));
+}
+
+/* Small engines (at most MATVEC_ROWS sequences: batch 1 above all): there a projection reads
+ * its weights for one or two rows and a step is ~150 launches long, so what counts is latency,
+ * not FLOPs. matvec is matmul for those rows, fused with the kernel before it and the residual
+ * add after it, cutting a layer from 9 launches to 5 (with attention_finish merging the splits,
+ * 4):
+ *   y[r] = W in[r]   or, with accumulate,   y[r] += W in[r]   (y = x: the residual add)
+ *   MV_HALF:   in = a fp16 row (the attention output o)
+ *   MV_NORM:   in = rmsnorm(x[r]) * w, rounded to fp16 as rmsnorm's xb is
+ *   MV_SWIGLU: in = silu(g) * u of gu's row, rounded to fp16 as swiglu's hb is
+ * One warp per output element; each lane fetches its n/256 16-byte pieces of the weight row
+ * before grid_wait(), so the weights stream while the kernel before is still finishing. Every
+ * block builds all rows of `in` in shared memory (a few KB, from L2). */
+#define MATVEC_ROWS 2          /* rows of a step this kernel serves (measured: at 4 rows, the
+                                  rows' inputs one after the other make it slower than cuBLAS) */
+#define MATVEC_CHUNKS 8        /* 16-byte weight pieces per lane: n <= 8 * 256 */
+#define MATVEC_THREADS 128
+enum { MV_HALF, MV_NORM, MV_SWIGLU };
+template <int IN>
+__global__ void __launch_bounds__(MATVEC_THREADS)
+matvec(float *y, int accumulate, const void *in, const float *norm_w, const __half *W, int rows,
+       int n, int d, float eps) {
+    extern __shared__ float xin[];   /* (rows, n) the inputs, as floats */
+    int lane = threadIdx.x % 32;
+    int i = blockIdx.x * (MATVEC_THREADS / 32) + threadIdx.x / 32;   /* output element */
+    uint4 w[MATVEC_CHUNKS];
+#pragma unroll
+    for (int k = 0; k < MATVEC_CHUNKS; k++) {   /* weights do not depend on earlier kernels */
+        int j = (k * 32 + lane) * 8;
+        if (i < d && j < n) w[k] = __ldg((const uint4 *)(W + (size_t)i * n + j));
+    }
+    grid_wait();
+    grid_release();
+    /* the inputs: every load of a row issued at once (4 float4 a thread at most), then used */
+    constexpr int PER = 256 * MATVEC_CHUNKS / 4 / MATVEC_THREADS;
+    int n4 = n / 4;
+    for (int r = 0; r < rows; r++) {
+        float4 a[PER], b[PER];
+#pragma unroll
+        for (int k = 0; k < PER; k++) {
+            int j = threadIdx.x + k * MATVEC_THREADS;
+            if (j >= n4) break;
+            if (IN == MV_HALF) {
+                uint2 h = ((const uint2 *)in)[(size_t)r * n4 + j];
+                float2 lo = __half22float2(*(__half2 *)&h.x), hi = __half22float2(*(__half2 *)&h.y);
+                a[k] = make_float4(lo.x, lo.y, hi.x, hi.y);
+            } else if (IN == MV_NORM) {
+                a[k] = ((const float4 *)in)[(size_t)r * n4 + j];
+            } else {   /* gu's row: g, then u */
+                a[k] = ((const float4 *)in)[(size_t)r * 2 * n4 + j];
+                b[k] = ((const float4 *)in)[(size_t)r * 2 * n4 + n4 + j];
+            }
+        }
+        float inv = 0.0f;
+        if (IN == MV_NORM) {
+            float ss = 0.0f;
+#pragma unroll
+            for (int k = 0; k < PER; k++)
+                if (threadIdx.x + k * MATVEC_THREADS < n4)
+                    ss += a[k].x * a[k].x + a[k].y * a[k].y + a[k].z * a[k].z + a[k].w * a[k].w;
+            inv = 1.0f / sqrtf(block_sum(ss) / n + eps);
+        }
+#pragma unroll
+        for (int k = 0; k < PER; k++) {
+            int j = threadIdx.x + k * MATVEC_THREADS;
+            if (j >= n4) break;
+            float v[4] = {a[k].x, a[k].y, a[k].z, a[k].w};
+            if (IN == MV_NORM) {
+                float4 nw = ((const float4 *)norm_w)[j];
+                float w4[4] = {nw.x, nw.y, nw.z, nw.w};
+#pragma unroll
+                for (int e = 0; e < 4; e++) v[e] = __half2float(__float2half_rn(w4[e] * (v[e] * inv)));
+            } else if (IN == MV_SWIGLU) {
+                float u[4] = {b[k].x, b[k].y, b[k].z, b[k].w};
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    v[e] = __half2float(__float2half_rn(v[e] / (1.0f + expf(-v[e])) * u[e]));
+            }
+            ((float4 *)(xin + r * n))[j] = make_float4(v[0], v[1], v[2], v[3]);
+        }
+    }
+    __syncthreads();
+    if (i >= d) return;
+    float acc[MATVEC_ROWS] = {};
+#pragma unroll
+    for (int k = 0; k < MATVEC_CHUNKS; k++) {
+        int j = (k * 32 + lane) * 8;
+        if (j >= n) break;
+        const __half2 *wh = (const __half2 *)&w[k];
+        float2 wf[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) wf[e] = __half22float2(wh[e]);
+#pragma unroll
+        for (int r = 0; r < MATVEC_ROWS; r++) {
+            if (r >= rows) break;
+            const float4 *xv = (const float4 *)(xin + r * n + j);
+            float4 a = xv[0], b = xv[1];
+            acc[r] += wf[0].x * a.x + wf[0].y * a.y + wf[1].x * a.z + wf[1].y * a.w +
+                      wf[2].x * b.x + wf[2].y * b.y + wf[3].x * b.z + wf[3].y * b.w;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < MATVEC_ROWS; r++) {
+        if (r >= rows) break;
+        float v = acc[r];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) y[(size_t)r * d + i] = accumulate ? y[(size_t)r * d + i] + v : v;
+    }
+}
+
+/* y (rows, d) (+)= W in, through matvec; see there for IN */
+template <int IN>
+static void matvec_launch(int pdl, cudaStream_t st, float *y, int accumulate, const void *in,
+                          const float *norm_w, const __half *W, int rows, int n, int d,
+                          float eps) {
+    int per_block = MATVEC_THREADS / 32;
+    launch_pdl(pdl, matvec<IN>, dim3((d + per_block - 1) / per_block), dim3(MATVEC_THREADS),
+               (size_t)rows * n * sizeof(float), st, y, accumulate, in, norm_w, W, rows, n, d,
+               eps);
 }
 
 /* RoPE for pair p of one head vector x (its biases xb, or NULL) at position pos: rotates
@@ -1111,6 +1271,9 @@ typedef struct {
     float *raw;         /* (rows, n_heads, raw_stride) scores of rows at pos >= raw_first, or NULL */
     int raw_first;
     int raw_stride;
+    int *arrive;        /* (rows, n_kv_heads) blocks done, or NULL: with splits, the last block
+                           of a (row, KV head) merges them (attention_finish); else
+                           attention_combine does, in a launch of its own */
 } AttTier;
 
 /* What block (split, KV head kvh = blockIdx.y, row r = blockIdx.z) attends: tokens
@@ -1135,6 +1298,11 @@ __device__ __forceinline__ AttRange attention_range(const int *row_slot, const i
     a.t_begin = split * pages_per_split * g.tpp;
     a.t_end = min(a.t_begin + pages_per_split * g.tpp, a.n);
     return a;
+}
+
+/* splits of pages_per_split pages that hold the n tokens of a head */
+__device__ __forceinline__ int attention_active(const KvGeom &g, int n, int pages_per_split) {
+    return n > 0 ? (n - 1) / (pages_per_split * g.tpp) + 1 : 0;
 }
 
 /* The queries of block (kvh, row r), rotated. In a decode step (qkv given: every row a
@@ -1204,6 +1372,74 @@ __device__ __forceinline__ void attention_merge(__half *o, float *part, const fl
     }
 }
 
+/* One warp merges the splits of one (row, head) from their partials pp (splits, head_dim + 2):
+ *   o = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M),  M = max_s m_s
+ * 32 splits at a time, lane j holding split j's weight, with the running max rescaling what
+ * came before (the online softmax again): every load of a tile is independent, so a long
+ * context's many splits cost a few memory latencies, not one per split. Returns (M, L); the
+ * output goes to o (head_dim fp16). Partials are read through L2 (__ldcg): other blocks wrote
+ * them. */
+__device__ float2 combine_warp(__half *o, const float *pp, int head_dim, int splits) {
+    int lane = threadIdx.x % 32, per = head_dim / 32;   /* channels per lane: 2 or 4 */
+    float M = -INFINITY, L = 0.0f, A[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int base = 0; base < splits; base += 32) {
+        int s = base + lane;
+        float ls = s < splits ? __ldcg(pp + (size_t)s * (head_dim + 2) + head_dim + 1) : 0.0f;
+        float ms = ls > 0.0f ? __ldcg(pp + (size_t)s * (head_dim + 2) + head_dim) : -INFINITY;
+        float Mt = ms;   /* splits past the row's last token have l = 0 and count for nothing */
+        for (int k = 16; k > 0; k >>= 1) Mt = fmaxf(Mt, __shfl_xor_sync(0xffffffffu, Mt, k));
+        float Mn = fmaxf(M, Mt);
+        if (Mn == -INFINITY) continue;   /* nothing seen yet */
+        float old = M == -INFINITY ? 0.0f : __expf(M - Mn);
+        float ws = ls > 0.0f ? __expf(ms - Mn) : 0.0f, lw = ls * ws;
+        for (int k = 16; k > 0; k >>= 1) lw += __shfl_xor_sync(0xffffffffu, lw, k);
+        L = L * old + lw;
+#pragma unroll
+        for (int e = 0; e < 4; e++) A[e] *= old;
+        int n = min(32, splits - base);
+#pragma unroll 8
+        for (int j = 0; j < n; j++) {
+            float wj = __shfl_sync(0xffffffffu, ws, j);
+            const float *acc = pp + (size_t)(base + j) * (head_dim + 2);
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                if (e < per) A[e] += wj * __ldcg(acc + e * 32 + lane);
+        }
+        M = Mn;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+        if (e < per) o[e * 32 + lane] = __float2half_rn(L > 0.0f ? A[e] / L : 0.0f);
+    return make_float2(M, L);
+}
+
+/* After a block has written its partials (splits > 1, at.arrive set): the last block of its
+ * (row, KV head) to arrive merges the gq heads' first `active` splits (those holding tokens;
+ * the blocks of the others wrote nothing) into o, which saves attention_combine's launch -- at
+ * batch 1 a decode step is launch-bound. The fence makes this block's partials visible before
+ * it counts itself; the counter goes back to 0 for the next launch. */
+template <int HD>
+__device__ __forceinline__ void attention_finish(__half *o, const float *part, int *arrive,
+                                                 int r, int kvh, int gq, int n_heads,
+                                                 int splits, int active) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    int *count = arrive + (size_t)r * gridDim.y + kvh;
+    if (threadIdx.x == 0) {
+        last = atomicAdd(count, 1) == splits - 1;
+        if (last) *count = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int h = threadIdx.x / 32; h < gq; h += blockDim.x / 32) {   /* a warp per head */
+        int head = kvh * gq + h;
+        combine_warp(o + ((size_t)r * n_heads + head) * HD,
+                     part + ((size_t)r * n_heads + head) * splits * (HD + 2), HD, active);
+    }
+}
+
 template <int HD, int GM, int KB, int VB>
 __device__ __forceinline__ void
 attention_block(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
@@ -1223,6 +1459,11 @@ attention_block(__half *o, float *part, const float *q, const float *qkv, const 
                                   at, split);
     int pos = ar.pos, n = ar.n, raw_at = ar.raw_at, t_begin = ar.t_begin, t_end = ar.t_end;
     size_t head_kv = ar.head_kv;
+    int active = attention_active(g, n, pages_per_split);
+    if (at.arrive && t_begin >= t_end) {   /* past the row's tokens (a decode graph spans ctx) */
+        attention_finish<HD>(o, part, at.arrive, r, kvh, gq, n_heads, splits, active);
+        return;
+    }
 
     __shared__ float q_sm[GM * HD];
     __shared__ float kv_sm[2 * HD];
@@ -1348,6 +1589,8 @@ attention_block(__half *o, float *part, const float *q, const float *qkv, const 
                             direct ? 0 : total, at.split_base + split);
         __syncthreads();   /* before the next head overwrites the shared arrays */
     }
+    if (at.arrive && !direct)
+        attention_finish<HD>(o, part, at.arrive, r, kvh, gq, n_heads, total, active);
 }
 
 /* ---- Decode attention on tensor cores: the fp16 cache, and code keys with one scale and zero
@@ -1451,15 +1694,33 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
     constexpr int KPW = 32 / KB;                                  /* key codes per word */
     int kvh = blockIdx.y, r = blockIdx.z;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
+    /* The split's page ids, staged in shared memory: a token's address then costs one global
+     * load (its data), not two (the table, then the data). One tier: rows, positions and
+     * tables were set before the kernel before this one ran, so this overlaps it (launch_pdl);
+     * two tiers: the per-head counts come from kv_write_token, just before. */
+    if (at.n_tok) { grid_wait(); grid_release(); }
     AttRange ar = attention_range(row_slot, row_pos, layer, g, n_heads, gq, pages_per_split,
                                   at, split);
     int pos = ar.pos, n = ar.n, raw_at = ar.raw_at, t_begin = ar.t_begin, t_end = ar.t_end;
     size_t head_kv = ar.head_kv;
+    extern __shared__ int att_pages[];   /* (pages_per_split) */
+    const int *tab = table + head_kv * g.width;
+    int flip = at.tier == LKV_LOW, p0 = split * pages_per_split;
+    int np = t_begin < t_end ? kv_page_index(g, t_end - 1) - p0 + 1 : 0;
+    for (int i = threadIdx.x; i < np; i += blockDim.x)
+        att_pages[i] = tab[flip ? g.width - 1 - (p0 + i) : p0 + i];
+    if (!at.n_tok) { grid_wait(); grid_release(); }
+    int active = attention_active(g, n, pages_per_split);
+    if (at.arrive && t_begin >= t_end) {   /* past the row's tokens (a decode graph spans ctx) */
+        attention_finish<HD>(o, part, at.arrive, r, kvh, gq, n_heads, splits, active);
+        return;
+    }
     __shared__ float q_sm[8 * HD];
     __shared__ float kv_sm[2 * HD];
     const float *qrow = attention_queries<HD>(q_sm, kv_sm, q, qkv, bqkv, cos_sin, style, pool,
                                               table, g, head_kv, pos, r, kvh, n_heads, gq,
                                               pages_per_split, at, split);
+    __syncthreads();   /* att_pages is complete (a prompt chunk's queries need no sync) */
 
     /* Q as A fragments, in the key codes' channel order: rows g (hi) and g + 8 (lo) of head g */
     uint32_t qa[KSTEPS][4];
@@ -1486,15 +1747,6 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
 #pragma unroll
     for (int j = 0; j < NTILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-    /* the split's page ids, staged in shared memory: a token's address then costs one global
-     * load (its data), not two (the table, then the data) */
-    extern __shared__ int att_pages[];   /* (pages_per_split) */
-    const int *tab = table + head_kv * g.width;
-    int flip = at.tier == LKV_LOW, p0 = split * pages_per_split;
-    int np = t_begin < t_end ? kv_page_index(g, t_end - 1) - p0 + 1 : 0;
-    for (int i = threadIdx.x; i < np; i += blockDim.x)
-        att_pages[i] = tab[flip ? g.width - 1 - (p0 + i) : p0 + i];
-    __syncthreads();
     /* one chunk's loads: keys of tokens g, g + 8; scales, zeros and values of 2t, 2t+1, 2t+8, 2t+9 */
     struct Chunk { uint32_t k[2][KW], v[4][VW], ksz[4], vsz[4]; };
     int whole = g.tpp % 16 == 0;   /* every chunk lies inside one page (splits start at pages) */
@@ -1654,6 +1906,8 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
                             direct ? 0 : total, at.split_base + split);
         __syncthreads();
     }
+    if (at.arrive && !direct)
+        attention_finish<HD>(o, part, at.arrive, r, kvh, gq, n_heads, total, active);
 }
 
 /* TC: on tensor cores (attention_mma; code keys, one scale/zero pair per vector, gq <= 8) */
@@ -1663,6 +1917,7 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
                 const float2 *cos_sin, int style, uint8_t *pool, const int *table,
                 const int *row_slot, const int *row_pos, int layer, KvGeom g, int n_heads,
                 int gq, int pages_per_split, AttTier at) {
+    if constexpr (!TC) { grid_wait(); grid_release(); }   /* attention_mma waits itself */
     if constexpr (TC)
         attention_mma<HD, KB, VB>(o, part, q, qkv, bqkv, cos_sin, style, pool, table, row_slot,
                                   row_pos, layer, g, n_heads, gq, pages_per_split, at,
@@ -1682,6 +1937,7 @@ attention_tiers(__half *o, float *part, const float *q, const float *qkv, const 
                 const float2 *cos_sin, int style, uint8_t *pool, const int *table,
                 const int *row_slot, const int *row_pos, int layer, KvGeom g0, KvGeom g1,
                 int n_heads, int gq, int pages_per_split, AttTier a0, AttTier a1) {
+    if constexpr (!TC) { grid_wait(); grid_release(); }   /* attention_mma waits itself */
     int s0 = a1.split_base;
     if ((int)blockIdx.x < s0) {
         if constexpr (TC)
@@ -1705,27 +1961,20 @@ attention_tiers(__half *o, float *part, const float *q, const float *qkv, const 
     }
 }
 
-/* o = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s, over the splits s of one
- * (row, head); one thread per channel. ml, if not NULL, gets (M, L = sum_s l_s e^(m_s - M)):
- * the softmax's max and sum, which turn kept scores into probabilities. */
+/* o from the splits' partials of one (row, head), one warp each (combine_warp).
+ * ml, if not NULL, gets (M, L): what turns kept scores into probabilities (two tiers, and
+ * prompt scores; other launches merge in attention_finish). */
 __global__ void attention_combine(__half *o, float *ml, const float *part, int n_heads,
                                   int head_dim, int splits) {
-    int head = blockIdx.x, r = blockIdx.y, c = threadIdx.x;
-    const float *pp = part + ((size_t)r * n_heads + head) * splits * (head_dim + 2);
-    float M = -INFINITY, L = 0.0f, A = 0.0f;
-    for (int s = 0; s < splits; s++)
-        if (pp[s * (head_dim + 2) + head_dim + 1] > 0.0f) M = fmaxf(M, pp[s * (head_dim + 2) + head_dim]);
-    for (int s = 0; s < splits; s++) {
-        const float *ps = pp + s * (head_dim + 2);
-        if (ps[head_dim + 1] == 0.0f) continue;   /* a split past the row's last token */
-        float w = __expf(ps[head_dim] - M);
-        L += ps[head_dim + 1] * w;
-        A += ps[c] * w;
-    }
-    o[((size_t)r * n_heads + head) * head_dim + c] = __float2half_rn(L > 0.0f ? A / L : 0.0f);
-    if (ml && c == 0) {
-        ml[((size_t)r * n_heads + head) * 2] = M;
-        ml[((size_t)r * n_heads + head) * 2 + 1] = L;
+    grid_wait();
+    grid_release();
+    int head = blockIdx.x, r = blockIdx.y;   /* one warp */
+    float2 ML = combine_warp(o + ((size_t)r * n_heads + head) * head_dim,
+                             part + ((size_t)r * n_heads + head) * splits * (head_dim + 2),
+                             head_dim, splits);
+    if (ml && threadIdx.x == 0) {
+        ml[((size_t)r * n_heads + head) * 2] = ML.x;
+        ml[((size_t)r * n_heads + head) * 2 + 1] = ML.y;
     }
 }
 
@@ -1743,6 +1992,7 @@ __global__ void swiglu(__half *hb, const float *gu, int rows, int hidden) {
 
 /* next[b] = the index of the largest logit of row b; ties go to the smaller index, as on the CPU */
 __global__ void argmax(int *next, const float *logits, int vocab) {
+    grid_wait();
     const float *x = logits + (size_t)blockIdx.x * vocab;
     float best = -INFINITY;
     int bi = vocab;
@@ -1810,6 +2060,11 @@ struct GpuEngine {
     int profile_step, steps;                /* LEANKV_PROFILE_STEP: profile that decode step */
     int prefill_slot;                       /* the slot gpu_prefill is running */
     int place_smem;                         /* kv_place_head's dynamic shared memory */
+    int pdl;                                /* launch_pdl overlaps kernels (LEANKV_PDL=0: off) */
+    int matvec;                             /* decode steps run matvec: an engine of at most
+                                               MATVEC_ROWS slots (LEANKV_MATVEC=0: cuBLAS). Per
+                                               engine, not per step, so that a request's output
+                                               never depends on how many others run with it */
     cudaStream_t stream;                    /* every launch and copy, in order */
     cublasHandle_t blas;
     void *blas_ws;                          /* cuBLAS workspace, set once so graphs can hold it */
@@ -1835,10 +2090,10 @@ static void launch_attention(GpuEngine *g, const AttCall *a) {
     RunState *s = &g->s;
     dim3 grid(a->splits, c->n_kv_heads, a->n_rows), block(ATT_THREADS(HD));
     size_t smem = TC ? g->pages_per_split * sizeof(int) : 0;   /* attention_mma's page ids */
-    attention_paged<HD, GM, KB, VB, TC><<<grid, block, smem, g->stream>>>(
-        a->o, s->att_part, s->q, a->qkv, a->bqkv, g->rope_cs, c->rope_style, g->kv.pool,
-        g->kv.table, s->row_slot, s->row_pos, a->layer, g->kv.tg[a->tier],
-        c->n_heads, c->n_heads / c->n_kv_heads, g->pages_per_split, a->at);
+    launch_pdl(g->pdl, attention_paged<HD, GM, KB, VB, TC>, grid, block, smem, g->stream,
+               a->o, s->att_part, s->q, a->qkv, a->bqkv, g->rope_cs, c->rope_style, g->kv.pool,
+               g->kv.table, s->row_slot, s->row_pos, a->layer, g->kv.tg[a->tier],
+               c->n_heads, c->n_heads / c->n_kv_heads, g->pages_per_split, a->at);
 }
 
 /* both tiers at once: a0 the high tier's, a1 the low's (a1.split_base = the high splits) */
@@ -1913,9 +2168,8 @@ static AttentionLaunch find_attention(int head_dim, int gq, LkvPrecision p) {
 
 static void combine(GpuEngine *g, int n_rows, int splits, __half *o, float *ml) {
     Config *c = &g->c;
-    attention_combine<<<dim3(c->n_heads, n_rows), c->head_dim, 0, g->stream>>>(
-        o, ml, g->s.att_part, c->n_heads, c->head_dim, splits);
-    LAUNCH_CHECK();
+    launch_pdl(g->pdl, attention_combine, dim3(c->n_heads, n_rows), dim3(32), 0,
+               g->stream, o, ml, g->s.att_part, c->n_heads, c->head_dim, splits);
 }
 
 /* Attention of n_rows rows (positions below att_ctx) into o. A decode step (decode = 1) ropes
@@ -1962,9 +2216,10 @@ static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int deco
     int scores = kv->n_tiers > 1 && !decode &&
                  att_ctx - 1 >= kv->h_policy[g->prefill_slot].first;
     if (scores) { a.at.raw = kv->raw; a.at.raw_first = kv->h_policy[g->prefill_slot].first; }
+    else if (a.splits > 1) a.at.arrive = g->s.arrive;   /* the last split's block merges */
     g->attention_t[0](g, &a);
     LAUNCH_CHECK();
-    if (a.splits > 1 || scores) combine(g, n_rows, a.splits, o, scores ? kv->ml : NULL);
+    if (scores) combine(g, n_rows, a.splits, o, kv->ml);
     if (scores) {
         kv_score_prefill<<<dim3(c->n_heads, (att_ctx + 255) / 256), 256, 0, g->stream>>>(
             kv->pscore, kv->raw, kv->ml, g->s.row_slot, g->s.row_pos, n_rows, kv->policy, layer,
@@ -2018,8 +2273,29 @@ static void forward(GpuEngine *g, int n_rows, int n_out, int att_ctx, int decode
     }
     int rms_t = rmsnorm_threads(D);
 
-    embed<<<n_rows, 256, 0, st>>>(s->x, w->tok_embeddings, s->row_token, D);
-    LAUNCH_CHECK();
+    launch_pdl(g->pdl, embed, dim3(n_rows), dim3(256), 0, st, s->x, w->tok_embeddings,
+               s->row_token, D);
+    if (decode && g->matvec) {
+        /* a small engine's decode step: four launches a layer, the residual added in place */
+        for (int l = 0; l < c->n_layers; l++) {
+            DeviceLayer *L = &w->layers[l];
+            /* x += Wo attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x) */
+            matvec_launch<MV_NORM>(g->pdl, st, s->qkv, 0, s->x, L->attn_norm, L->wqkv, n_rows,
+                                   D, QD + 2 * KVD, c->norm_eps);
+            attend(g, l, n_rows, att_ctx, decode, s->qkv, L->bqkv, s->o);
+            matvec_launch<MV_HALF>(g->pdl, st, s->x, 1, s->o, NULL, L->wo, n_rows, QD, D, 0.0f);
+            /* x += W2 (silu(W1 xn) * W3 xn), xn = rmsnorm(x) */
+            matvec_launch<MV_NORM>(g->pdl, st, s->gu, 0, s->x, L->ffn_norm, L->w13, n_rows, D,
+                                   2 * H, c->norm_eps);
+            matvec_launch<MV_SWIGLU>(g->pdl, st, s->x, 1, s->gu, NULL, L->w2, n_rows, H, D, 0.0f);
+        }
+        /* logits = Wout rmsnorm(x): every row is wanted in a decode step */
+        matvec_launch<MV_NORM>(g->pdl, st, s->logits, 0, s->x, w->norm, w->output, n_rows, D,
+                               c->vocab_size, c->norm_eps);
+        launch_pdl(g->pdl, argmax, dim3(n_rows), dim3(1024), 0, st, s->next, s->logits,
+                   c->vocab_size);
+        return;
+    }
     for (int l = 0; l < c->n_layers; l++) {
         DeviceLayer *L = &w->layers[l];
         /* attention block: x += Wo attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x);
@@ -2044,8 +2320,8 @@ static void forward(GpuEngine *g, int n_rows, int n_out, int att_ctx, int decode
     rmsnorm<<<n_out, rms_t, 0, st>>>(s->xo, s->x, s->y, w->norm, s->out_rows, D, c->norm_eps);
     LAUNCH_CHECK();
     matmul(g->blas, s->logits, s->xo, w->output, n_out, D, c->vocab_size);
-    argmax<<<n_out, 1024, 0, st>>>(s->next, s->logits, c->vocab_size);
-    LAUNCH_CHECK();
+    launch_pdl(g->pdl, argmax, dim3(n_out), dim3(1024), 0, st, s->next, s->logits,
+               c->vocab_size);
 }
 
 /* RoPE angles, once, on the host with the CPU rope's formulas: the GPU rotates by the very
@@ -2254,6 +2530,12 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
         CUDA_CHECK(cudaFuncSetAttribute(kv_place_head, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         g->place_smem));
     }
+    const char *e_pdl = getenv("LEANKV_PDL"), *e_mv = getenv("LEANKV_MATVEC");
+    g->pdl = !(e_pdl && !strcmp(e_pdl, "0"));
+    g->matvec = !(e_mv && !strcmp(e_mv, "0")) && max_slots <= MATVEC_ROWS && w &&
+                c->dim % 8 == 0 && c->hidden_dim % 8 == 0 &&
+                c->dim <= 256 * MATVEC_CHUNKS && c->hidden_dim <= 256 * MATVEC_CHUNKS &&
+                c->n_heads * c->head_dim <= 256 * MATVEC_CHUNKS;
     g->profile_step = getenv("LEANKV_PROFILE_STEP") ? atoi(getenv("LEANKV_PROFILE_STEP")) : -1;
     build_runstate(&g->s, c, g->max_rows, g->max_splits);
     CUDA_CHECK(cudaStreamSynchronize(g->stream));
@@ -2265,7 +2547,8 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
                 g->kv.tg[t].tpp, tiers[t].kbits, tiers[t].vbits, tiers[t].groups,
                 tiers[t].groups > 1 ? "s" : "",
                 100.0 * (kg->page_bytes - g->kv.layouts[t].used) / kg->page_bytes);
-    fprintf(stderr, "); %d slots of up to %d tokens\n", max_slots, ctx);
+    fprintf(stderr, "); %d slots of up to %d tokens; decode projections by %s\n", max_slots, ctx,
+            g->matvec ? "matvec" : "cuBLAS");
     return g;
 }
 
@@ -2626,6 +2909,8 @@ extern "C" int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_to
     e.s.q = (float *)dmalloc((size_t)gq * head_dim * sizeof(float));
     e.s.o = (__half *)dmalloc((size_t)gq * head_dim * sizeof(__half));
     e.s.att_part = (float *)dmalloc((size_t)gq * splits * (head_dim + 2) * sizeof(float));
+    e.s.arrive = (int *)dmalloc(sizeof(int));
+    CUDA_CHECK(cudaMemset(e.s.arrive, 0, sizeof(int)));
     CUDA_CHECK(cudaMemcpy(e.kv.pool, pages, bytes, cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(e.kv.table, ids, g->width * sizeof(int), cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(e.s.rows, rows, sizeof rows, cudaMemcpyHostToDevice));
@@ -2637,7 +2922,7 @@ extern "C" int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_to
     CUDA_CHECK(cudaMemcpy(oh, e.s.o, (size_t)gq * head_dim * sizeof(uint16_t), cudaMemcpyDeviceToHost));
     for (int i = 0; i < gq * head_dim; i++) o[i] = lkv_h2f(oh[i]);
     cudaFree(e.kv.pool); cudaFree(e.kv.table); cudaFree(e.s.rows); cudaFree(e.s.q);
-    cudaFree(e.s.o); cudaFree(e.s.att_part);
+    cudaFree(e.s.o); cudaFree(e.s.att_part); cudaFree(e.s.arrive);
     free(ids); free(oh);
     return 0;
 }
@@ -2747,6 +3032,8 @@ extern "C" double gpu_bench_attention(LkvPrecision p, int head_dim, int n_heads,
     e.s.q = (float *)dmalloc(batch * QD * sizeof(float));
     e.s.o = (__half *)dmalloc(batch * QD * sizeof(__half));
     e.s.att_part = (float *)dmalloc((size_t)batch * n_heads * splits * (head_dim + 2) * sizeof(float));
+    e.s.arrive = (int *)dmalloc((size_t)batch * n_kv_heads * sizeof(int));
+    CUDA_CHECK(cudaMemset(e.s.arrive, 0, (size_t)batch * n_kv_heads * sizeof(int)));
     CUDA_CHECK(cudaMemcpy(e.kv.table, ids, (size_t)g->n_pages * sizeof(int), cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(e.s.rows, rows, 4 * batch * sizeof(int), cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(e.s.q, q, batch * QD * sizeof(float), cudaMemcpyHostToDevice));
@@ -2770,7 +3057,7 @@ extern "C" double gpu_bench_attention(LkvPrecision p, int head_dim, int n_heads,
               lkv_code_bytes(head_dim, p.vbits) + lkv_sz_bytes(p.groups, p.vbits));
     cudaEventDestroy(e0); cudaEventDestroy(e1);
     cudaFree(e.kv.pool); cudaFree(e.kv.table); cudaFree(e.s.rows); cudaFree(e.s.q);
-    cudaFree(e.s.o); cudaFree(e.s.att_part); cudaStreamDestroy(e.stream);
+    cudaFree(e.s.o); cudaFree(e.s.att_part); cudaFree(e.s.arrive); cudaStreamDestroy(e.stream);
     free(ids); free(rows); free(q); free(ms);
     return med;
 }

@@ -15,6 +15,7 @@
  * MODEL is a model.bin, or "random" for random weights of SmolLM2-135M's shape (no file, no
  * tokenizer: enough for speed, and for GPU vs CPU since both run the same weights).
  * Options: --prompt-len N --gen-len N --batch N --requests N --chunk N --kv-mem MIB --runs N
+ *          --ctx N (bench: build the engine for N tokens, as the command line's 4096 default)
  *          --seed N --kv TYPE --kv-groups G --tol X --match N --tol-quant F (check: largest
  *          relative logit error, greedy steps that must agree, and for a quantized cache the
  *          largest mean error as a multiple of what quantization itself does to the CPU's) */
@@ -28,6 +29,7 @@ typedef struct {
     const char *mode, *model;
     int prompt_len, gen_len, batch, requests, chunk, runs;
     size_t kv_mem_mib;
+    int ctx;             /* bench: the engine's context, if more than prompt + generated */
     uint64_t seed;
     LkvPrecision kv;     /* --kv, --kv-groups */
     double tol;          /* check: the largest relative logit error that passes */
@@ -338,7 +340,10 @@ static int gpu_mode_bench(Model *m, const BenchOptions *o) {
     Config *c = &m->c;
     int B = o->batch, P = o->prompt_len, G = o->gen_len, R = o->requests ? o->requests : B;
     int chunk = P < o->chunk ? P : o->chunk;
-    GpuEngine *g = gpu_engine(m, o->kv, B, chunk, P + G, o->kv_mem_mib);
+    /* the context the engine is built for: what the run needs, or --ctx (the command line's
+     * default is 4096: a decode graph's attention spans it) */
+    int ctx = o->ctx > P + G ? o->ctx : P + G;
+    GpuEngine *g = gpu_engine(m, o->kv, B, chunk, ctx, o->kv_mem_mib);
     char name[256];
     gpu_available(name, sizeof name);
     double copy_gbs = gpu_copy_bandwidth();
@@ -838,6 +843,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--requests")) o.requests = (int)v;
         else if (!strcmp(argv[i], "--chunk")) o.chunk = (int)v;
         else if (!strcmp(argv[i], "--kv-mem")) o.kv_mem_mib = (size_t)v;
+        else if (!strcmp(argv[i], "--ctx")) o.ctx = (int)v;
         else if (!strcmp(argv[i], "--runs")) o.runs = (int)v;
         else if (!strcmp(argv[i], "--seed")) rng_state = (uint64_t)v * 2654435761u + 1;
         else die("unknown option %s", argv[i]);

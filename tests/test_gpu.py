@@ -69,6 +69,19 @@ def test_batch_equals_alone_and_preemption(bench, model):
     assert r.returncode == 0 and "batch: PASS" in r.stdout
 
 
+@pytest.mark.parametrize("kv", ["fp16", "k8v4"])
+def test_small_engine_batch_equals_alone(bench, kv):
+    """An engine of two slots runs its decode projections with matvec (not cuBLAS): two
+    requests decoded together give the same greedy tokens as each alone, there too. (Its
+    second pool, --kv-mem 64, is big enough that nothing is preempted: only the first line
+    counts.)"""
+    r = run([str(bench), "batch", models()[-1], "--requests", "2", "--prompt-len", "64",
+             "--gen-len", "32", "--chunk", "64", "--kv", kv, "--kv-mem", "64"])
+    assert "decode projections by matvec" in r.stderr
+    m = re.search(r"batched vs alone: (\d+) of 2 differ", r.stdout)
+    assert m and int(m.group(1)) == 0
+
+
 def test_quantized_pages_and_attention(bench):
     """For every cache type the GPU serves (fp16 and kXvY with X >= Y; 1, 2, 4 groups; head dims
     64 and 128): the device's write path gives pages byte-identical to the CPU's kv_store from
