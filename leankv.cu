@@ -934,8 +934,7 @@ static void matmul(cublasHandle_t blas, float *y, const __half *x, const __half 
 /* Small engines (at most MATVEC_ROWS sequences: batch 1 above all): there a projection reads
  * its weights for one or two rows and a step is ~150 launches long, so what counts is latency,
  * not FLOPs. matvec is matmul for those rows, fused with the kernel before it and the residual
- * add after it, cutting a layer from 9 launches to 5 (with attention_finish merging the splits,
- * 4):
+ * add after it; with attention_finish merging the splits, a layer takes 5 launches, not 9:
  *   y[r] = W in[r]   or, with accumulate,   y[r] += W in[r]   (y = x: the residual add)
  *   MV_HALF:   in = a fp16 row (the attention output o)
  *   MV_NORM:   in = rmsnorm(x[r]) * w, rounded to fp16 as rmsnorm's xb is
@@ -2276,7 +2275,7 @@ static void forward(GpuEngine *g, int n_rows, int n_out, int att_ctx, int decode
     launch_pdl(g->pdl, embed, dim3(n_rows), dim3(256), 0, st, s->x, w->tok_embeddings,
                s->row_token, D);
     if (decode && g->matvec) {
-        /* a small engine's decode step: four launches a layer, the residual added in place */
+        /* a small engine's decode step: five launches a layer, the residual added in place */
         for (int l = 0; l < c->n_layers; l++) {
             DeviceLayer *L = &w->layers[l];
             /* x += Wo attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x) */

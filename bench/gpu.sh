@@ -67,8 +67,9 @@ fi
 if [[ " $STAGES " == *" bench "* ]]; then
     for cfg in "256 512 256" "1 128 256" "64 512 256"; do
         set -- $cfg
+        # --ctx 4096: the command line's default context, which a decode graph's attention spans
         ./leankv-gpu-bench bench random --batch $1 --prompt-len $2 --gen-len $3 --runs 3 \
-            2>>"$OUT/bench.err" | tee -a "$OUT/bench.log" | grep -v '^{'
+            --ctx 4096 2>>"$OUT/bench.err" | tee -a "$OUT/bench.log" | grep -v '^{'
     done
     if [ -f models/smollm2-135m-instruct.bin ]; then
         ./leankv-gpu-bench bench models/smollm2-135m-instruct.bin --batch 256 --prompt-len 512 \
