@@ -2885,7 +2885,10 @@ static void usage(FILE *f) {
         "      --gen-len N     bench: generated tokens (default 128)\n"
         "      --prefill-chunk N  prompt tokens per CPU forward pass (64); 1 feeds them one by\n"
         "                      one, the path the chunked one is tested against\n"
-        "  -h, --help          this help\n");
+        "  -h, --help          this help\n"
+        "Environment, GPU, to measure one path against another: LEANKV_MATVEC=0 (cuBLAS, not\n"
+        "matvec, for an engine of --batch 1 or 2), LEANKV_PDL=0 (no overlapped launches),\n"
+        "LEANKV_ATT_SIMT=1 (no tensor cores in attention).\n");
 }
 
 static long parse_long(const char *s, const char *flag, long lo, long hi) {
