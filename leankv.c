@@ -487,9 +487,7 @@ static void free_model(Model *m) {
  *   then each decode step:
  *   kv_plan_step the decode case of every head (leankv.h 4c), before the step's attention
  *   kv_take_planned  the pages those cases need, all or nothing (several sequences at once)
- *   forward      kv_write_token carries the case out (kv_demote_planned, then the new
- *                token; the GPU demotes for every layer before the pass, and its attention
- *                kernel writes the new token); attention adds the GQA group's max
+ *   forward      kv_write_token carries the case out; attention adds the GQA group's max
  *                probability to every cached token's score
  *   kv_account   what it held at the end (for the report and --kv-map), then kv_release. */
 
@@ -820,27 +818,19 @@ static void kv_append(KVCache *kv, int hh, const float *k, const float *v, int p
     kv->n_seen[hh]++;
 }
 
-/* The first half of head hh's planned case (leankv.h 4c; no plan: an append): the demotion,
- * if any, and the new token's place, which it leaves in the plan -- {NONE, i, -1}: high-tier
- * slot i, L's or the end's (counted already). It needs nothing of the step's forward pass, so
- * the GPU does it for every layer at once before that pass (the kernel of the same name). */
-static void kv_demote_planned(KVCache *kv, int hh) {
-    int *pl = &kv->plan[hh * 3], *nt = &kv->n_tok[hh * LKV_MAX_TIERS];
-    int c = pl[0], L = pl[1], R = pl[2], append = c == LKV_CASE_NONE || c == LKV_CASE_APPEND;
-    if (c == LKV_CASE_SWAP) kv_demote(kv, hh, L, R);                    /* R is overwritten */
-    if (c == LKV_CASE_DEMOTE) kv_demote(kv, hh, L, nt[LKV_LOW]++);
-    pl[0] = LKV_CASE_NONE;
-    pl[1] = append ? nt[LKV_HIGH]++ : L;                                /* L's slot: new token */
-    pl[2] = -1;
-}
-
-/* Writes a decode step's new token into head hh as its planned case says: the demotion
- * (kv_demote_planned), then the key (after RoPE) and value into the slot it left. The pages
- * were taken by kv_take_planned. */
+/* Writes a decode step's new token into head hh as its planned case says (leankv.h 4c; no
+ * plan: an append). The pages were taken by kv_take_planned. */
 static void kv_write_token(KVCache *kv, int hh, const float *k, const float *v, int pos) {
-    kv_demote_planned(kv, hh);
-    kv_put(kv, hh, LKV_HIGH, kv->plan[hh * 3 + 1], k, v, 0.0f, pos);
-    kv->n_seen[hh]++;
+    int *pl = &kv->plan[hh * 3], *nt = &kv->n_tok[hh * LKV_MAX_TIERS];
+    int c = pl[0], L = pl[1], R = pl[2];
+    if (c == LKV_CASE_NONE || c == LKV_CASE_APPEND) { kv_append(kv, hh, k, v, pos); }
+    else {
+        if (c == LKV_CASE_SWAP) kv_demote(kv, hh, L, R);                /* R is overwritten */
+        if (c == LKV_CASE_DEMOTE) kv_demote(kv, hh, L, nt[LKV_LOW]++);
+        kv_put(kv, hh, LKV_HIGH, L, k, v, 0.0f, pos);                   /* L's slot: new token */
+        kv->n_seen[hh]++;
+    }
+    pl[0] = LKV_CASE_NONE;
 }
 
 /* ---- The tier policy (two-tier caches; leankv.h section 4c) */

@@ -501,14 +501,13 @@ __device__ void kv_store(uint8_t *codes, uint16_t *sz, const float *x, int d, in
     }
 }
 
-/* Writes one token's key (is_v 0, after RoPE) or value (is_v 1) x, at position pos, into
- * token i of head `head` (its high tier, from the table's left): the page is table[i / tpp],
- * the slot i % tpp. i is pos, but for a two-tier cache's decode step (the slot its case chose).
- * One warp; the key's warp also writes a tiered page's metadata (score 0, position). */
-__device__ void kv_append(uint8_t *pool, const int *table, const KvGeom &g, size_t head, int i,
-                          int pos, int is_v, const float *x, int head_dim, int lane) {
-    uint8_t *page = pool + (size_t)table[head * g.width + i / g.tpp] * g.page_bytes;
-    int slot = i % g.tpp, bits = is_v ? g.vbits : g.kbits;
+/* Appends one token's key (is_v 0, after RoPE) or value (is_v 1) x to head `head` at pos:
+ * the page is table[pos / tpp], the slot pos % tpp. One warp; the key's warp also writes the
+ * token's metadata (score 0, position). */
+__device__ void kv_append(uint8_t *pool, const int *table, const KvGeom &g, size_t head, int pos,
+                          int is_v, const float *x, int head_dim, int lane) {
+    uint8_t *page = pool + (size_t)table[head * g.width + pos / g.tpp] * g.page_bytes;
+    int slot = pos % g.tpp, bits = is_v ? g.vbits : g.kbits;
     uint8_t *codes = page + (is_v ? g.v_codes : g.k_codes) + (size_t)slot * lkv_code_bytes(head_dim, bits);
     uint16_t *sz = (uint16_t *)(page + (is_v ? g.v_sz : g.k_sz) +
                                 (size_t)slot * lkv_sz_bytes(g.groups, bits));
@@ -684,52 +683,6 @@ kv_plan_step(int *plan, int *row_need, uint8_t *pool, const int *table, KvGeom g
     int pages = lkv_case_pages(c, LKV_HIGH, n_tok[hh * 2], n_pg[hh * 2], g0.tpp) +
                 lkv_case_pages(c, LKV_LOW, n_tok[hh * 2 + 1], n_pg[hh * 2 + 1], g1.tpp);
     if (pages) atomicAdd(&row_need[r], pages);
-}
-
-/* The first half of every planned case (leankv.c kv_demote_planned), every layer of every row
- * at once, after the pages are taken and before the forward pass -- nothing in it waits for
- * the step's keys: SWAP and DEMOTE re-quantize L at the low precision (into R's slot, or a new
- * low slot); APPEND counts the new token in. Each head's plan is left as {NONE, i, -1}: the new
- * token goes to high-tier slot i, where the attention block whose split holds i writes it
- * (attention_queries). Block (layer * n_kv_heads + h, row), 64 threads: warp 0 keys, warp 1
- * values. */
-__global__ void __launch_bounds__(64)
-kv_demote_planned(uint8_t *pool, const int *table, KvGeom g0, KvGeom g1, int *n_tok, int *plan,
-                  const int *row_slot, const int *row_pos, int head_dim) {
-    __shared__ float old[2 * 128];   /* L's (k, v), dequantized; head_dim <= 128 */
-    __shared__ float old_score;
-    __shared__ int old_pos;
-    int r = blockIdx.y, tid = threadIdx.x;
-    if (row_pos[r] < 0) return;
-    size_t hh = (size_t)row_slot[r] * (g0.n_layers * g0.n_kv_heads) + blockIdx.x;
-    int c = plan[hh * 3], L = plan[hh * 3 + 1], R = plan[hh * 3 + 2];
-    int nh = n_tok[hh * 2], nl = n_tok[hh * 2 + 1], s;
-    int demote = c == LKV_CASE_SWAP || c == LKV_CASE_DEMOTE;
-    int append = c == LKV_CASE_NONE || c == LKV_CASE_APPEND;
-    if (demote) {   /* L, dequantized exactly as the CPU's kv_get */
-        const uint8_t *page = kv_page(pool, table, g0, hh, LKV_HIGH, L, &s);
-        for (int j = tid; j < 2 * head_dim; j += blockDim.x)
-            old[j] = kv_load_at(page, g0, s, j >= head_dim, head_dim, j % head_dim);
-        if (tid == 0) {
-            old_score = ((const float *)(page + g0.scores))[s];
-            old_pos = ((const int *)(page + g0.pos))[s];
-        }
-        __syncthreads();   /* old is complete */
-        int warp = tid / 32, lane = tid % 32;
-        uint8_t *low = kv_page(pool, table, g1, hh, LKV_LOW, c == LKV_CASE_SWAP ? R : nl, &s);
-        kv_put_vec(low, g1, s, warp, old + warp * head_dim, head_dim, lane);
-        if (tid == 0) {
-            ((float *)(low + g1.scores))[s] = old_score;
-            ((int *)(low + g1.pos))[s] = old_pos;
-        }
-    }
-    if (tid == 0) {
-        if (append) n_tok[hh * 2] = nh + 1;
-        if (c == LKV_CASE_DEMOTE) n_tok[hh * 2 + 1] = nl + 1;
-        plan[hh * 3] = LKV_CASE_NONE;
-        plan[hh * 3 + 1] = append ? nh : L;
-        plan[hh * 3 + 2] = -1;
-    }
 }
 
 /* Significance at a decode step (section 3): every cached token of each (row, KV head) gains
@@ -1161,8 +1114,61 @@ __global__ void rope(float *q, uint8_t *pool, const float *qkv, const float *bqk
     __syncthreads();
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int vec = warp; vec < 2 * n_kv; vec += blockDim.x / 32)
-        kv_append(pool, table, g, kv_head(g, row_slot[r], layer, vec / 2), pos, pos, vec % 2,
+        kv_append(pool, table, g, kv_head(g, row_slot[r], layer, vec / 2), pos, vec % 2,
                   kv_sm + vec * head_dim, head_dim, lane);
+}
+
+/* Writes a decode step's new token into each (row, KV head) as its planned case says
+ * (leankv.c kv_write_token): SWAP and DEMOTE first re-quantize L at the low precision (into R's
+ * slot, or a new low slot), then the new key (rotated) and value take L's slot; APPEND puts
+ * them at the end of the high tier. Block (KV head, row), 64 threads: warp 0 keys, warp 1 values. */
+__global__ void __launch_bounds__(64)
+kv_write_token(uint8_t *pool, const int *table, KvGeom g0, KvGeom g1, int *n_tok, int *plan,
+               const float *qkv, const float *bqkv, const float2 *cos_sin, int style,
+               const int *row_slot, const int *row_pos, int layer, int n_heads, int head_dim) {
+    __shared__ float nw[2 * 128], old[2 * 128];   /* new and demoted (k, v); head_dim <= 128 */
+    __shared__ float old_score;
+    __shared__ int old_pos;
+    int kvh = blockIdx.x, r = blockIdx.y, pos = row_pos[r], tid = threadIdx.x;
+    if (pos < 0) return;
+    size_t hh = kv_head(g0, row_slot[r], layer, kvh);
+    int QD = n_heads * head_dim, KVD = g0.n_kv_heads * head_dim;
+    const float *in = qkv + (size_t)r * (QD + 2 * KVD);
+    int ko = QD + kvh * head_dim, vo = QD + KVD + kvh * head_dim;
+    kv_rotate_head(nw, in + ko, in + vo, bqkv ? bqkv + ko : NULL, bqkv ? bqkv + vo : NULL,
+                   cos_sin, pos, head_dim, style, tid, blockDim.x);
+    int c = plan[hh * 3], L = plan[hh * 3 + 1], R = plan[hh * 3 + 2];
+    int nh = n_tok[hh * 2], nl = n_tok[hh * 2 + 1], s;
+    int demote = c == LKV_CASE_SWAP || c == LKV_CASE_DEMOTE;
+    if (demote) {   /* L, dequantized exactly as the CPU's kv_get */
+        const uint8_t *page = kv_page(pool, table, g0, hh, LKV_HIGH, L, &s);
+        for (int j = tid; j < 2 * head_dim; j += blockDim.x)
+            old[j] = kv_load_at(page, g0, s, j >= head_dim, head_dim, j % head_dim);
+        if (tid == 0) {
+            old_score = ((const float *)(page + g0.scores))[s];
+            old_pos = ((const int *)(page + g0.pos))[s];
+        }
+    }
+    __syncthreads();   /* nw and old are complete */
+    int warp = tid / 32, lane = tid % 32;
+    if (demote) {
+        uint8_t *page = kv_page(pool, table, g1, hh, LKV_LOW, c == LKV_CASE_SWAP ? R : nl, &s);
+        kv_put_vec(page, g1, s, warp, old + warp * head_dim, head_dim, lane);
+        if (tid == 0) {
+            ((float *)(page + g1.scores))[s] = old_score;
+            ((int *)(page + g1.pos))[s] = old_pos;
+        }
+    }
+    int append = c == LKV_CASE_NONE || c == LKV_CASE_APPEND;
+    uint8_t *page = kv_page(pool, table, g0, hh, LKV_HIGH, append ? nh : L, &s);
+    kv_put_vec(page, g0, s, warp, nw + warp * head_dim, head_dim, lane);
+    if (tid == 0) {
+        ((float *)(page + g0.scores))[s] = 0.0f;
+        ((int *)(page + g0.pos))[s] = pos;
+        if (append) n_tok[hh * 2] = nh + 1;
+        if (c == LKV_CASE_DEMOTE) n_tok[hh * 2 + 1] = nl + 1;
+        plan[hh * 3] = LKV_CASE_NONE;
+    }
 }
 
 /* What one thread loads of a token's key or value: the codes of its CH channels (8 or 16). */
@@ -1267,8 +1273,6 @@ typedef struct {
     int *arrive;        /* (rows, n_kv_heads) blocks done, or NULL: with splits, the last block
                            of a (row, KV head) merges them (attention_finish); else
                            attention_combine does, in a launch of its own */
-    const int *plan;    /* a two-tier decode step's high tier: (heads, 3) plans, whose [1] is
-                           the new token's slot (kv_demote_planned); else NULL */
 } AttTier;
 
 /* What block (split, KV head kvh = blockIdx.y, row r = blockIdx.z) attends: tokens
@@ -1321,10 +1325,9 @@ attention_queries(float *q_sm, float *kv_sm, const float *q, const float *qkv, c
             q_sm[off - kvh * gq * HD + a] = y0;
             q_sm[off - kvh * gq * HD + b] = y1;
         }
-        /* the block whose split holds the new token's slot writes it: one tier, token pos;
-         * two tiers, the high-tier slot of the head's plan (the low tier's blocks, none) */
-        int i = at.n_tok ? (at.plan ? at.plan[head_kv * 3 + 1] : -1) : pos;
-        int mine = pos >= 0 && i >= 0 && kv_page_index(g, i) / pages_per_split == split;
+        /* one tier: the block whose split holds the new token writes it (two tiers:
+         * kv_write_token has, before this launch) */
+        int mine = !at.n_tok && pos >= 0 && kv_page_index(g, pos) / pages_per_split == split;
         int ko = QD + kvh * HD, vo = QD + KVD + kvh * HD;
         if (mine)
             kv_rotate_head(kv_sm, in + ko, in + vo, bqkv ? bqkv + ko : NULL,
@@ -1332,7 +1335,7 @@ attention_queries(float *q_sm, float *kv_sm, const float *q, const float *qkv, c
                            blockDim.x);
         __syncthreads();
         if (mine && threadIdx.x < 64)   /* warp 0 stores the key, warp 1 the value */
-            kv_append(pool, table, g, head_kv, i, pos, threadIdx.x / 32,
+            kv_append(pool, table, g, head_kv, pos, threadIdx.x / 32,
                       kv_sm + (threadIdx.x / 32) * HD, HD, threadIdx.x % 32);
         __syncthreads();   /* q_sm is complete and the new K, V are in the page */
         return q_sm;
@@ -1433,73 +1436,6 @@ __device__ __forceinline__ void attention_finish(__half *o, const float *part, i
         int head = kvh * gq + h;
         combine_warp(o + ((size_t)r * n_heads + head) * HD,
                      part + ((size_t)r * n_heads + head) * splits * (HD + 2), HD, active);
-    }
-}
-
-/* attention_finish for both tiers of a decode step (attention_tiers), which also adds the
- * step's significance (section 3) as kv_score_decode does, where the paper's kernel does it:
- * the last block of a (row, KV head) knows each query head's max M and sum L once it has
- * merged the splits, so every cached token of the head -- both tiers, high then low, as in
- * raw -- gains max over the GQA group of exp(s - M) / L, from the scores s the blocks kept.
- * That saves two launches a layer (attention_combine, kv_score_decode). */
-template <int HD>
-__device__ void attention_finish_tiers(__half *o, const float *part, int *arrive, int r,
-                                       int kvh, int gq, int n_heads, int splits, uint8_t *pool,
-                                       const int *table, const KvGeom &g0, const KvGeom &g1,
-                                       const AttTier &at, const int *row_slot, int layer) {
-    __shared__ int last;
-    __shared__ float2 ml_sm[8];   /* (gq) each query head's (M, L) */
-    __threadfence();
-    __syncthreads();
-    int *count = arrive + (size_t)r * gridDim.y + kvh;
-    if (threadIdx.x == 0) {
-        last = atomicAdd(count, 1) == splits - 1;
-        if (last) *count = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int h = threadIdx.x / 32; h < gq; h += blockDim.x / 32) {   /* a warp per head */
-        int head = kvh * gq + h;
-        float2 ml = combine_warp(o + ((size_t)r * n_heads + head) * HD,
-                                 part + ((size_t)r * n_heads + head) * splits * (HD + 2), HD,
-                                 splits);
-        if (threadIdx.x % 32 == 0) ml_sm[h] = ml;
-    }
-    __syncthreads();
-    size_t hh = kv_head(g0, row_slot[r], layer, kvh);
-    int nh = at.n_tok[hh * 2], n = nh + at.n_tok[hh * 2 + 1];
-    const float *rr = at.raw + ((size_t)r * n_heads + kvh * gq) * at.raw_stride;
-    /* one block walks all of the head's tokens, so it is latency-bound: a thread takes U
-     * tokens at once and each kind of load goes out for all U together */
-    constexpr int U = 8;
-    for (int t0 = threadIdx.x; t0 < n; t0 += U * blockDim.x) {
-        float mx[U], old[U], *score[U];
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            int t = t0 + u * blockDim.x, s, tier = t < nh ? LKV_HIGH : LKV_LOW;
-            const KvGeom &g = tier ? g1 : g0;
-            score[u] = t < n ? (float *)(kv_page(pool, table, g, hh, tier, tier ? t - nh : t, &s) +
-                                         g.scores) + s
-                             : NULL;
-            mx[u] = 0.0f;
-        }
-        for (int h = 0; h < gq; h++) {
-            float raw[U];
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                int t = t0 + u * blockDim.x;
-                raw[u] = t < n ? __ldcg(rr + (size_t)h * at.raw_stride + t) : -INFINITY;
-            }
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                mx[u] = fmaxf(mx[u], __expf(raw[u] - ml_sm[h].x) / ml_sm[h].y);
-        }
-#pragma unroll
-        for (int u = 0; u < U; u++) old[u] = score[u] ? *score[u] : 0.0f;
-#pragma unroll
-        for (int u = 0; u < U; u++)
-            if (score[u]) *score[u] = old[u] + mx[u];
     }
 }
 
@@ -1758,9 +1694,10 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
     int kvh = blockIdx.y, r = blockIdx.z;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
     /* The split's page ids, staged in shared memory: a token's address then costs one global
-     * load (its data), not two (the table, then the data). Rows, positions, tables and a
-     * two-tier head's counts (kv_demote_planned) were set before the kernel before this one
-     * ran, so this overlaps it (launch_pdl). */
+     * load (its data), not two (the table, then the data). One tier: rows, positions and
+     * tables were set before the kernel before this one ran, so this overlaps it (launch_pdl);
+     * two tiers: the per-head counts come from kv_write_token, just before. */
+    if (at.n_tok) { grid_wait(); grid_release(); }
     AttRange ar = attention_range(row_slot, row_pos, layer, g, n_heads, gq, pages_per_split,
                                   at, split);
     int pos = ar.pos, n = ar.n, raw_at = ar.raw_at, t_begin = ar.t_begin, t_end = ar.t_end;
@@ -1771,8 +1708,7 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
     int np = t_begin < t_end ? kv_page_index(g, t_end - 1) - p0 + 1 : 0;
     for (int i = threadIdx.x; i < np; i += blockDim.x)
         att_pages[i] = tab[flip ? g.width - 1 - (p0 + i) : p0 + i];
-    grid_wait();
-    grid_release();
+    if (!at.n_tok) { grid_wait(); grid_release(); }
     int active = attention_active(g, n, pages_per_split);
     if (at.arrive && t_begin >= t_end) {   /* past the row's tokens (a decode graph spans ctx) */
         attention_finish<HD>(o, part, at.arrive, r, kvh, gq, n_heads, splits, active);
@@ -1993,15 +1929,13 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
 
 /* Both tiers of a two-tier decode step in one launch (leankv's default pair, k8v4 and k4v2):
  * blocks [0, s0) read the high tier's splits, the rest the low tier's, so the two overlap on the
- * GPU instead of running one after the other; with `arrive` ((rows, n_kv_heads) counters) the
- * last block of each (row, KV head) merges the splits and adds the step's significance
- * (attention_finish_tiers). */
+ * GPU instead of running one after the other. */
 template <int HD, int GM, int KB0, int VB0, int KB1, int VB1, bool TC>
 __global__ void __launch_bounds__(ATT_THREADS(HD), HD == 64 && GM <= 4 ? ATT_BLOCKS_PER_SM : 1)
 attention_tiers(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
                 const float2 *cos_sin, int style, uint8_t *pool, const int *table,
                 const int *row_slot, const int *row_pos, int layer, KvGeom g0, KvGeom g1,
-                int n_heads, int gq, int pages_per_split, AttTier a0, AttTier a1, int *arrive) {
+                int n_heads, int gq, int pages_per_split, AttTier a0, AttTier a1) {
     if constexpr (!TC) { grid_wait(); grid_release(); }   /* attention_mma waits itself */
     int s0 = a1.split_base;
     if ((int)blockIdx.x < s0) {
@@ -2024,9 +1958,6 @@ attention_tiers(__half *o, float *part, const float *q, const float *qkv, const 
                                               pages_per_split, a1, blockIdx.x - s0,
                                               gridDim.x - s0);
     }
-    if (arrive)
-        attention_finish_tiers<HD>(o, part, arrive, blockIdx.z, blockIdx.y, gq, n_heads,
-                                   gridDim.x, pool, table, g0, g1, a0, row_slot, layer);
 }
 
 /* o from the splits' partials of one (row, head), one warp each (combine_warp).
@@ -2174,7 +2105,7 @@ static void launch_tiers(GpuEngine *g, const AttCall *a, const AttTier *at) {
     attention_tiers<HD, GM, 8, 4, 4, 2, TC><<<grid, block, smem, g->stream>>>(
         a->o, s->att_part, s->q, a->qkv, a->bqkv, g->rope_cs, c->rope_style, g->kv.pool,
         g->kv.table, s->row_slot, s->row_pos, a->layer, g->kv.tg[0], g->kv.tg[1], c->n_heads,
-        c->n_heads / c->n_kv_heads, g->pages_per_split, at[0], at[1], s->arrive);
+        c->n_heads / c->n_kv_heads, g->pages_per_split, at[0], at[1]);
 }
 typedef void (*PairLaunch)(GpuEngine *, const AttCall *, const AttTier *);
 static const PairLaunch pair_kernels[2][5] = {
@@ -2243,9 +2174,8 @@ static void combine(GpuEngine *g, int n_rows, int splits, __half *o, float *ml) 
 /* Attention of n_rows rows (positions below att_ctx) into o. A decode step (decode = 1) ropes
  * its queries inside the kernel; a prompt chunk's are in s->q already.
  *   one tier: one launch, plus attention_combine when split
- *   two tiers, decode: the head's own tokens of each tier, at its own precision; leankv's
- *     pair in one launch that also merges and adds the significance (attention_tiers), other
- *     pairs a launch per tier, then attention_combine and kv_score_decode
+ *   two tiers, decode: a launch per tier over the head's own tokens of that tier, at its own
+ *     precision, both writing partials that attention_combine merges; then kv_score_decode
  *   two tiers, a prompt chunk holding counted rows: the scores are kept, and kv_score_prefill
  *     adds the rows' probabilities to the prompt sums */
 static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int decode,
@@ -2261,19 +2191,15 @@ static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int deco
         int total = g->splits_t[0] + g->splits_t[1];
         AttTier at[2];
         for (int t = 0; t < 2; t++)
-            at[t] = (AttTier){kv->n_tok, t, t ? g->splits_t[0] : 0, total, kv->raw, 0, g->ctx,
-                              NULL, t == LKV_HIGH ? kv->plan : NULL};
-        if (g->attention_pair) {   /* one launch for both, which merges and scores too */
-            g->attention_pair(g, &a, at);
-            LAUNCH_CHECK();
-            return;
-        }
-        for (int t = 0; t < 2; t++) {
-            a.tier = t;
-            a.splits = g->splits_t[t];
-            a.at = at[t];
-            g->attention_t[t](g, &a);
-        }
+            at[t] = (AttTier){kv->n_tok, t, t ? g->splits_t[0] : 0, total, kv->raw, 0, g->ctx};
+        if (g->attention_pair) g->attention_pair(g, &a, at);   /* one launch for both */
+        else
+            for (int t = 0; t < 2; t++) {
+                a.tier = t;
+                a.splits = g->splits_t[t];
+                a.at = at[t];
+                g->attention_t[t](g, &a);
+            }
         LAUNCH_CHECK();
         combine(g, n_rows, total, o, kv->ml);
         kv_score_decode<<<dim3(c->n_kv_heads, n_rows, (g->ctx + 255) / 256), 256, 0, g->stream>>>(
@@ -2302,8 +2228,8 @@ static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int deco
 }
 
 /* The attention block of layer l from the projected rows qkv to o: RoPE, the new keys and
- * values into the cache (a prompt chunk: rope; a decode step: inside the attention kernel, in
- * the slot kv_demote_planned chose on a two-tier cache), then attention. */
+ * values into the cache (a prompt chunk: rope; a decode step: inside attention_paged, or
+ * kv_write_token's tier cases on a two-tier cache), then attention. */
 static void attend(GpuEngine *g, int l, int n_rows, int att_ctx, int decode, const float *qkv,
                    const float *bqkv, __half *o) {
     Config *c = &g->c;
@@ -2316,6 +2242,11 @@ static void attend(GpuEngine *g, int l, int n_rows, int att_ctx, int decode, con
         rope<<<n_rows, rope_t, 2 * KVD * sizeof(float), g->stream>>>(
             s->q, kv->pool, qkv, bqkv, g->rope_cs, kv->table, s->row_slot, s->row_pos, l,
             kv->tg[0], c->n_heads, hd, c->rope_style);
+        LAUNCH_CHECK();
+    } else if (kv->n_tiers > 1) {
+        kv_write_token<<<dim3(c->n_kv_heads, n_rows), 64, 0, g->stream>>>(
+            kv->pool, kv->table, kv->tg[0], kv->tg[1], kv->n_tok, kv->plan, qkv, bqkv, g->rope_cs,
+            c->rope_style, s->row_slot, s->row_pos, l, c->n_heads, hd);
         LAUNCH_CHECK();
     }
     attention(g, l, n_rows, att_ctx, decode, qkv, bqkv, o);
@@ -2474,10 +2405,6 @@ static void decode_step(GpuEngine *g, int rows) {
             kv->tg[0].tpp, kv->tg[1].tpp);
         LAUNCH_CHECK();
         kv_apply(g, 1);
-        kv_demote_planned<<<dim3(heads, rows), 64, 0, g->stream>>>(
-            kv->pool, kv->table, kv->tg[0], kv->tg[1], kv->n_tok, kv->plan, g->s.row_slot,
-            g->s.row_pos, g->c.head_dim);
-        LAUNCH_CHECK();
     } else reserve(g, rows);
     forward(g, rows, rows, g->ctx, 1);
 }
@@ -2908,7 +2835,7 @@ __global__ void kv_store_test(uint8_t *pool, const int *table, KvGeom g, const f
                               const float *v, int head_dim) {
     int pos = blockIdx.x, is_v = threadIdx.x / 32;
     const float *x = (is_v ? v : k) + (size_t)pos * head_dim;
-    kv_append(pool, table, g, 0, pos, pos, is_v, x, head_dim, threadIdx.x % 32);
+    kv_append(pool, table, g, 0, pos, is_v, x, head_dim, threadIdx.x % 32);
 }
 
 static KvGeom test_geom(LkvPrecision p, int head_dim, int n_tok, LkvPageLayout *L) {
