@@ -518,6 +518,67 @@ __device__ void kv_append(uint8_t *pool, const int *table, const KvGeom &g, size
     }
 }
 
+/* kv_store for one vector of HD channels in one group at BITS bits, into img (its codes as a
+ * page lays them out) and *img_sz (scale | zero << 16), by one warp, with the arithmetic of
+ * lkv_quantize (so the same bytes as the CPU's): each lane holds HD / 32 consecutive channels,
+ * min and max go round by shuffles, and the lanes whose codes share a 32-bit word OR them
+ * together -- no loop over bytes, so a decode step's new token costs a few hundred cycles. */
+template <int HD, int BITS>
+__device__ __forceinline__ void kv_quantize_warp(const float *x, uint32_t *img, uint32_t *img_sz,
+                                                 int lane) {
+    constexpr int CPL = HD / 32;   /* channels a lane: 2 or 4 */
+    float v[CPL];
+#pragma unroll
+    for (int c = 0; c < CPL; c++) v[c] = x[lane * CPL + c];
+    if constexpr (BITS == 16) {
+#pragma unroll
+        for (int c = 0; c < CPL; c += 2)
+            img[(lane * CPL + c) / 2] = lkv_f2h(v[c]) | (uint32_t)lkv_f2h(v[c + 1]) << 16;
+    } else {
+        float mn = v[0], mx = v[0];
+#pragma unroll
+        for (int c = 1; c < CPL; c++) { mn = fminf(mn, v[c]); mx = fmaxf(mx, v[c]); }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        }
+        uint16_t sh, zh;
+        lkv_quant_params(mn, mx, BITS, &sh, &zh);
+        if (lane == 0) *img_sz = sh | (uint32_t)zh << 16;
+        float scale = lkv_h2f(sh), zero = lkv_h2f(zh);
+        uint32_t w = 0;   /* channel j's code sits at bit j BITS of the vector (low bits first) */
+#pragma unroll
+        for (int c = 0; c < CPL; c++) w |= (uint32_t)lkv_quant_code(v[c], scale, zero, BITS) << (c * BITS);
+        constexpr int LB = CPL * BITS, LPW = 32 / LB;   /* bits a lane; lanes a word */
+        w <<= (lane % LPW) * LB;
+#pragma unroll
+        for (int o = 1; o < LPW; o <<= 1) w |= __shfl_xor_sync(0xffffffffu, w, o);
+        if (lane % LPW == 0) img[lane / LPW] = w;
+    }
+}
+
+/* kv_append through shared memory: the vector is quantized into img and img_sz
+ * (kv_quantize_warp), which the caller reads back instead of the page, and the warp then
+ * copies them into the page. One warp. */
+template <int HD, int BITS>
+__device__ void kv_append_image(uint32_t *img, uint32_t *img_sz, uint8_t *pool, const int *table,
+                                const KvGeom &g, size_t head, int pos, int is_v, const float *x,
+                                int lane) {
+    constexpr int CW = HD * BITS / 32;   /* code words */
+    kv_quantize_warp<HD, BITS>(x, img, img_sz, lane);
+    __syncwarp();
+    uint8_t *page = pool + (size_t)table[head * g.width + pos / g.tpp] * g.page_bytes;
+    int slot = pos % g.tpp;
+    uint32_t *codes = (uint32_t *)(page + (is_v ? g.v_codes : g.k_codes)) + (size_t)slot * CW;
+    for (int j = lane; j < CW; j += 32) codes[j] = img[j];
+    if (BITS < 16 && lane == 0) ((uint32_t *)(page + (is_v ? g.v_sz : g.k_sz)))[slot] = *img_sz;
+    if (!is_v && lane == 0 && g.scores >= 0) {
+        ((float *)(page + g.scores))[slot] = 0.0f;
+        ((int *)(page + g.pos))[slot] = pos;
+    }
+}
+
 /* ---- Two tiers (--kv leankv): the memory manager's kernels, placement and the decode policy.
  * Each is the twin of a leankv.c function of the same name, run for every head at once. A head
  * of a two-tier cache keeps its own counts (n_tok, n_pg) and its table holds high pages from the
@@ -1258,6 +1319,10 @@ __device__ __forceinline__ float2 scale_zero(uint32_t sz) {
 #define ATT_BLOCKS_PER_SM 3   /* blocks of attention_paged<64, G <= 4> resident per SM */
 #endif
 #define ATT_THREADS(HD) ((HD) == 64 ? 128 : 256)   /* threads of a block */
+#ifndef ATT_LEAST_PAGES
+#define ATT_LEAST_PAGES 8     /* the shortest split of code keys or on tensor cores, in pages
+                                 (measured: 4, 8, 16; split_pages) */
+#endif
 
 /* What a launch over one tier of a two-tier cache (or for prefill scores) adds to the plain
  * one: per-head token counts instead of positions, the tier's end of the page table, where its
@@ -1304,10 +1369,41 @@ __device__ __forceinline__ int attention_active(const KvGeom &g, int n, int page
     return n > 0 ? (n - 1) / (pages_per_split * g.tpp) + 1 : 0;
 }
 
-/* The queries of block (kvh, row r), rotated. In a decode step (qkv given: every row a
- * different sequence) the block does rope itself, and the block whose split holds the new token
- * appends its key and value first -- no other block reads that page -- which saves a kernel
- * launch per layer. Returns where the gq query rows are: q_sm (gq, HD), or the prompt's q. */
+/* A decode step's first work in block (kvh, row r): rope of the gq queries into q_sm, and in
+ * the block whose split holds the new token ("mine": no other block reads that page), rope of
+ * its key into kv_sm[0 .. HD) and its value into kv_sm[HD .. 2 HD). The caller syncs, then
+ * appends the token -- which saves a kernel launch per layer. Returns mine. */
+template <int HD>
+__device__ __forceinline__ int attention_rope(float *q_sm, float *kv_sm, const float *qkv,
+                                              const float *bqkv, const float2 *cos_sin,
+                                              int style, const KvGeom &g, int pos, int r,
+                                              int kvh, int n_heads, int gq,
+                                              int pages_per_split, const AttTier &at,
+                                              int split) {
+    int QD = n_heads * HD, KVD = g.n_kv_heads * HD;
+    const float *in = qkv + (size_t)r * (QD + 2 * KVD);
+    for (int i = threadIdx.x; i < gq * HD / 2 && pos >= 0; i += blockDim.x) {
+        int off = (kvh * gq + i / (HD / 2)) * HD, a, b;
+        float y0, y1;
+        rope_pair(in + off, bqkv ? bqkv + off : NULL, cos_sin, pos, i % (HD / 2), HD, style, 1,
+                  &a, &b, &y0, &y1);
+        q_sm[off - kvh * gq * HD + a] = y0;
+        q_sm[off - kvh * gq * HD + b] = y1;
+    }
+    /* one tier: the block whose split holds the new token writes it (two tiers:
+     * kv_write_token has, before this launch) */
+    int mine = !at.n_tok && pos >= 0 && kv_page_index(g, pos) / pages_per_split == split;
+    int ko = QD + kvh * HD, vo = QD + KVD + kvh * HD;
+    if (mine)
+        kv_rotate_head(kv_sm, in + ko, in + vo, bqkv ? bqkv + ko : NULL,
+                       bqkv ? bqkv + vo : NULL, cos_sin, pos, HD, style, threadIdx.x,
+                       blockDim.x);
+    return mine;
+}
+
+/* The queries of block (kvh, row r), rotated (attention_rope), with the new token appended
+ * before any thread reads: warp 0 stores the key, warp 1 the value. Returns where the gq query
+ * rows are: q_sm (gq, HD), or the prompt's q. */
 template <int HD>
 __device__ __forceinline__ const float *
 attention_queries(float *q_sm, float *kv_sm, const float *q, const float *qkv, const float *bqkv,
@@ -1315,26 +1411,10 @@ attention_queries(float *q_sm, float *kv_sm, const float *q, const float *qkv, c
                   const KvGeom &g, size_t head_kv, int pos, int r, int kvh, int n_heads, int gq,
                   int pages_per_split, const AttTier &at, int split) {
     if (qkv) {
-        int QD = n_heads * HD, KVD = g.n_kv_heads * HD;
-        const float *in = qkv + (size_t)r * (QD + 2 * KVD);
-        for (int i = threadIdx.x; i < gq * HD / 2 && pos >= 0; i += blockDim.x) {
-            int off = (kvh * gq + i / (HD / 2)) * HD, a, b;
-            float y0, y1;
-            rope_pair(in + off, bqkv ? bqkv + off : NULL, cos_sin, pos, i % (HD / 2), HD, style,
-                      1, &a, &b, &y0, &y1);
-            q_sm[off - kvh * gq * HD + a] = y0;
-            q_sm[off - kvh * gq * HD + b] = y1;
-        }
-        /* one tier: the block whose split holds the new token writes it (two tiers:
-         * kv_write_token has, before this launch) */
-        int mine = !at.n_tok && pos >= 0 && kv_page_index(g, pos) / pages_per_split == split;
-        int ko = QD + kvh * HD, vo = QD + KVD + kvh * HD;
-        if (mine)
-            kv_rotate_head(kv_sm, in + ko, in + vo, bqkv ? bqkv + ko : NULL,
-                           bqkv ? bqkv + vo : NULL, cos_sin, pos, HD, style, threadIdx.x,
-                           blockDim.x);
+        int mine = attention_rope<HD>(q_sm, kv_sm, qkv, bqkv, cos_sin, style, g, pos, r, kvh,
+                                      n_heads, gq, pages_per_split, at, split);
         __syncthreads();
-        if (mine && threadIdx.x < 64)   /* warp 0 stores the key, warp 1 the value */
+        if (mine && threadIdx.x < 64)
             kv_append(pool, table, g, head_kv, pos, threadIdx.x / 32,
                       kv_sm + (threadIdx.x / 32) * HD, HD, threadIdx.x % 32);
         __syncthreads();   /* q_sm is complete and the new K, V are in the page */
@@ -1680,7 +1760,7 @@ __device__ __forceinline__ void load_words(const uint8_t *p, uint32_t *w) {
     }
 }
 
-template <int HD, int KB, int VB>
+template <int HD, int KB, int VB, int S>
 __device__ __forceinline__ void
 attention_mma(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
               const float2 *cos_sin, int style, uint8_t *pool, const int *table,
@@ -1716,40 +1796,16 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
     }
     __shared__ float q_sm[8 * HD];
     __shared__ float kv_sm[2 * HD];
-    const float *qrow = attention_queries<HD>(q_sm, kv_sm, q, qkv, bqkv, cos_sin, style, pool,
-                                              table, g, head_kv, pos, r, kvh, n_heads, gq,
-                                              pages_per_split, at, split);
-    __syncthreads();   /* att_pages is complete (a prompt chunk's queries need no sync) */
-
-    /* Q as A fragments, in the key codes' channel order: rows g (hi) and g + 8 (lo) of head g */
-    uint32_t qa[KSTEPS][4];
-    float qsum = 0.0f;   /* sum over channels of head g's scaled query */
-    const float scale = 1.0f / sqrtf((float)HD);
-#pragma unroll
-    for (int ks = 0; ks < KSTEPS; ks++) {
-        float x[4], lo[4];
-#pragma unroll
-        for (int e = 0; e < 4; e++) {   /* elements 4 ks + e of this lane's run of channels */
-            int el = 4 * ks + e;
-            int ch = ti * (HD / 4) + el / KPW * KPW + mma_code_channel<KB>(el % KPW);
-            x[e] = n > 0 && gi < gq ? qrow[gi * HD + ch] * scale : 0.0f;
-            qsum += x[e];
-            lo[e] = x[e] - __half2float(__float2half_rn(x[e]));
-        }
-        qa[ks][0] = half2_bits(x[0], x[1]);  qa[ks][1] = half2_bits(lo[0], lo[1]);
-        qa[ks][2] = half2_bits(x[2], x[3]);  qa[ks][3] = half2_bits(lo[2], lo[3]);
-    }
-    qsum += __shfl_xor_sync(0xffffffffu, qsum, 1);
-    qsum += __shfl_xor_sync(0xffffffffu, qsum, 2);
-
-    float acc[NTILES][4], m = -INFINITY, l = 0.0f, accz = 0.0f;
-#pragma unroll
-    for (int j = 0; j < NTILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    int mine = qkv ? attention_rope<HD>(q_sm, kv_sm, qkv, bqkv, cos_sin, style, g, pos, r, kvh,
+                                        n_heads, gq, pages_per_split, at, split)
+                   : 0;
+    const float *qrow = qkv ? q_sm : q + ((size_t)r * n_heads + kvh * gq) * HD;
+    __syncthreads();   /* att_pages and q_sm are complete, kv_sm holds the new K and V */
 
     /* one chunk's loads: keys of tokens g, g + 8; scales, zeros and values of 2t, 2t+1, 2t+8, 2t+9 */
     struct Chunk { uint32_t k[2][KW], v[4][VW], ksz[4], vsz[4]; };
     int whole = g.tpp % 16 == 0;   /* every chunk lies inside one page (splits start at pages) */
-    auto load = [&](int c0, Chunk &ck) {
+    auto load = [&](int c0, Chunk &ck, int lim) {   /* tokens at lim and after: zeros */
         const uint8_t *chunk_page = pool;
         int chunk_slot = 0;
         if (whole) {
@@ -1760,7 +1816,7 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
 #pragma unroll
         for (int i = 0; i < 6; i++) {
             int dt = i < 2 ? 8 * i + gi : 2 * ti + ((i - 2) & 1) + ((i - 2) >> 1) * 8;
-            int t = c0 + dt, ok = t < t_end, slot;
+            int t = c0 + dt, ok = t < lim, slot;
             const uint8_t *page;
             if (whole) { page = chunk_page; slot = chunk_slot + dt; }
             else {
@@ -1787,6 +1843,70 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
             }
         }
     };
+    /* The first S - 1 chunks' loads go out before anything else, so that the new token's
+     * quantization (mine) and the query fragments below overlap their latency. The new token's
+     * slot is not written yet: those loads leave it out (lim), and the lanes that hold it take
+     * its bytes from the shared-memory image that kv_append_image quantized them into. */
+    constexpr int STRIDE = 16 * WARPS;
+    Chunk cb[S];
+    int c0 = t_begin + 16 * warp;
+#pragma unroll
+    for (int i = 0; i < S - 1; i++)
+        if (c0 + i * STRIDE < t_end) load(c0 + i * STRIDE, cb[i], mine ? pos : t_end);
+    if (mine) {
+        constexpr int KCW = HD * KB / 32, VCW = HD * VB / 32;   /* code words of K, V */
+        /* key codes, value codes (each a multiple of 16 bytes), key sz, value sz */
+        __shared__ __align__(16) uint32_t img[KCW + VCW + 2];
+        if (warp == 0)   /* warp 0 the key, warp 1 the value */
+            kv_append_image<HD, KB>(img, img + KCW + VCW, pool, table, g, head_kv, pos, 0, kv_sm,
+                                    lane);
+        else if (warp == 1)
+            kv_append_image<HD, VB>(img + KCW, img + KCW + VCW + 1, pool, table, g, head_kv, pos,
+                                    1, kv_sm + HD, lane);
+        __syncthreads();
+        const uint8_t *kimg = (const uint8_t *)img, *vimg = (const uint8_t *)(img + KCW);
+#pragma unroll
+        for (int i = 0; i < S - 1; i++) {
+            int dt = pos - (c0 + i * STRIDE);   /* the new token's place in chunk i, if there */
+            if (dt < 0 || dt >= 16) continue;
+#pragma unroll
+            for (int e = 0; e < 2; e++)
+                if (dt == 8 * e + gi) load_words<KBYTES>(kimg + ti * KBYTES, cb[i].k[e]);
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                if (dt == 2 * ti + (u & 1) + (u >> 1) * 8) {
+                    load_words<VBYTES>(vimg + gi * VBYTES, cb[i].v[u]);
+                    if constexpr (KB < 16) cb[i].ksz[u] = img[KCW + VCW];
+                    if constexpr (VB < 16) cb[i].vsz[u] = img[KCW + VCW + 1];
+                }
+        }
+    }
+
+    /* Q as A fragments, in the key codes' channel order: rows g (hi) and g + 8 (lo) of head g */
+    uint32_t qa[KSTEPS][4];
+    float qsum = 0.0f;   /* sum over channels of head g's scaled query */
+    const float scale = 1.0f / sqrtf((float)HD);
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ks++) {
+        float x[4], lo[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {   /* elements 4 ks + e of this lane's run of channels */
+            int el = 4 * ks + e;
+            int ch = ti * (HD / 4) + el / KPW * KPW + mma_code_channel<KB>(el % KPW);
+            x[e] = n > 0 && gi < gq ? qrow[gi * HD + ch] * scale : 0.0f;
+            qsum += x[e];
+            lo[e] = x[e] - __half2float(__float2half_rn(x[e]));
+        }
+        qa[ks][0] = half2_bits(x[0], x[1]);  qa[ks][1] = half2_bits(lo[0], lo[1]);
+        qa[ks][2] = half2_bits(x[2], x[3]);  qa[ks][3] = half2_bits(lo[2], lo[3]);
+    }
+    qsum += __shfl_xor_sync(0xffffffffu, qsum, 1);
+    qsum += __shfl_xor_sync(0xffffffffu, qsum, 2);
+
+    float acc[NTILES][4], m = -INFINITY, l = 0.0f, accz = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NTILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
     /* the sums of one chunk of 16 tokens into m, l, acc, accz and acs */
     float acs = 0.0f;   /* sum of the P s fed to the products: each carries 1024 x it */
     auto chunk = [&](const Chunk &ck, int c0) {
@@ -1863,18 +1983,17 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
             }
         }
     };
-    /* warp w takes chunks w, w + WARPS, ...; the next chunk's loads are in flight while one is
-     * summed (two buffers, unrolled so that no registers are copied) */
-    constexpr int STRIDE = 16 * WARPS;
-    Chunk ca, cb;
-    int c0 = t_begin + 16 * warp;
-    if (c0 < t_end) load(c0, ca);
-    for (; c0 < t_end; c0 += 2 * STRIDE) {
-        if (c0 + STRIDE < t_end) load(c0 + STRIDE, cb);
-        chunk(ca, c0);
-        if (c0 + STRIDE >= t_end) break;
-        if (c0 + 2 * STRIDE < t_end) load(c0 + 2 * STRIDE, ca);
-        chunk(cb, c0 + STRIDE);
+    /* warp w takes chunks w, w + WARPS, ...; the next S - 1 chunks' loads are in flight while
+     * one is summed (S buffers, unrolled so that no registers are copied). The first loads went
+     * out above. */
+    for (; c0 < t_end; c0 += S * STRIDE) {
+#pragma unroll
+        for (int i = 0; i < S; i++) {
+            int c = c0 + i * STRIDE;
+            if (c >= t_end) break;
+            if (c + (S - 1) * STRIDE < t_end) load(c + (S - 1) * STRIDE, cb[(i + S - 1) % S], t_end);
+            chunk(cb[i], c);
+        }
     }
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
@@ -1909,8 +2028,9 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
         attention_finish<HD>(o, part, at.arrive, r, kvh, gq, n_heads, total, active);
 }
 
-/* TC: on tensor cores (attention_mma; code keys, one scale/zero pair per vector, gq <= 8) */
-template <int HD, int GM, int KB, int VB, bool TC>
+/* TC: on tensor cores (attention_mma; code keys, one scale/zero pair per vector, gq <= 8), with
+ * S - 1 chunks in flight per warp */
+template <int HD, int GM, int KB, int VB, bool TC, int S = 2>
 __global__ void __launch_bounds__(ATT_THREADS(HD), HD == 64 && GM <= 4 ? ATT_BLOCKS_PER_SM : 1)
 attention_paged(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
                 const float2 *cos_sin, int style, uint8_t *pool, const int *table,
@@ -1918,7 +2038,7 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
                 int gq, int pages_per_split, AttTier at) {
     if constexpr (!TC) { grid_wait(); grid_release(); }   /* attention_mma waits itself */
     if constexpr (TC)
-        attention_mma<HD, KB, VB>(o, part, q, qkv, bqkv, cos_sin, style, pool, table, row_slot,
+        attention_mma<HD, KB, VB, S>(o, part, q, qkv, bqkv, cos_sin, style, pool, table, row_slot,
                                   row_pos, layer, g, n_heads, gq, pages_per_split, at,
                                   blockIdx.x, gridDim.x);
     else
@@ -1940,7 +2060,7 @@ attention_tiers(__half *o, float *part, const float *q, const float *qkv, const 
     int s0 = a1.split_base;
     if ((int)blockIdx.x < s0) {
         if constexpr (TC)
-            attention_mma<HD, KB0, VB0>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
+            attention_mma<HD, KB0, VB0, 2>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
                                         row_slot, row_pos, layer, g0, n_heads, gq,
                                         pages_per_split, a0, blockIdx.x, s0);
         else
@@ -1949,7 +2069,7 @@ attention_tiers(__half *o, float *part, const float *q, const float *qkv, const 
                                               pages_per_split, a0, blockIdx.x, s0);
     } else {
         if constexpr (TC)
-            attention_mma<HD, KB1, VB1>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
+            attention_mma<HD, KB1, VB1, 2>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
                                         row_slot, row_pos, layer, g1, n_heads, gq,
                                         pages_per_split, a1, blockIdx.x - s0, gridDim.x - s0);
         else
@@ -2083,13 +2203,13 @@ struct GpuEngine {
 /* Attention for n_rows rows whose positions are below att_ctx. Splits sit at fixed multiples
  * of pages_per_split pages, the same for every step of an engine, so that a row's arithmetic
  * does not depend on the rest of the batch (batched output = output alone). */
-template <int HD, int GM, int KB, int VB, bool TC = false>
+template <int HD, int GM, int KB, int VB, bool TC = false, int S = 2>
 static void launch_attention(GpuEngine *g, const AttCall *a) {
     Config *c = &g->c;
     RunState *s = &g->s;
     dim3 grid(a->splits, c->n_kv_heads, a->n_rows), block(ATT_THREADS(HD));
     size_t smem = TC ? g->pages_per_split * sizeof(int) : 0;   /* attention_mma's page ids */
-    launch_pdl(g->pdl, attention_paged<HD, GM, KB, VB, TC>, grid, block, smem, g->stream,
+    launch_pdl(g->pdl, attention_paged<HD, GM, KB, VB, TC, S>, grid, block, smem, g->stream,
                a->o, s->att_part, s->q, a->qkv, a->bqkv, g->rope_cs, c->rope_style, g->kv.pool,
                g->kv.table, s->row_slot, s->row_pos, a->layer, g->kv.tg[a->tier],
                c->n_heads, c->n_heads / c->n_kv_heads, g->pages_per_split, a->at);
@@ -2142,6 +2262,20 @@ static const struct { int kb, vb; AttentionLaunch fn; } attention_kernels_tc[2][
     {TC_PAIRS(64)}, {TC_PAIRS(128)}};
 #undef TC_PAIRS
 
+/* ... and for code keys over splits of ATT_DEEP_TOKENS tokens or more, with two chunks in
+ * flight per warp, not one (164 registers instead of 151 for k8v4: still 3 blocks an SM).
+ * Measured (bench/RESULTS.md, session 7): attention alone at batch 64 and 8k (4,096-token
+ * splits) 5-7% faster; whole decode steps at batch 64 level at 8k, but 3% slower at 4k
+ * (2,112-token splits) and 6% slower at 2k, hence the bound. */
+#define ATT_DEEP_TOKENS 4096
+#define TC_DEEP(HD) \
+    {8, 8, launch_attention<HD, 4, 8, 8, true, 3>}, {8, 4, launch_attention<HD, 4, 8, 4, true, 3>}, \
+    {8, 2, launch_attention<HD, 4, 8, 2, true, 3>}, {4, 4, launch_attention<HD, 4, 4, 4, true, 3>}, \
+    {4, 2, launch_attention<HD, 4, 4, 2, true, 3>}, {2, 2, launch_attention<HD, 4, 2, 2, true, 3>}
+static const struct { int kb, vb; AttentionLaunch fn; } attention_kernels_deep[2][6] = {
+    {TC_DEEP(64)}, {TC_DEEP(128)}};
+#undef TC_DEEP
+
 /* Tensor cores serve code keys with one scale and zero per vector, and the fp16 cache, for
  * gq <= 8; the environment variable LEANKV_ATT_SIMT=1 turns them off (to measure one against
  * the other). */
@@ -2150,11 +2284,20 @@ static int use_tensor_cores(LkvPrecision p) {
     return (p.kbits < 16 || p.vbits == 16) && p.groups == 1 && !(e && *e && strcmp(e, "0"));
 }
 
-static AttentionLaunch find_attention(int head_dim, int gq, LkvPrecision p) {
+/* The decode attention kernel for splits of split_tokens tokens. LEANKV_ATT_STAGES=2 or 3 fixes
+ * the chunks a warp of the tensor-core kernel has in flight plus one, whatever the split (to
+ * measure one against the other). */
+static AttentionLaunch find_attention(int head_dim, int gq, LkvPrecision p, int split_tokens) {
     int hi = head_dim == 64 ? 0 : head_dim == 128 ? 1 : -1;
     int gi = gq <= 4 ? gq - 1 : gq <= 8 ? 4 : -1;
     if (hi < 0 || gi < 0) return NULL;
     int kb = p.kbits, vb = p.vbits;
+    const char *e = getenv("LEANKV_ATT_STAGES");
+    int deep = e && *e ? atoi(e) == 3 : split_tokens >= ATT_DEEP_TOKENS;
+    if (use_tensor_cores(p) && kb < 16 && deep)
+        for (int i = 0; i < 6; i++)
+            if (attention_kernels_deep[hi][i].kb == kb && attention_kernels_deep[hi][i].vb == vb)
+                return attention_kernels_deep[hi][i].fn;
     if (use_tensor_cores(p))
         for (int i = 0; i < 7; i++)
             if (attention_kernels_tc[hi][i].kb == kb && attention_kernels_tc[hi][i].vb == vb)
@@ -2412,13 +2555,16 @@ static void decode_step(GpuEngine *g, int rows) {
 /* Attention splits of a sequence of `pages` pages: about enough blocks to fill the GPU once
  * (ATT_BLOCKS_PER_SM resident per SM) when every slot is busy -- measured: splitting further
  * costs more in partials and merging than it gains, for the tensor-core kernel too -- but no
- * split shorter than one pass of a block over its tokens: 2 pages of fp16 keys, 4 of codes or
- * on tensor cores (a block of those kernels reads 64 or 128 tokens a pass), and none longer
- * than 4096 pages (attention_mma keeps a split's page ids in shared memory). */
+ * split shorter than 2 pages of fp16 keys (attention_block) or ATT_LEAST_PAGES = 8 of codes or
+ * on tensor cores (two passes of a block over 64 tokens), and none longer than 4096 pages
+ * (attention_mma keeps a split's page ids in shared memory). Small engines are where the least
+ * counts: at batch 1 and 4k, 8-page splits decode 11% faster than 4-page ones (two chunks a warp
+ * in flight, half the partials to merge); 16 pages was 2% faster still there but 4-6% slower
+ * with a 128-token prompt or at batch 4 (bench/RESULTS.md, session 7). */
 static int split_pages(int pages, int n_sms, int slots, int n_kv_heads, LkvPrecision p) {
     int want = ATT_BLOCKS_PER_SM * n_sms / (slots * n_kv_heads);
     if (want < 1) want = 1;   /* rounded down: one wave of blocks, not one and a bit */
-    int pps = (pages + want - 1) / want, least = p.kbits < 16 || use_tensor_cores(p) ? 4 : 2;
+    int pps = (pages + want - 1) / want, least = p.kbits < 16 || use_tensor_cores(p) ? ATT_LEAST_PAGES : 2;
     if (pps > 4096) pps = 4096;
     return pps < least ? least : pps;
 }
@@ -2470,7 +2616,7 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
                      kv.groups > 1 ? "s" : "", refused);
             return NULL;
         }
-        att[t] = find_attention(c->head_dim, G, kv);
+        att[t] = find_attention(c->head_dim, G, kv, 0);   /* served at all? (splits below) */
         if (!att[t]) {
             snprintf(err, errlen, "no attention kernel for head dim %d, %d query heads per KV head, k%dv%d",
                      c->head_dim, G, kv.kbits, kv.vbits);
@@ -2515,6 +2661,9 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
     g->kv.defaults = policy;
     g->pages_per_split = split_pages((ctx + g->kv.tg[0].tpp - 1) / g->kv.tg[0].tpp, g->n_sms,
                                      max_slots, c->n_kv_heads, tiers[0]);
+    for (int t = 0; t < n_tiers; t++)   /* the kernel for this engine's split length */
+        g->attention_t[t] = find_attention(c->head_dim, G, tiers[t],
+                                           g->pages_per_split * g->kv.tg[t].tpp);
     g->max_splits = 0;
     for (int t = 0; t < n_tiers; t++) {
         int pt = (ctx + g->kv.tg[t].tpp - 1) / g->kv.tg[t].tpp;
@@ -2830,12 +2979,31 @@ extern "C" double gpu_copy_bandwidth(void) {
  * pages the caller gives, so that the CPU's kv_store and attention_paged can be held against
  * them byte for byte and value for value. */
 
-/* one block per token: warp 0 stores the key, warp 1 the value (kv_append) */
+/* kv_append_image<HD, bits> for a bits known at run time */
+template <int HD>
+__device__ void kv_append_image_any(uint32_t *img, uint32_t *img_sz, uint8_t *pool,
+                                    const int *table, const KvGeom &g, int pos, int is_v,
+                                    const float *x, int lane) {
+    switch (is_v ? g.vbits : g.kbits) {
+    case 16: kv_append_image<HD, 16>(img, img_sz, pool, table, g, 0, pos, is_v, x, lane); break;
+    case 8: kv_append_image<HD, 8>(img, img_sz, pool, table, g, 0, pos, is_v, x, lane); break;
+    case 4: kv_append_image<HD, 4>(img, img_sz, pool, table, g, 0, pos, is_v, x, lane); break;
+    case 2: kv_append_image<HD, 2>(img, img_sz, pool, table, g, 0, pos, is_v, x, lane); break;
+    }
+}
+
+/* one block per token: warp 0 stores the key, warp 1 the value, through kv_append (path 0:
+ * what prompts use) or kv_append_image (path 1: a decode step's new token; one group, head
+ * dim 64 or 128) */
 __global__ void kv_store_test(uint8_t *pool, const int *table, KvGeom g, const float *k,
-                              const float *v, int head_dim) {
-    int pos = blockIdx.x, is_v = threadIdx.x / 32;
+                              const float *v, int head_dim, int path) {
+    __shared__ __align__(16) uint32_t img[2][128 * 16 / 32 + 1];
+    int pos = blockIdx.x, is_v = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float *x = (is_v ? v : k) + (size_t)pos * head_dim;
-    kv_append(pool, table, g, 0, pos, is_v, x, head_dim, threadIdx.x % 32);
+    if (path == 0) kv_append(pool, table, g, 0, pos, is_v, x, head_dim, lane);
+    else if (head_dim == 64)
+        kv_append_image_any<64>(img[is_v], img[is_v] + 64, pool, table, g, pos, is_v, x, lane);
+    else kv_append_image_any<128>(img[is_v], img[is_v] + 64, pool, table, g, pos, is_v, x, lane);
 }
 
 static KvGeom test_geom(LkvPrecision p, int head_dim, int n_tok, LkvPageLayout *L) {
@@ -2853,12 +3021,14 @@ static KvGeom test_geom(LkvPrecision p, int head_dim, int n_tok, LkvPageLayout *
 }
 
 /* Writes n_tok tokens (k, v: (n_tok, head_dim) fp32) into ceil(n_tok / tpp) pages, page i
- * holding tokens i*tpp .., and copies them to pages (the pool bytes). Returns 0, or -1 when
- * the GPU or this shape is not served. */
+ * holding tokens i*tpp .., and copies them to pages (the pool bytes): path 0 through the
+ * prompt's write path (kv_append), path 1 through a decode step's (kv_append_image). Returns 0,
+ * or -1 when the GPU or this shape or path is not served. */
 extern "C" int gpu_test_store(LkvPrecision p, int head_dim, int n_tok, const float *k,
-                              const float *v, uint8_t *pages) {
+                              const float *v, uint8_t *pages, int path) {
     char name[256];
     if (!gpu_available(name, sizeof name) || head_dim % 32) return -1;
+    if (path && (p.groups != 1 || (head_dim != 64 && head_dim != 128))) return -1;
     LkvPageLayout L;
     KvGeom g = test_geom(p, head_dim, n_tok, &L);
     size_t bytes = (size_t)g.n_pages * g.page_bytes, vec = (size_t)n_tok * head_dim * sizeof(float);
@@ -2870,7 +3040,7 @@ extern "C" int gpu_test_store(LkvPrecision p, int head_dim, int n_tok, const flo
     CUDA_CHECK(cudaMemcpy(table, ids, g.width * sizeof(int), cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(dk, k, vec, cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(dv, v, vec, cudaMemcpyHostToDevice));
-    kv_store_test<<<n_tok, 64>>>(pool, table, g, dk, dv, head_dim);
+    kv_store_test<<<n_tok, 64>>>(pool, table, g, dk, dv, head_dim, path);
     LAUNCH_CHECK();
     CUDA_CHECK(cudaMemcpy(pages, pool, bytes, cudaMemcpyDeviceToHost));
     cudaFree(pool); cudaFree(table); cudaFree(dk); cudaFree(dv); free(ids);
@@ -2885,13 +3055,14 @@ extern "C" int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_to
                                   float *o) {
     char name[256];
     if (!gpu_available(name, sizeof name)) return -1;
-    AttentionLaunch fn = find_attention(head_dim, gq, p);
-    if (!fn || pages_per_split < 1) return -1;
+    if (pages_per_split < 1) return -1;
     LkvPageLayout L;
     GpuEngine e;
     memset(&e, 0, sizeof e);
     e.kv.tg[0] = test_geom(p, head_dim, n_tok, &L);
     KvGeom *g = &e.kv.tg[0];
+    AttentionLaunch fn = find_attention(head_dim, gq, p, pages_per_split * g->tpp);
+    if (!fn) return -1;
     e.c.n_heads = gq; e.c.n_kv_heads = 1; e.c.head_dim = head_dim;
     e.pages_per_split = pages_per_split;
     DeviceLayer layer;
@@ -2999,13 +3170,11 @@ extern "C" double gpu_bench_attention(LkvPrecision p, int head_dim, int n_heads,
                                       int batch, int ctx, int iters, double *bytes) {
     char name[256];
     if (!gpu_available(name, sizeof name) || lkv_gpu_refuses(p, head_dim)) return -1;
-    AttentionLaunch fn = find_attention(head_dim, n_heads / n_kv_heads, p);
-    if (!fn || iters < 1) return -1;
+    if (!find_attention(head_dim, n_heads / n_kv_heads, p, 0) || iters < 1) return -1;
     GpuEngine e;
     memset(&e, 0, sizeof e);
     e.c.n_heads = n_heads; e.c.n_kv_heads = n_kv_heads; e.c.head_dim = head_dim; e.c.n_layers = 1;
     CUDA_CHECK(cudaDeviceGetAttribute(&e.n_sms, cudaDevAttrMultiProcessorCount, 0));
-    e.attention_t[0] = fn;
     CUDA_CHECK(cudaStreamCreateWithFlags(&e.stream, cudaStreamNonBlocking));
     LkvPageLayout L;
     KvGeom *g = &e.kv.tg[0];
@@ -3014,6 +3183,7 @@ extern "C" double gpu_bench_attention(LkvPrecision p, int head_dim, int n_heads,
     int per_head = g->width;                       /* pages of one (sequence, KV head) */
     g->n_pages = batch * n_kv_heads * per_head;
     e.pages_per_split = split_pages(per_head, e.n_sms, batch, n_kv_heads, p);   /* as gpu_build */
+    e.attention_t[0] = find_attention(head_dim, n_heads / n_kv_heads, p, e.pages_per_split * g->tpp);
     int splits = (per_head + e.pages_per_split - 1) / e.pages_per_split;
     DeviceLayer layer;
     memset(&layer, 0, sizeof layer);

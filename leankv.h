@@ -722,12 +722,13 @@ int gpu_slot_len(const GpuEngine *g, int slot);
 void gpu_info(const GpuEngine *g, GpuInfo *info);
 /* device-to-device copy bandwidth in GB/s (bytes read plus written), for the bench */
 double gpu_copy_bandwidth(void);
-/* For the tests: the device's write path (kv_append) stores n_tok tokens of k, v (n_tok,
- * head_dim) into pages laid out for precision p, page i holding tokens i*tpp ..; and its
+/* For the tests: the device's write path stores n_tok tokens of k, v (n_tok, head_dim) into
+ * pages laid out for precision p, page i holding tokens i*tpp .. (path 0: a prompt's,
+ * kv_append; path 1: a decode step's new token, kv_append_image, one group only); and its
  * attention kernel, for gq query heads q (gq, head_dim), over such pages, in splits of
  * pages_per_split pages, into o (gq, head_dim). 0, or -1 when the GPU or shape is not served. */
 int gpu_test_store(LkvPrecision p, int head_dim, int n_tok, const float *k, const float *v,
-                   uint8_t *pages);
+                   uint8_t *pages, int path);
 int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_tok, const uint8_t *pages,
                        const float *q, int pages_per_split, float *o);
 /* For bench/: median ms of one decode attention launch over batch synthetic sequences of ctx

@@ -15,7 +15,8 @@
  * MODEL is a model.bin, or "random" for random weights of SmolLM2-135M's shape (no file, no
  * tokenizer: enough for speed, and for GPU vs CPU since both run the same weights).
  * Options: --prompt-len N --gen-len N --batch N --requests N --chunk N --kv-mem MIB --runs N
- *          --ctx N (bench: build the engine for N tokens, as the command line's 4096 default)
+ *          --ctx N (bench: build the engine for N tokens, as the command line's 4096 default;
+ *          check: --batch N builds the engine for N sequences and checks one, in longer splits)
  *          --seed N --kv TYPE --kv-groups G --tol X --match N --tol-quant F (check: largest
  *          relative logit error, greedy steps that must agree, and for a quantized cache the
  *          largest mean error as a multiple of what quantization itself does to the CPU's) */
@@ -143,7 +144,9 @@ static int gpu_mode_check(Model *m, const BenchOptions *o) {
         free_kvcache(&ref);
     }
 
-    GpuEngine *g = gpu_engine(m, o->kv, 1, o->chunk, T + 1, 64);
+    /* an engine for o->batch sequences, of which the check runs one: more slots, longer
+     * attention splits (splits are cut to fill the GPU when every slot is busy) */
+    GpuEngine *g = gpu_engine(m, o->kv, o->batch, o->chunk, T + 1, 64);
     int next, first_bad = -1;
     if (gpu_prefill(g, 0, seq, P, &next, gpu) != 0) die("GPU prefill failed");
     int *gtok = xmalloc(T * sizeof(int));
@@ -471,8 +474,15 @@ static int gpu_mode_quant(void) {
                     kv_store(page + L.k_codes, page + L.k_sz, p, p.kbits, slot, hd, k + (size_t)t * hd);
                     kv_store(page + L.v_codes, page + L.v_sz, p, p.vbits, slot, hd, v + (size_t)t * hd);
                 }
-                if (gpu_test_store(p, hd, n, k, v, gpu) != 0) die("quant: gpu_test_store refused k%dv%d", p.kbits, p.vbits);
+                /* path 1, a decode step's write (one group), first: path 0's pages stay for
+                 * the attention below */
                 size_t diff = 0;
+                if (groups == 1) {
+                    if (gpu_test_store(p, hd, n, k, v, gpu, 1) != 0)
+                        die("quant: gpu_test_store (decode path) refused k%dv%d", p.kbits, p.vbits);
+                    for (size_t i = 0; i < bytes; i++) diff += cpu[i] != gpu[i];
+                }
+                if (gpu_test_store(p, hd, n, k, v, gpu, 0) != 0) die("quant: gpu_test_store refused k%dv%d", p.kbits, p.vbits);
                 for (size_t i = 0; i < bytes; i++) diff += cpu[i] != gpu[i];
                 /* 2. attention: dense double reference over the dequantized CPU pages */
                 float *kd = xmalloc((size_t)n * hd * sizeof(float)), *vd = xmalloc((size_t)n * hd * sizeof(float));

@@ -39,8 +39,9 @@ def bench():
     return BENCH
 
 
-def run(args, timeout=600):
-    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def run(args, timeout=600, env=None):
+    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                       env=None if env is None else {**os.environ, **env})
     print(r.stdout)
     print(r.stderr[-4000:])
     return r
@@ -82,13 +83,17 @@ def test_small_engine_batch_equals_alone(bench, kv):
     assert m and int(m.group(1)) == 0
 
 
-def test_quantized_pages_and_attention(bench):
+@pytest.mark.parametrize("stages", ["rule", "3"])
+def test_quantized_pages_and_attention(bench, stages):
     """For every cache type the GPU serves (fp16 and kXvY with X >= Y; 1, 2, 4 groups; head dims
-    64 and 128): the device's write path gives pages byte-identical to the CPU's kv_store from
-    the same keys and values (codes, scales, zeros, metadata), and its attention kernel over
+    64 and 128): the device's write paths (a prompt's, and with one group a decode step's) give
+    pages byte-identical to the CPU's kv_store from the same keys and values (codes, scales,
+    zeros, metadata), including adversarial vectors, and its attention kernel over
     them agrees with dense double-precision attention over the dequantized values within
-    2e-3 of the largest output (it writes fp16), in one split and in splits of one page."""
-    r = run([str(bench), "quant", "none"])
+    2e-3 of the largest output (it writes fp16), in one split and in splits of one page.
+    Stages 3: the tensor-core kernel with two chunks in flight per warp, which the engine keeps
+    for long splits, on these short ones too (LEANKV_ATT_STAGES)."""
+    r = run([str(bench), "quant", "none"], env={"LEANKV_ATT_STAGES": "3"} if stages == "3" else None)
     assert r.returncode == 0 and "quant: PASS" in r.stdout
     assert "FAIL" not in r.stdout
     n = int(re.search(r"quant: (\d+) cases, 0 failed", r.stdout).group(1))
@@ -103,12 +108,19 @@ def test_quantized_pages_and_attention(bench):
 # quantization itself: its mean logit distance from the CPU must stay below 1.5x the mean
 # distance between the CPU's kXvY and fp16 caches; identical inputs are checked byte for byte
 # above.
+# A decode step's new token is quantized by the attention block whose split holds it, into
+# shared memory, and patched into the chunk loads that went out before it was written: this
+# check covers that path with one chunk in flight per warp (64-token splits), and with two in
+# 80-token splits (an engine of 64 slots, LEANKV_ATT_STAGES=3), where positions 64-79 of a
+# split sit in warp 0's second chunk.
 @pytest.mark.parametrize("kv", ["k8v4", "k4v2"])
 @pytest.mark.parametrize("model", models())
 def test_gpu_matches_cpu_quantized(bench, model, kv):
-    r = run([str(bench), "check", model, "--prompt-len", "64", "--gen-len", "64",
-             "--chunk", "24", "--kv", kv, "--tol", "10", "--match", "0", "--tol-quant", "1.5"])
-    assert r.returncode == 0 and "check: PASS" in r.stdout
+    for stages, slots in [("2", "1"), ("3", "64")]:
+        r = run([str(bench), "check", model, "--prompt-len", "64", "--gen-len", "64",
+                 "--chunk", "24", "--kv", kv, "--tol", "10", "--match", "0", "--tol-quant", "1.5",
+                 "--batch", slots], env={"LEANKV_ATT_STAGES": stages})
+        assert r.returncode == 0 and "check: PASS" in r.stdout, stages
 
 
 def test_batch_equals_alone_quantized(bench):
@@ -168,6 +180,8 @@ def test_compute_sanitizer(bench, tool):
     runs = [["check", "random", "--prompt-len", "20", "--gen-len", "4", "--chunk", "8"],
             ["check", "random", "--prompt-len", "20", "--gen-len", "4", "--chunk", "8",
              "--kv", "k4v2", "--kv-groups", "2", "--tol", "1", "--match", "0"],
+            ["check", "random", "--prompt-len", "20", "--gen-len", "4", "--chunk", "8",
+             "--kv", "k8v4", "--tol", "1", "--match", "0"],
             ["quant", "none"],
             ["tiers", "none", "--gen-len", "8"]]
     if tool == "memcheck":
