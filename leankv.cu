@@ -1806,6 +1806,26 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
     struct Chunk { uint32_t k[2][KW], v[4][VW], ksz[4], vsz[4]; };
     int whole = g.tpp % 16 == 0;   /* every chunk lies inside one page (splits start at pages) */
     auto load = [&](int c0, Chunk &ck, int lim) {   /* tokens at lim and after: zeros */
+        if (whole && c0 + 16 <= lim) {
+            /* the common case, a full chunk in one page: nothing to mask, and every address is
+             * one of four per-lane bases plus a constant (fewer instructions: this kernel issues
+             * an instruction every other cycle) */
+            int pg = kv_page_index(g, c0);
+            const uint8_t *page = pool + (size_t)att_pages[pg - p0] * g.page_bytes;
+            int slot0 = c0 - pg * g.tpp;
+            const uint8_t *kb = page + g.k_codes + (slot0 + gi) * (HD * KB / 8) + ti * KBYTES;
+            const uint8_t *vb = page + g.v_codes + (slot0 + 2 * ti) * (HD * VB / 8) + gi * VBYTES;
+#pragma unroll
+            for (int i = 0; i < 2; i++) load_words<KBYTES>(kb + 8 * i * (HD * KB / 8), ck.k[i]);
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                int du = (u & 1) + (u >> 1) * 8;   /* token 2t + du */
+                load_words<VBYTES>(vb + du * (HD * VB / 8), ck.v[u]);
+                if constexpr (KB < 16) ck.ksz[u] = *(const uint32_t *)(page + g.k_sz + (slot0 + 2 * ti + du) * 4);
+                if constexpr (VB < 16) ck.vsz[u] = *(const uint32_t *)(page + g.v_sz + (slot0 + 2 * ti + du) * 4);
+            }
+            return;
+        }
         const uint8_t *chunk_page = pool;
         int chunk_slot = 0;
         if (whole) {
