@@ -941,6 +941,15 @@ __global__ void embed(float *x, const __half *emb, const int *row_token, int dim
         x[(size_t)blockIdx.x * dim + i] = __half2float(e[i]);
 }
 
+/* The two pointwise formulas of leankv.c's rmsnorm and swiglu, each written once here for the
+ * kernels that apply them (rmsnorm and matvec's MV_NORM prologue; swiglu and MV_SWIGLU), so
+ * that every kernel rounds alike -- batch invariance depends on it:
+ *   RMSNorm  y = w * (x * inv),  inv = 1 / sqrt(sum(x^2) / n + eps)
+ *   SwiGLU   h = silu(g) * u = g / (1 + e^-g) * u */
+__device__ __forceinline__ float rms_inv(float ss, int n, float eps) { return 1.0f / sqrtf(ss / n + eps); }
+__device__ __forceinline__ float rms_scale(float w, float x, float inv) { return w * (x * inv); }
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 /* One block per output row b, reading row r = rows ? rows[b] : b:
  *   x[r] += y[r]  (the residual add of the previous block, when y is given)
  *   out[b] = x[r] / sqrt(mean(x[r]^2) + eps) * w
@@ -966,11 +975,11 @@ __global__ void rmsnorm(__half *out, float *x, const float *y, const float *w, c
         }
     }
     ss = block_sum(ss);
-    float inv = 1.0f / sqrtf(ss / dim + eps);
+    float inv = rms_inv(ss, dim, eps);
 #pragma unroll
     for (int k = 0; k < RMS_PER_THREAD; k++) {
         int i = threadIdx.x + k * blockDim.x;
-        if (i < dim) out[(size_t)b * dim + i] = __float2half_rn(w[i] * (v[k] * inv));
+        if (i < dim) out[(size_t)b * dim + i] = __float2half_rn(rms_scale(w[i], v[k], inv));
     }
 }
 
@@ -1050,7 +1059,7 @@ matvec(float *y, int accumulate, const void *in, const float *norm_w, const __ha
             for (int k = 0; k < PER; k++)
                 if (threadIdx.x + k * MATVEC_THREADS < n4)
                     ss += a[k].x * a[k].x + a[k].y * a[k].y + a[k].z * a[k].z + a[k].w * a[k].w;
-            inv = 1.0f / sqrtf(block_sum(ss) / n + eps);
+            inv = rms_inv(block_sum(ss), n, eps);
         }
 #pragma unroll
         for (int k = 0; k < PER; k++) {
@@ -1061,12 +1070,12 @@ matvec(float *y, int accumulate, const void *in, const float *norm_w, const __ha
                 float4 nw = ((const float4 *)norm_w)[j];
                 float w4[4] = {nw.x, nw.y, nw.z, nw.w};
 #pragma unroll
-                for (int e = 0; e < 4; e++) v[e] = __half2float(__float2half_rn(w4[e] * (v[e] * inv)));
+                for (int e = 0; e < 4; e++) v[e] = __half2float(__float2half_rn(rms_scale(w4[e], v[e], inv)));
             } else if (IN == MV_SWIGLU) {
                 float u[4] = {b[k].x, b[k].y, b[k].z, b[k].w};
 #pragma unroll
                 for (int e = 0; e < 4; e++)
-                    v[e] = __half2float(__float2half_rn(v[e] / (1.0f + expf(-v[e])) * u[e]));
+                    v[e] = __half2float(__float2half_rn(silu_mul(v[e], u[e])));
             }
             ((float4 *)(xin + r * n))[j] = make_float4(v[0], v[1], v[2], v[3]);
         }
@@ -1532,6 +1541,8 @@ attention_block(__half *o, float *part, const float *q, const float *qkv, const 
     constexpr int NT = ATT_THREADS(HD) / LANES;   /* tokens read at once by a block */
     typedef typename CodeVec<KB, CH>::T KT;
     typedef typename CodeVec<VB, CH>::T VT;
+    grid_wait();      /* everything below reads what the kernels before wrote */
+    grid_release();   /* (attention_mma waits later: it stages its page ids first) */
     int kvh = blockIdx.y, r = blockIdx.z;
     int tok = threadIdx.x / LANES, lane = threadIdx.x % LANES;
     AttRange ar = attention_range(row_slot, row_pos, layer, g, n_heads, gq, pages_per_split,
@@ -2056,7 +2067,6 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
                 const float2 *cos_sin, int style, uint8_t *pool, const int *table,
                 const int *row_slot, const int *row_pos, int layer, KvGeom g, int n_heads,
                 int gq, int pages_per_split, AttTier at) {
-    if constexpr (!TC) { grid_wait(); grid_release(); }   /* attention_mma waits itself */
     if constexpr (TC)
         attention_mma<HD, KB, VB, S>(o, part, q, qkv, bqkv, cos_sin, style, pool, table, row_slot,
                                   row_pos, layer, g, n_heads, gq, pages_per_split, at,
@@ -2076,7 +2086,6 @@ attention_tiers(__half *o, float *part, const float *q, const float *qkv, const 
                 const float2 *cos_sin, int style, uint8_t *pool, const int *table,
                 const int *row_slot, const int *row_pos, int layer, KvGeom g0, KvGeom g1,
                 int n_heads, int gq, int pages_per_split, AttTier a0, AttTier a1) {
-    if constexpr (!TC) { grid_wait(); grid_release(); }   /* attention_mma waits itself */
     int s0 = a1.split_base;
     if ((int)blockIdx.x < s0) {
         if constexpr (TC)
@@ -2123,7 +2132,7 @@ __global__ void swiglu(__half *hb, const float *gu, int rows, int hidden) {
     if (i >= (size_t)rows * hidden) return;
     size_t r = i / hidden, j = i % hidden;
     float g = gu[r * 2 * hidden + j], u = gu[r * 2 * hidden + hidden + j];
-    hb[i] = __float2half_rn(g / (1.0f + expf(-g)) * u);
+    hb[i] = __float2half_rn(silu_mul(g, u));
 }
 
 /* ----------------------------------------------------------------------------------------
@@ -2296,12 +2305,17 @@ static const struct { int kb, vb; AttentionLaunch fn; } attention_kernels_deep[2
     {TC_DEEP(64)}, {TC_DEEP(128)}};
 #undef TC_DEEP
 
+/* An on/off switch from the environment (to measure one way against the other): dflt when the
+ * variable is unset or empty, else off for "0" and on for anything else. */
+static int env_switch(const char *name, int dflt) {
+    const char *e = getenv(name);
+    return e && *e ? strcmp(e, "0") != 0 : dflt;
+}
+
 /* Tensor cores serve code keys with one scale and zero per vector, and the fp16 cache, for
- * gq <= 8; the environment variable LEANKV_ATT_SIMT=1 turns them off (to measure one against
- * the other). */
+ * gq <= 8; the environment variable LEANKV_ATT_SIMT=1 turns them off. */
 static int use_tensor_cores(LkvPrecision p) {
-    const char *e = getenv("LEANKV_ATT_SIMT");
-    return (p.kbits < 16 || p.vbits == 16) && p.groups == 1 && !(e && *e && strcmp(e, "0"));
+    return (p.kbits < 16 || p.vbits == 16) && p.groups == 1 && !env_switch("LEANKV_ATT_SIMT", 0);
 }
 
 /* The decode attention kernel for splits of split_tokens tokens. LEANKV_ATT_STAGES=2 or 3 fixes
@@ -2381,8 +2395,8 @@ static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int deco
     else if (a.splits > 1) a.at.arrive = g->s.arrive;   /* the last split's block merges */
     g->attention_t[0](g, &a);
     LAUNCH_CHECK();
-    if (scores) combine(g, n_rows, a.splits, o, kv->ml);
     if (scores) {
+        combine(g, n_rows, a.splits, o, kv->ml);
         kv_score_prefill<<<dim3(c->n_heads, (att_ctx + 255) / 256), 256, 0, g->stream>>>(
             kv->pscore, kv->raw, kv->ml, g->s.row_slot, g->s.row_pos, n_rows, kv->policy, layer,
             c->n_heads, g->ctx);
@@ -2698,9 +2712,8 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
         CUDA_CHECK(cudaFuncSetAttribute(kv_place_head, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         g->place_smem));
     }
-    const char *e_pdl = getenv("LEANKV_PDL"), *e_mv = getenv("LEANKV_MATVEC");
-    g->pdl = !(e_pdl && !strcmp(e_pdl, "0"));
-    g->matvec = !(e_mv && !strcmp(e_mv, "0")) && max_slots <= MATVEC_ROWS && w &&
+    g->pdl = env_switch("LEANKV_PDL", 1);
+    g->matvec = env_switch("LEANKV_MATVEC", 1) && max_slots <= MATVEC_ROWS && w &&
                 c->dim % 8 == 0 && c->hidden_dim % 8 == 0 &&
                 c->dim <= 256 * MATVEC_CHUNKS && c->hidden_dim <= 256 * MATVEC_CHUNKS &&
                 c->n_heads * c->head_dim <= 256 * MATVEC_CHUNKS;
