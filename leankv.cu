@@ -2641,7 +2641,6 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
         snprintf(err, errlen, "%d tiers (1 or 2)", n_tiers);
         return NULL;
     }
-    AttentionLaunch att[LKV_MAX_TIERS];
     for (int t = 0; t < n_tiers; t++) {
         LkvPrecision kv = tiers[t];
         const char *refused = lkv_gpu_refuses(kv, c->head_dim);
@@ -2650,8 +2649,7 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
                      kv.groups > 1 ? "s" : "", refused);
             return NULL;
         }
-        att[t] = find_attention(c->head_dim, G, kv, 0);   /* served at all? (splits below) */
-        if (!att[t]) {
+        if (!find_attention(c->head_dim, G, kv, 0)) {   /* served at all? (the kernel: below) */
             snprintf(err, errlen, "no attention kernel for head dim %d, %d query heads per KV head, k%dv%d",
                      c->head_dim, G, kv.kbits, kv.vbits);
             return NULL;
@@ -2678,7 +2676,6 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
     g->blas_ws = dmalloc(ws);
     CUBLAS_CHECK(cublasSetWorkspace(g->blas, g->blas_ws, ws));
 
-    for (int t = 0; t < n_tiers; t++) g->attention_t[t] = att[t];
     if (n_tiers > 1 && tiers[0].kbits == 8 && tiers[0].vbits == 4 && tiers[1].kbits == 4 &&
         tiers[1].vbits == 2)   /* leankv's default pair has its own fused launch */
         g->attention_pair = use_tensor_cores(tiers[0]) && use_tensor_cores(tiers[1])
