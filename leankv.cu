@@ -727,12 +727,15 @@ kv_plan_step(int *plan, int *row_need, uint8_t *pool, const int *table, KvGeom g
         const KvGeom &g = t ? g1 : g0;
         float best = INFINITY;
         int bi = -1;
-        for (int i = threadIdx.x; i < n_tok[hh * 2 + t]; i += blockDim.x) {
+        int nt = n_tok[hh * 2 + t];
+#pragma unroll 4   /* several tokens' loads in flight: a thread's are independent */
+        for (int i = threadIdx.x; i < nt; i += blockDim.x) {
             int s;
             const uint8_t *page = kv_page(pool, table, g, hh, t, i, &s);
             int pos = ((const int *)(page + g.pos))[s];
+            float score = ((const float *)(page + g.scores))[s];
             if (!lkv_eligible(pos, n, p.window)) continue;
-            float mean = lkv_mean(((const float *)(page + g.scores))[s], n, pos, p.first);
+            float mean = lkv_mean(score, n, pos, p.first);
             if (mean < best) { best = mean; bi = i; }
         }
         block_lowest(&best, &bi);
@@ -746,33 +749,9 @@ kv_plan_step(int *plan, int *row_need, uint8_t *pool, const int *table, KvGeom g
     if (pages) atomicAdd(&row_need[r], pages);
 }
 
-/* Significance at a decode step (section 3): every cached token of each (row, KV head) gains
- * the max over the GQA group of this step's probability, exp(s - M) / L, from the scores s that
- * attention_paged left in raw and the max M and sum L that attention_combine left in ml.
- * Block (KV head, row, 256 tokens): one token a thread, enough blocks to hide the latency. */
-__global__ void kv_score_decode(uint8_t *pool, const int *table, KvGeom g0, KvGeom g1,
-                                const int *n_tok, const float *raw, const float *ml,
-                                const int *row_slot, const int *row_pos, int layer, int n_heads,
-                                int gq, int ctx) {
-    int kvh = blockIdx.x, r = blockIdx.y, t = blockIdx.z * blockDim.x + threadIdx.x;
-    if (row_pos[r] < 0) return;
-    size_t hh = kv_head(g0, row_slot[r], layer, kvh);
-    int nh = n_tok[hh * 2], n = nh + n_tok[hh * 2 + 1];
-    const float *mlr = ml + ((size_t)r * n_heads + kvh * gq) * 2;
-    const float *rr = raw + ((size_t)r * n_heads + kvh * gq) * ctx;
-    if (t < n) {
-        float mx = 0.0f;
-        for (int g = 0; g < gq; g++)
-            mx = fmaxf(mx, __expf(rr[(size_t)g * ctx + t] - mlr[2 * g]) / mlr[2 * g + 1]);
-        int s, tier = t < nh ? LKV_HIGH : LKV_LOW;
-        const KvGeom &g = tier ? g1 : g0;
-        uint8_t *page = kv_page(pool, table, g, hh, tier, tier ? t - nh : t, &s);
-        ((float *)(page + g.scores))[s] += mx;
-    }
-}
-
 /* Prefill significance (section 3): each prompt row at or after the slot's first counted row
- * adds its probabilities exp(s - M) / L (raw and ml as in kv_score_decode) to its query head's
+ * adds its probabilities exp(s - M) / L (the scores s attention kept in raw, the max M and sum
+ * L attention_combine left in ml) to its query head's
  * sums, row after row as the CPU does. Block (query head, 256 tokens). */
 __global__ void kv_score_prefill(float *pscore, const float *raw, const float *ml,
                                  const int *row_slot, const int *row_pos, int n_rows,
@@ -1188,27 +1167,27 @@ __global__ void rope(float *q, uint8_t *pool, const float *qkv, const float *bqk
                   kv_sm + vec * head_dim, head_dim, lane);
 }
 
-/* Writes a decode step's new token into each (row, KV head) as its planned case says
- * (leankv.c kv_write_token): SWAP and DEMOTE first re-quantize L at the low precision (into R's
- * slot, or a new low slot), then the new key (rotated) and value take L's slot; APPEND puts
- * them at the end of the high tier. Block (KV head, row), 64 threads: warp 0 keys, warp 1 values. */
-__global__ void __launch_bounds__(64)
-kv_write_token(uint8_t *pool, const int *table, KvGeom g0, KvGeom g1, int *n_tok, int *plan,
-               const float *qkv, const float *bqkv, const float2 *cos_sin, int style,
-               const int *row_slot, const int *row_pos, int layer, int n_heads, int head_dim) {
+/* Writes a decode step's new token at pos into head hh (KV head kvh of row r) as its planned
+ * case says (leankv.c kv_write_token): SWAP and DEMOTE re-quantize L at the low precision (into
+ * R's slot, or a new low slot) and the new key (rotated) and value take L's slot; APPEND puts
+ * them at the end of the high tier. A block of at least 128 threads: once L is read, warps 0
+ * and 1 store its key and value, warps 2 and 3 the new ones, side by side (different slots).
+ * The caller syncs before it reads what was written. */
+__device__ void write_token(uint8_t *pool, const int *table, const KvGeom &g0, const KvGeom &g1,
+                            int *n_tok, int *plan, const float *qkv, const float *bqkv,
+                            const float2 *cos_sin, int style, size_t hh, int r, int kvh,
+                            int pos, int n_heads, int head_dim) {
     __shared__ float nw[2 * 128], old[2 * 128];   /* new and demoted (k, v); head_dim <= 128 */
     __shared__ float old_score;
     __shared__ int old_pos;
-    int kvh = blockIdx.x, r = blockIdx.y, pos = row_pos[r], tid = threadIdx.x;
-    if (pos < 0) return;
-    size_t hh = kv_head(g0, row_slot[r], layer, kvh);
+    int tid = threadIdx.x;
+    int c = plan[hh * 3], L = plan[hh * 3 + 1], R = plan[hh * 3 + 2];
+    int nh = n_tok[hh * 2], nl = n_tok[hh * 2 + 1], s;
     int QD = n_heads * head_dim, KVD = g0.n_kv_heads * head_dim;
     const float *in = qkv + (size_t)r * (QD + 2 * KVD);
     int ko = QD + kvh * head_dim, vo = QD + KVD + kvh * head_dim;
     kv_rotate_head(nw, in + ko, in + vo, bqkv ? bqkv + ko : NULL, bqkv ? bqkv + vo : NULL,
                    cos_sin, pos, head_dim, style, tid, blockDim.x);
-    int c = plan[hh * 3], L = plan[hh * 3 + 1], R = plan[hh * 3 + 2];
-    int nh = n_tok[hh * 2], nl = n_tok[hh * 2 + 1], s;
     int demote = c == LKV_CASE_SWAP || c == LKV_CASE_DEMOTE;
     if (demote) {   /* L, dequantized exactly as the CPU's kv_get */
         const uint8_t *page = kv_page(pool, table, g0, hh, LKV_HIGH, L, &s);
@@ -1219,26 +1198,42 @@ kv_write_token(uint8_t *pool, const int *table, KvGeom g0, KvGeom g1, int *n_tok
             old_pos = ((const int *)(page + g0.pos))[s];
         }
     }
-    __syncthreads();   /* nw and old are complete */
-    int warp = tid / 32, lane = tid % 32;
-    if (demote) {
+    __syncthreads();   /* nw and old are complete: L's slot may be overwritten */
+    int warp = tid / 32, lane = tid % 32, is_v = warp % 2;
+    if (warp < 2) {
+        if (!demote) return;
         uint8_t *page = kv_page(pool, table, g1, hh, LKV_LOW, c == LKV_CASE_SWAP ? R : nl, &s);
-        kv_put_vec(page, g1, s, warp, old + warp * head_dim, head_dim, lane);
+        kv_put_vec(page, g1, s, is_v, old + is_v * head_dim, head_dim, lane);
         if (tid == 0) {
             ((float *)(page + g1.scores))[s] = old_score;
             ((int *)(page + g1.pos))[s] = old_pos;
         }
+        return;
     }
+    if (warp >= 4) return;
     int append = c == LKV_CASE_NONE || c == LKV_CASE_APPEND;
     uint8_t *page = kv_page(pool, table, g0, hh, LKV_HIGH, append ? nh : L, &s);
-    kv_put_vec(page, g0, s, warp, nw + warp * head_dim, head_dim, lane);
-    if (tid == 0) {
+    kv_put_vec(page, g0, s, is_v, nw + is_v * head_dim, head_dim, lane);
+    if (tid == 64) {
         ((float *)(page + g0.scores))[s] = 0.0f;
         ((int *)(page + g0.pos))[s] = pos;
         if (append) n_tok[hh * 2] = nh + 1;
         if (c == LKV_CASE_DEMOTE) n_tok[hh * 2 + 1] = nl + 1;
         plan[hh * 3] = LKV_CASE_NONE;
     }
+}
+
+/* write_token for every (row, KV head) of a step: block (KV head, row), 128 threads */
+__global__ void __launch_bounds__(128)
+kv_write_token(uint8_t *pool, const int *table, KvGeom g0, KvGeom g1, int *n_tok, int *plan,
+               const float *qkv, const float *bqkv, const float2 *cos_sin, int style,
+               const int *row_slot, const int *row_pos, int layer, int n_heads, int head_dim) {
+    grid_wait();
+    grid_release();
+    int kvh = blockIdx.x, r = blockIdx.y, pos = row_pos[r];
+    if (pos < 0) return;
+    write_token(pool, table, g0, g1, n_tok, plan, qkv, bqkv, cos_sin, style,
+                kv_head(g0, row_slot[r], layer, kvh), r, kvh, pos, n_heads, head_dim);
 }
 
 /* What one thread loads of a token's key or value: the codes of its CH channels (8 or 16). */
@@ -1435,12 +1430,12 @@ attention_queries(float *q_sm, float *kv_sm, const float *q, const float *qkv, c
 /* The end of a block: merges what its token groups left in shared memory for query head
  * `head` -- group t's running max sm_m[t], sum sm_l[t] and output sm_acc[t * HD ..] -- into o
  * (total = 0: the block saw the row's every token, nothing to combine) or into partial
- * `split` of `total` for attention_combine. */
+ * `split` of `total` for attention_combine. ml, if not NULL, gets the head's max M and sum L. */
 template <int HD>
 __device__ __forceinline__ void attention_merge(__half *o, float *part, const float *sm_m,
                                                 const float *sm_l, const float *sm_acc,
                                                 int groups, int r, int head, int n_heads,
-                                                int total, int split) {
+                                                int total, int split, float *ml = NULL) {
     for (int c = threadIdx.x; c < HD; c += blockDim.x) {
         float M = -INFINITY, L = 0.0f, A = 0.0f;
         for (int t = 0; t < groups; t++) M = fmaxf(M, sm_m[t]);
@@ -1450,6 +1445,7 @@ __device__ __forceinline__ void attention_merge(__half *o, float *part, const fl
             L += sm_l[t] * w;
             A += sm_acc[t * HD + c] * w;
         }
+        if (ml && c == 0) { ml[0] = M; ml[1] = L; }
         if (!total) {
             o[((size_t)r * n_heads + head) * HD + c] = __float2half_rn(L > 0.0f ? A / L : 0.0f);
         } else {
@@ -1465,8 +1461,8 @@ __device__ __forceinline__ void attention_merge(__half *o, float *part, const fl
  * 32 splits at a time, lane j holding split j's weight, with the running max rescaling what
  * came before (the online softmax again): every load of a tile is independent, so a long
  * context's many splits cost a few memory latencies, not one per split. Returns (M, L); the
- * output goes to o (head_dim fp16). Partials are read through L2 (__ldcg): other blocks wrote
- * them. */
+ * output goes to o (head_dim fp16), unless o is NULL: then only M and L are made, with the
+ * same arithmetic. Partials are read through L2 (__ldcg): other blocks wrote them. */
 __device__ float2 combine_warp(__half *o, const float *pp, int head_dim, int splits) {
     int lane = threadIdx.x % 32, per = head_dim / 32;   /* channels per lane: 2 or 4 */
     float M = -INFINITY, L = 0.0f, A[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -1484,7 +1480,7 @@ __device__ float2 combine_warp(__half *o, const float *pp, int head_dim, int spl
         L = L * old + lw;
 #pragma unroll
         for (int e = 0; e < 4; e++) A[e] *= old;
-        int n = min(32, splits - base);
+        int n = o ? min(32, splits - base) : 0;
 #pragma unroll 8
         for (int j = 0; j < n; j++) {
             float wj = __shfl_sync(0xffffffffu, ws, j);
@@ -1497,7 +1493,7 @@ __device__ float2 combine_warp(__half *o, const float *pp, int head_dim, int spl
     }
 #pragma unroll
     for (int e = 0; e < 4; e++)
-        if (e < per) o[e * 32 + lane] = __float2half_rn(L > 0.0f ? A[e] / L : 0.0f);
+        if (o && e < per) o[e * 32 + lane] = __float2half_rn(L > 0.0f ? A[e] / L : 0.0f);
     return make_float2(M, L);
 }
 
@@ -1771,47 +1767,26 @@ __device__ __forceinline__ void load_words(const uint8_t *p, uint32_t *w) {
     }
 }
 
-template <int HD, int KB, int VB, int S>
+/* What a lane holds after a pass over tokens (mma_pass), for query head g of its quad (lane
+ * = 4 g + t): the running max m and sum l of the head's softmax and its unnormalised output
+ * in channels (2t + e) HD/8 + j, x[2 j + e]. Heads g >= gq hold nothing that counts. */
+template <int HD> struct MmaLane { float m, l, x[HD / 4]; };
+
+/* One pass of a block's warps over tokens [t_begin, t_end) of one tier (att_pages: the page ids
+ * of its split, from page p0 on), on tensor cores, into res. qrow: the gq query rows; n = 0: a
+ * padding row. mine: this block writes the new token at pos (one tier), whose K and V are in
+ * kv_sm. PAGED: chunks follow pages (below). */
+template <int HD, int KB, int VB, int S, bool PAGED>
 __device__ __forceinline__ void
-attention_mma(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
-              const float2 *cos_sin, int style, uint8_t *pool, const int *table,
-              const int *row_slot, const int *row_pos, int layer, const KvGeom &g, int n_heads,
-              int gq, int pages_per_split, const AttTier &at, int split, int splits) {
+mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, const int *table,
+         const KvGeom &g, size_t head_kv, const int *att_pages, int p0, int t_begin, int t_end,
+         int raw_at, const AttTier &at, int mine, int pos, const float *kv_sm) {
     constexpr int WARPS = ATT_THREADS(HD) / 32;
     constexpr int KBYTES = HD * KB / 32, VBYTES = HD * VB / 64;   /* a lane's bytes of a token */
     constexpr int KW = (KBYTES + 3) / 4, VW = (VBYTES + 3) / 4;   /* ... in words */
     constexpr int KSTEPS = HD / 16, NTILES = HD / 8;              /* mma k steps; output tiles */
     constexpr int KPW = 32 / KB;                                  /* key codes per word */
-    int kvh = blockIdx.y, r = blockIdx.z;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
-    /* The split's page ids, staged in shared memory: a token's address then costs one global
-     * load (its data), not two (the table, then the data). One tier: rows, positions and
-     * tables were set before the kernel before this one ran, so this overlaps it (launch_pdl);
-     * two tiers: the per-head counts come from kv_write_token, just before. */
-    if (at.n_tok) { grid_wait(); grid_release(); }
-    AttRange ar = attention_range(row_slot, row_pos, layer, g, n_heads, gq, pages_per_split,
-                                  at, split);
-    int pos = ar.pos, n = ar.n, raw_at = ar.raw_at, t_begin = ar.t_begin, t_end = ar.t_end;
-    size_t head_kv = ar.head_kv;
-    extern __shared__ int att_pages[];   /* (pages_per_split) */
-    const int *tab = table + head_kv * g.width;
-    int flip = at.tier == LKV_LOW, p0 = split * pages_per_split;
-    int np = t_begin < t_end ? kv_page_index(g, t_end - 1) - p0 + 1 : 0;
-    for (int i = threadIdx.x; i < np; i += blockDim.x)
-        att_pages[i] = tab[flip ? g.width - 1 - (p0 + i) : p0 + i];
-    if (!at.n_tok) { grid_wait(); grid_release(); }
-    int active = attention_active(g, n, pages_per_split);
-    if (at.arrive && t_begin >= t_end) {   /* past the row's tokens (a decode graph spans ctx) */
-        attention_finish<HD>(o, part, at.arrive, r, kvh, gq, n_heads, splits, active);
-        return;
-    }
-    __shared__ float q_sm[8 * HD];
-    __shared__ float kv_sm[2 * HD];
-    int mine = qkv ? attention_rope<HD>(q_sm, kv_sm, qkv, bqkv, cos_sin, style, g, pos, r, kvh,
-                                        n_heads, gq, pages_per_split, at, split)
-                   : 0;
-    const float *qrow = qkv ? q_sm : q + ((size_t)r * n_heads + kvh * gq) * HD;
-    __syncthreads();   /* att_pages and q_sm are complete, kv_sm holds the new K and V */
 
     /* one chunk's loads: keys of tokens g, g + 8; scales, zeros and values of 2t, 2t+1, 2t+8, 2t+9 */
     struct Chunk { uint32_t k[2][KW], v[4][VW], ksz[4], vsz[4]; };
@@ -1874,17 +1849,58 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
             }
         }
     };
+    /* PAGED (two tiers, a tier whose pages hold a number of tokens that is not a multiple of 16,
+     * such as k4v2's 28): chunks follow the pages, ceil(tpp / 16) a page, the last one of a page
+     * partly empty (16 + 12 for 28), so that every chunk loads from one page like a full one.
+     * Its slots past the page's tokens read whatever the next segment of the same page holds
+     * (gpu_build checks they stay inside it): their keys are masked out of the softmax and
+     * their value scales and zeros set to 0, so they add nothing (value codes are small
+     * integers, never NaN). Chunk k of the split starts at token chunk_begin(k); its tokens
+     * below chunk_lim(k) are real. */
+    const int cpp = (g.tpp + 15) / 16;   /* PAGED: chunks a page */
+    auto chunk_begin = [&](int k) -> int {
+        if constexpr (PAGED) {
+            int kp = k / cpp;
+            return t_begin + kp * g.tpp + 16 * (k - kp * cpp);
+        } else return t_begin + 16 * k;
+    };
+    auto chunk_lim = [&](int k) -> int {
+        if constexpr (PAGED) return min(t_end, t_begin + (k / cpp + 1) * g.tpp);
+        else return t_end;
+    };
+    static_assert(!PAGED || (KB < 16 && VB < 16), "PAGED chunks are for code keys and values");
+    auto load_paged = [&](int k, Chunk &ck) {
+        int kp = k / cpp, slot0 = 16 * (k - kp * cpp);
+        int c0 = t_begin + kp * g.tpp + slot0, lim = min(t_end, t_begin + (kp + 1) * g.tpp);
+        const uint8_t *page = pool + (size_t)att_pages[kp] * g.page_bytes;
+        const uint8_t *kb = page + g.k_codes + (slot0 + gi) * (HD * KB / 8) + ti * KBYTES;
+        const uint8_t *vb = page + g.v_codes + (slot0 + 2 * ti) * (HD * VB / 8) + gi * VBYTES;
+#pragma unroll
+        for (int i = 0; i < 2; i++) load_words<KBYTES>(kb + 8 * i * (HD * KB / 8), ck.k[i]);
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int du = (u & 1) + (u >> 1) * 8;   /* token 2t + du */
+            load_words<VBYTES>(vb + du * (HD * VB / 8), ck.v[u]);
+            ck.ksz[u] = *(const uint32_t *)(page + g.k_sz + (slot0 + 2 * ti + du) * 4);
+            uint32_t vsz = *(const uint32_t *)(page + g.v_sz + (slot0 + 2 * ti + du) * 4);
+            ck.vsz[u] = c0 + 2 * ti + du < lim ? vsz : 0u;
+        }
+    };
+    auto fetch = [&](int k, Chunk &ck, int lim) {
+        if constexpr (PAGED) load_paged(k, ck);
+        else load(chunk_begin(k), ck, lim);
+    };
+
     /* The first S - 1 chunks' loads go out before anything else, so that the new token's
      * quantization (mine) and the query fragments below overlap their latency. The new token's
      * slot is not written yet: those loads leave it out (lim), and the lanes that hold it take
      * its bytes from the shared-memory image that kv_append_image quantized them into. */
-    constexpr int STRIDE = 16 * WARPS;
     Chunk cb[S];
-    int c0 = t_begin + 16 * warp;
+    int k0 = warp;   /* warp w takes chunks w, w + WARPS, ... */
 #pragma unroll
     for (int i = 0; i < S - 1; i++)
-        if (c0 + i * STRIDE < t_end) load(c0 + i * STRIDE, cb[i], mine ? pos : t_end);
-    if (mine) {
+        if (chunk_begin(k0 + i * WARPS) < t_end) fetch(k0 + i * WARPS, cb[i], mine ? pos : t_end);
+    if (!PAGED && mine) {   /* (one tier only, so never PAGED) */
         constexpr int KCW = HD * KB / 32, VCW = HD * VB / 32;   /* code words of K, V */
         /* key codes, value codes (each a multiple of 16 bytes), key sz, value sz */
         __shared__ __align__(16) uint32_t img[KCW + VCW + 2];
@@ -1898,7 +1914,7 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
         const uint8_t *kimg = (const uint8_t *)img, *vimg = (const uint8_t *)(img + KCW);
 #pragma unroll
         for (int i = 0; i < S - 1; i++) {
-            int dt = pos - (c0 + i * STRIDE);   /* the new token's place in chunk i, if there */
+            int dt = pos - chunk_begin(k0 + i * WARPS);   /* the new token's place in chunk i, if there */
             if (dt < 0 || dt >= 16) continue;
 #pragma unroll
             for (int e = 0; e < 2; e++)
@@ -1938,9 +1954,10 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
 #pragma unroll
     for (int j = 0; j < NTILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-    /* the sums of one chunk of 16 tokens into m, l, acc, accz and acs */
+    /* the sums of one chunk of 16 tokens from c0 into m, l, acc, accz and acs (tokens at lim
+     * and after: none) */
     float acs = 0.0f;   /* sum of the P s fed to the products: each carries 1024 x it */
-    auto chunk = [&](const Chunk &ck, int c0) {
+    auto chunk = [&](const Chunk &ck, int c0, int lim) {
         /* S^T: tile i holds tokens 8i .. 8i+7 of the chunk */
         float s4[2][4];
 #pragma unroll
@@ -1962,8 +1979,8 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
                 float2 sz = scale_zero(ck.ksz[u]);
                 d = d * sz.x + sz.y * qsum;
             }
-            sc[u] = t < t_end ? d : -INFINITY;
-            if (raw_at >= 0 && t < t_end && gi < gq) at.raw[raw_at + gi * at.raw_stride + t] = d;
+            sc[u] = t < lim ? d : -INFINITY;
+            if (raw_at >= 0 && t < lim && gi < gq) at.raw[raw_at + gi * at.raw_stride + t] = d;
             mx = fmaxf(mx, sc[u]);
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -2014,16 +2031,16 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
             }
         }
     };
-    /* warp w takes chunks w, w + WARPS, ...; the next S - 1 chunks' loads are in flight while
-     * one is summed (S buffers, unrolled so that no registers are copied). The first loads went
-     * out above. */
-    for (; c0 < t_end; c0 += S * STRIDE) {
+    /* the next S - 1 chunks' loads are in flight while one is summed (S buffers, unrolled so
+     * that no registers are copied). The first loads went out above. */
+    for (; chunk_begin(k0) < t_end; k0 += S * WARPS) {
 #pragma unroll
         for (int i = 0; i < S; i++) {
-            int c = c0 + i * STRIDE;
+            int k = k0 + i * WARPS, c = chunk_begin(k);
             if (c >= t_end) break;
-            if (c + (S - 1) * STRIDE < t_end) load(c + (S - 1) * STRIDE, cb[(i + S - 1) % S], t_end);
-            chunk(cb[i], c);
+            int kn = k + (S - 1) * WARPS;
+            if (chunk_begin(kn) < t_end) fetch(kn, cb[(i + S - 1) % S], t_end);
+            chunk(cb[i], c, chunk_lim(k));
         }
     }
     l += __shfl_xor_sync(0xffffffffu, l, 1);
@@ -2033,30 +2050,213 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
     acs += __shfl_xor_sync(0xffffffffu, acs, 1);
     acs += __shfl_xor_sync(0xffffffffu, acs, 2);
 
-    /* merge the warps, one query head at a time */
+    /* the lane's channels, in the values' own units: codes ran as 1024 + 2^(VB sub) c */
+    res.m = m;
+    res.l = l;
+#pragma unroll
+    for (int j = 0; j < NTILES; j++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {   /* column 2t + e: channel (2t + e) HD/8 + j */
+            float x = acc[j][e] + acc[j][2 + e];   /* rows g (hi) and g + 8 (lo) */
+            if constexpr (VB < 16)
+                x = (x - 1024.0f * acs) * (1.0f / (float)(1 << (VB * (j % (8 / VB))))) + accz;
+            res.x[2 * j + e] = x;
+        }
+}
+
+/* The end of a block on tensor cores: the warps' results (res), one query head at a time, into
+ * o (total = 0: the block saw all the row's tokens) or into partial `split` of `total`
+ * (attention_merge); ml, if not NULL, gets each head's (M, L), (gq, 2). */
+template <int HD>
+__device__ __forceinline__ void mma_merge(const MmaLane<HD> &res, __half *o, float *part, int gq,
+                                          int r, int kvh, int n_heads, int total, int split,
+                                          float *ml = NULL) {
+    constexpr int WARPS = ATT_THREADS(HD) / 32;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
     __shared__ float sm_m[WARPS], sm_l[WARPS], sm_acc[WARPS * HD];
-    int total = at.total_splits ? at.total_splits : splits;
-    bool direct = total == 1 && !at.raw && !at.n_tok;
     for (int h = 0; h < gq; h++) {
         if (gi == h) {
-            if (ti == 0) { sm_m[warp] = m; sm_l[warp] = l; }
+            if (ti == 0) { sm_m[warp] = res.m; sm_l[warp] = res.l; }
 #pragma unroll
-            for (int j = 0; j < NTILES; j++)
+            for (int j = 0; j < HD / 8; j++)
 #pragma unroll
-                for (int e = 0; e < 2; e++) {   /* column 2t + e: channel (2t + e) HD/8 + j */
-                    float x = acc[j][e] + acc[j][2 + e];   /* rows g (hi) and g + 8 (lo) */
-                    if constexpr (VB < 16)   /* codes ran as 1024 + 2^(VB sub) c */
-                        x = (x - 1024.0f * acs) * (1.0f / (float)(1 << (VB * (j % (8 / VB))))) + accz;
-                    sm_acc[warp * HD + (2 * ti + e) * (HD / 8) + j] = x;
-                }
+                for (int e = 0; e < 2; e++)
+                    sm_acc[warp * HD + (2 * ti + e) * (HD / 8) + j] = res.x[2 * j + e];
         }
         __syncthreads();
-        attention_merge<HD>(o, part, sm_m, sm_l, sm_acc, WARPS, r, kvh * gq + h, n_heads,
-                            direct ? 0 : total, at.split_base + split);
+        attention_merge<HD>(o, part, sm_m, sm_l, sm_acc, WARPS, r, kvh * gq + h, n_heads, total,
+                            split, ml ? ml + 2 * h : NULL);
         __syncthreads();
     }
+}
+
+template <int HD, int KB, int VB, int S>
+__device__ __forceinline__ void
+attention_mma(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
+              const float2 *cos_sin, int style, uint8_t *pool, const int *table,
+              const int *row_slot, const int *row_pos, int layer, const KvGeom &g, int n_heads,
+              int gq, int pages_per_split, const AttTier &at, int split, int splits) {
+    int kvh = blockIdx.y, r = blockIdx.z;
+    /* The split's page ids, staged in shared memory: a token's address then costs one global
+     * load (its data), not two (the table, then the data). One tier: rows, positions and
+     * tables were set before the kernel before this one ran, so this overlaps it (launch_pdl);
+     * two tiers: the per-head counts come from kv_write_token, just before. */
+    if (at.n_tok) { grid_wait(); grid_release(); }
+    AttRange ar = attention_range(row_slot, row_pos, layer, g, n_heads, gq, pages_per_split,
+                                  at, split);
+    int pos = ar.pos, n = ar.n, raw_at = ar.raw_at, t_begin = ar.t_begin, t_end = ar.t_end;
+    size_t head_kv = ar.head_kv;
+    extern __shared__ int att_pages[];   /* (pages_per_split) */
+    const int *tab = table + head_kv * g.width;
+    int flip = at.tier == LKV_LOW, p0 = split * pages_per_split;
+    int np = t_begin < t_end ? kv_page_index(g, t_end - 1) - p0 + 1 : 0;
+    for (int i = threadIdx.x; i < np; i += blockDim.x)
+        att_pages[i] = tab[flip ? g.width - 1 - (p0 + i) : p0 + i];
+    if (!at.n_tok) { grid_wait(); grid_release(); }
+    int active = attention_active(g, n, pages_per_split);
+    if (at.arrive && t_begin >= t_end) {   /* past the row's tokens (a decode graph spans ctx) */
+        attention_finish<HD>(o, part, at.arrive, r, kvh, gq, n_heads, splits, active);
+        return;
+    }
+    if (at.n_tok && t_begin >= t_end) {    /* past the tier's tokens: an empty partial, l = 0 */
+        for (int h = threadIdx.x; h < gq; h += blockDim.x)
+            part[(((size_t)r * n_heads + kvh * gq + h) * at.total_splits + at.split_base + split) *
+                     (HD + 2) + HD + 1] = 0.0f;
+        return;
+    }
+    __shared__ float q_sm[8 * HD];
+    __shared__ float kv_sm[2 * HD];
+    int mine = qkv ? attention_rope<HD>(q_sm, kv_sm, qkv, bqkv, cos_sin, style, g, pos, r, kvh,
+                                        n_heads, gq, pages_per_split, at, split)
+                   : 0;
+    const float *qrow = qkv ? q_sm : q + ((size_t)r * n_heads + kvh * gq) * HD;
+    __syncthreads();   /* att_pages and q_sm are complete, kv_sm holds the new K and V */
+
+    MmaLane<HD> res;
+    mma_pass<HD, KB, VB, S, false>(res, qrow, n, gq, pool, table, g, head_kv, att_pages, p0,
+                                   t_begin, t_end, raw_at, at, mine, pos, kv_sm);
+    int total = at.total_splits ? at.total_splits : splits;
+    bool direct = total == 1 && !at.raw && !at.n_tok;
+    mma_merge<HD>(res, o, part, gq, r, kvh, n_heads, direct ? 0 : total, at.split_base + split);
     if (at.arrive && !direct)
         attention_finish<HD>(o, part, at.arrive, r, kvh, gq, n_heads, total, active);
+}
+
+/* Significance (section 3) of the n tokens of one tier of a head, all in the block's one
+ * split (pages: their page ids), from the scores this block kept in raw, (gq, stride), and each
+ * query head's max M and sum L in ml: every token gains max over the group of exp(s - M) / L,
+ * as kv_score_decode adds it. Four tokens a thread at a time, their loads together (measured:
+ * one loop over both tiers, eight at a time, made the step 13% slower). */
+__device__ __forceinline__ void tier_scores(uint8_t *pool, const KvGeom &g, const int *pages, int n,
+                                            const float *raw, int stride, int gq,
+                                            const float *ml) {
+    constexpr int U = 4;
+    for (int i0 = threadIdx.x; i0 < n; i0 += U * blockDim.x) {
+        float mx[U], *sp[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int i = i0 + u * blockDim.x;
+            mx[u] = 0.0f;
+            sp[u] = NULL;
+            if (i >= n) continue;
+            for (int h = 0; h < gq; h++)
+                mx[u] = fmaxf(mx[u], __expf(raw[(size_t)h * stride + i] - ml[2 * h]) / ml[2 * h + 1]);
+            int pg = kv_page_index(g, i);
+            sp[u] = (float *)(pool + (size_t)pages[pg] * g.page_bytes + g.scores) + (i - pg * g.tpp);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (sp[u]) *sp[u] += mx[u];
+    }
+}
+
+/* Both tiers of a (row, KV head) in one block (leankv's default pair on tensor cores): split
+ * i of the high tier, then split i of the low tier, each a pass at its own precision over its
+ * own pages (the low tier's 28-token pages PAGED), merged in registers -- the online softmax
+ * once more -- into one partial of max(splits) per row and head. Half the blocks of a block
+ * per tier: their fixed work (queries, page ids, the merge) done once, and one wave of blocks
+ * where two tiers made one and a half. Between the passes each thread keeps the high tier's
+ * result in shared memory (registers are spoken for: 3 blocks an SM). Dynamic shared memory:
+ * (2, pages_per_split) page ids, then the stash (HD / 4 + 2, threads) floats (tiers_smem). */
+template <int HD, int KB0, int VB0, int KB1, int VB1>
+__device__ __forceinline__ void
+attention_pair_mma(__half *o, float *part, const float *qkv, const float *bqkv,
+                   const float2 *cos_sin, int style, uint8_t *pool, const int *table,
+                   const int *row_slot, const int *row_pos, int layer, const KvGeom &g0,
+                   const KvGeom &g1, int n_heads, int gq, int pages_per_split, const AttTier &a0,
+                   const AttTier &a1, int *n_tok, int *plan) {
+    constexpr int NX = HD / 4;
+    int kvh = blockIdx.y, r = blockIdx.z, split = blockIdx.x, total = a0.total_splits;
+    int own = plan != NULL;   /* one split, and the block does the head's step (one_block_heads) */
+    grid_wait();   /* else the tiers' counts come from kv_write_token, just before */
+    grid_release();
+    if (own && row_pos[r] >= 0) {
+        /* One split: this block alone reads the head this step, so it writes the new token
+         * itself (kv_write_token's work, without its launch), before it reads the counts */
+        write_token(pool, table, g0, g1, n_tok, plan, qkv, bqkv, cos_sin, style,
+                    kv_head(g0, row_slot[r], layer, kvh), r, kvh, row_pos[r], n_heads, HD);
+        __syncthreads();   /* the block's writes (pages, counts) are visible to all of it */
+    }
+    AttRange h0 = attention_range(row_slot, row_pos, layer, g0, n_heads, gq, pages_per_split,
+                                  a0, split);
+    AttRange h1 = attention_range(row_slot, row_pos, layer, g1, n_heads, gq, pages_per_split,
+                                  a1, split);
+    extern __shared__ int att_pages[];
+    int *pages0 = att_pages, *pages1 = att_pages + pages_per_split, p0 = split * pages_per_split;
+    const int *tab = table + h0.head_kv * g0.width;
+    int np0 = h0.t_begin < h0.t_end ? kv_page_index(g0, h0.t_end - 1) - p0 + 1 : 0;
+    int np1 = h1.t_begin < h1.t_end ? kv_page_index(g1, h1.t_end - 1) - p0 + 1 : 0;
+    for (int i = threadIdx.x; i < np0; i += blockDim.x) pages0[i] = tab[p0 + i];
+    for (int i = threadIdx.x; i < np1; i += blockDim.x) pages1[i] = tab[g1.width - 1 - (p0 + i)];
+    if (np0 == 0 && np1 == 0) {   /* a padding row, or past both tiers' tokens: l = 0 */
+        for (int h = threadIdx.x; h < gq; h += blockDim.x)
+            part[(((size_t)r * n_heads + kvh * gq + h) * total + split) * (HD + 2) + HD + 1] = 0.0f;
+        return;
+    }
+    __shared__ float q_sm[8 * HD];
+    attention_rope<HD>(q_sm, NULL, qkv, bqkv, cos_sin, style, g0, h0.pos, r, kvh, n_heads, gq,
+                       pages_per_split, a0, split);   /* (two tiers: never the new token) */
+    __syncthreads();   /* the page ids and q_sm are complete */
+    MmaLane<HD> res;
+    res.m = -INFINITY; res.l = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NX; k++) res.x[k] = 0.0f;
+    if (np0)
+        mma_pass<HD, KB0, VB0, 2, false>(res, q_sm, 1, gq, pool, table, g0, h0.head_kv, pages0, p0,
+                                         h0.t_begin, h0.t_end, h0.raw_at, a0, 0, h0.pos, NULL);
+    if (np1) {
+        float *stash = (float *)(att_pages + 2 * pages_per_split) + threadIdx.x;   /* stride: threads */
+        if (np0) {
+            stash[0] = res.m; stash[blockDim.x] = res.l;
+#pragma unroll
+            for (int k = 0; k < NX; k++) stash[(2 + k) * blockDim.x] = res.x[k];
+        }
+        if (g1.tpp % 16)
+            mma_pass<HD, KB1, VB1, 2, true>(res, q_sm, 1, gq, pool, table, g1, h1.head_kv, pages1,
+                                            p0, h1.t_begin, h1.t_end, h1.raw_at, a1, 0, h1.pos, NULL);
+        else
+            mma_pass<HD, KB1, VB1, 2, false>(res, q_sm, 1, gq, pool, table, g1, h1.head_kv, pages1,
+                                             p0, h1.t_begin, h1.t_end, h1.raw_at, a1, 0, h1.pos, NULL);
+        if (np0) {   /* the two passes' (m, l, x), each relative to its own max */
+            float mh = stash[0], lh = stash[blockDim.x], M = fmaxf(mh, res.m);
+            float wh = lh > 0.0f ? __expf(mh - M) : 0.0f, wl = res.l > 0.0f ? __expf(res.m - M) : 0.0f;
+            res.m = M;
+            res.l = lh * wh + res.l * wl;
+#pragma unroll
+            for (int k = 0; k < NX; k++) res.x[k] = stash[(2 + k) * blockDim.x] * wh + res.x[k] * wl;
+        }
+    }
+    if (!own) {   /* kv_score_decode merges the splits and adds the scores */
+        mma_merge<HD>(res, o, part, gq, r, kvh, n_heads, total, split);
+        return;
+    }
+    /* One split: this block saw every token of the row's head, so M and L are final, o goes
+     * out directly, and the step's significance goes into the pages here (kv_score_decode's
+     * work, without its launch or its page-table loads). */
+    __shared__ float sm_ml[16];   /* (gq, 2) */
+    mma_merge<HD>(res, o, part, gq, r, kvh, n_heads, 0, 0, sm_ml);   /* (ends in a sync) */
+    tier_scores(pool, g0, pages0, h0.t_end, a0.raw + h0.raw_at, a0.raw_stride, gq, sm_ml);
+    tier_scores(pool, g1, pages1, h1.t_end, a1.raw + h1.raw_at, a1.raw_stride, gq, sm_ml);
 }
 
 /* TC: on tensor cores (attention_mma; code keys, one scale/zero pair per vector, gq <= 8), with
@@ -2077,41 +2277,35 @@ attention_paged(__half *o, float *part, const float *q, const float *qkv, const 
                                         pages_per_split, at, blockIdx.x, gridDim.x);
 }
 
-/* Both tiers of a two-tier decode step in one launch (leankv's default pair, k8v4 and k4v2):
- * blocks [0, s0) read the high tier's splits, the rest the low tier's, so the two overlap on the
- * GPU instead of running one after the other. */
+/* Both tiers of a two-tier decode step in one launch (leankv's default pair, k8v4 and k4v2).
+ * On tensor cores a block takes split blockIdx.x of both tiers (attention_pair_mma); else
+ * blocks [0, s0) read the high tier's splits and the rest the low tier's, side by side. */
 template <int HD, int GM, int KB0, int VB0, int KB1, int VB1, bool TC>
 __global__ void __launch_bounds__(ATT_THREADS(HD), HD == 64 && GM <= 4 ? ATT_BLOCKS_PER_SM : 1)
 attention_tiers(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
                 const float2 *cos_sin, int style, uint8_t *pool, const int *table,
                 const int *row_slot, const int *row_pos, int layer, KvGeom g0, KvGeom g1,
-                int n_heads, int gq, int pages_per_split, AttTier a0, AttTier a1) {
+                int n_heads, int gq, int pages_per_split, AttTier a0, AttTier a1,
+                int *n_tok, int *plan) {
     int s0 = a1.split_base;
-    if ((int)blockIdx.x < s0) {
-        if constexpr (TC)
-            attention_mma<HD, KB0, VB0, 2>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
-                                        row_slot, row_pos, layer, g0, n_heads, gq,
-                                        pages_per_split, a0, blockIdx.x, s0);
-        else
-            attention_block<HD, GM, KB0, VB0>(o, part, q, qkv, bqkv, cos_sin, style, pool,
-                                              table, row_slot, row_pos, layer, g0, n_heads, gq,
-                                              pages_per_split, a0, blockIdx.x, s0);
-    } else {
-        if constexpr (TC)
-            attention_mma<HD, KB1, VB1, 2>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
-                                        row_slot, row_pos, layer, g1, n_heads, gq,
-                                        pages_per_split, a1, blockIdx.x - s0, gridDim.x - s0);
-        else
-            attention_block<HD, GM, KB1, VB1>(o, part, q, qkv, bqkv, cos_sin, style, pool,
-                                              table, row_slot, row_pos, layer, g1, n_heads, gq,
-                                              pages_per_split, a1, blockIdx.x - s0,
-                                              gridDim.x - s0);
-    }
+    if constexpr (TC)
+        attention_pair_mma<HD, KB0, VB0, KB1, VB1>(o, part, qkv, bqkv, cos_sin, style, pool,
+                                                   table, row_slot, row_pos, layer, g0, g1,
+                                                   n_heads, gq, pages_per_split, a0, a1, n_tok,
+                                                   plan);
+    else if ((int)blockIdx.x < s0)
+        attention_block<HD, GM, KB0, VB0>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
+                                          row_slot, row_pos, layer, g0, n_heads, gq,
+                                          pages_per_split, a0, blockIdx.x, s0);
+    else
+        attention_block<HD, GM, KB1, VB1>(o, part, q, qkv, bqkv, cos_sin, style, pool, table,
+                                          row_slot, row_pos, layer, g1, n_heads, gq,
+                                          pages_per_split, a1, blockIdx.x - s0, gridDim.x - s0);
 }
 
 /* o from the splits' partials of one (row, head), one warp each (combine_warp).
- * ml, if not NULL, gets (M, L): what turns kept scores into probabilities (two tiers, and
- * prompt scores; other launches merge in attention_finish). */
+ * ml, if not NULL, gets (M, L): what turns kept scores into probabilities (a prompt's scores;
+ * a two-tier decode step merges in kv_score_decode, other launches in attention_finish). */
 __global__ void attention_combine(__half *o, float *ml, const float *part, int n_heads,
                                   int head_dim, int splits) {
     grid_wait();
@@ -2124,6 +2318,50 @@ __global__ void attention_combine(__half *o, float *ml, const float *part, int n
         ml[((size_t)r * n_heads + head) * 2] = ML.x;
         ml[((size_t)r * n_heads + head) * 2 + 1] = ML.y;
     }
+}
+
+/* Significance at a decode step (section 3), with the merge of the step's two tiers: block
+ * (KV head, row, 256 tokens), a thread a token, enough blocks to hide the latency of the
+ * dependent loads (table, then page). Warp h first takes query head h's max M and sum L from
+ * the partials (combine_warp; the first block of the row also merges them into o), then every
+ * cached token of the KV head, high tier then low, gains the max over the GQA group of this
+ * step's probability exp(s - M) / L, from the scores s that attention kept in raw. One launch
+ * where there were two (attention_combine, then this). */
+#define SCORE_THREADS 256
+__global__ void __launch_bounds__(SCORE_THREADS)
+kv_score_decode(__half *o, const float *part, uint8_t *pool, const int *table, KvGeom g0,
+                KvGeom g1, const int *n_tok, const float *raw, const int *row_slot,
+                const int *row_pos, int layer, int n_heads, int gq, int hd, int splits,
+                int ctx) {
+    __shared__ float sm_ml[8][2];   /* (gq, 2): M and L of each query head */
+    grid_wait();
+    grid_release();
+    int kvh = blockIdx.x, r = blockIdx.y, first = blockIdx.z == 0, warp = threadIdx.x / 32;
+    int t = blockIdx.z * SCORE_THREADS + threadIdx.x, pos = row_pos[r], nh = 0, n = 0;
+    size_t hh = 0;
+    if (pos >= 0) {
+        hh = kv_head(g0, row_slot[r], layer, kvh);
+        nh = n_tok[hh * 2];
+        n = nh + n_tok[hh * 2 + 1];
+    }
+    if (!first && blockIdx.z * SCORE_THREADS >= n) return;   /* the whole block: past the tokens */
+    if (warp < gq) {   /* a padding row's partials are empty: its o becomes 0 */
+        int head = kvh * gq + warp;
+        float2 ML = combine_warp(first ? o + ((size_t)r * n_heads + head) * hd : NULL,
+                                 part + ((size_t)r * n_heads + head) * splits * (hd + 2), hd,
+                                 splits);
+        if (threadIdx.x % 32 == 0) { sm_ml[warp][0] = ML.x; sm_ml[warp][1] = ML.y; }
+    }
+    __syncthreads();
+    if (t >= n) return;
+    const float *rr = raw + ((size_t)r * n_heads + kvh * gq) * ctx + t;
+    float mx = 0.0f;
+    for (int h = 0; h < gq; h++)
+        mx = fmaxf(mx, __expf(rr[(size_t)h * ctx] - sm_ml[h][0]) / sm_ml[h][1]);
+    int s, tier = t < nh ? LKV_HIGH : LKV_LOW;
+    const KvGeom &g = tier ? g1 : g0;
+    uint8_t *page = kv_page(pool, table, g, hh, tier, tier ? t - nh : t, &s);
+    ((float *)(page + g.scores))[s] += mx;
 }
 
 /* hb = silu(g) * u, with silu(g) = g * sigmoid(g); gu holds g then u for each row */
@@ -2223,6 +2461,10 @@ struct GpuEngine {
                                                the only one of a one-precision cache) */
     void (*attention_pair)(struct GpuEngine *, const AttCall *, const AttTier *); /* both tiers
                                                in one launch, or NULL: one launch per tier */
+    int pair_blocks;                        /* blocks of attention_pair per split of both tiers: 1
+                                               on tensor cores (attention_pair_mma), else 2 */
+    int own_heads;                          /* a decode step's attention block writes its head's
+                                               token and adds its scores (one_block_heads) */
     RunState s;
     cudaGraphExec_t graph[MAX_BUCKETS];     /* decode step per batch size 2^i, made on first use */
     float *test_qkv;                        /* (n_layers, max_rows, QD + 2*KVD) test engine input */
@@ -2244,17 +2486,29 @@ static void launch_attention(GpuEngine *g, const AttCall *a) {
                c->n_heads, c->n_heads / c->n_kv_heads, g->pages_per_split, a->at);
 }
 
-/* both tiers at once: a0 the high tier's, a1 the low's (a1.split_base = the high splits) */
+/* attention_pair_mma's dynamic shared memory: both tiers' page ids, and the stash */
+template <int HD> static int tiers_smem(int pages_per_split) {
+    return (2 * pages_per_split + (HD / 4 + 2) * ATT_THREADS(HD)) * 4;
+}
+template <int HD> static void tiers_smem_setup(int pages_per_split) {
+    CUDA_CHECK(cudaFuncSetAttribute(attention_tiers<HD, 4, 8, 4, 4, 2, true>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    tiers_smem<HD>(pages_per_split)));
+}
+
+/* both tiers at once: a0 the high tier's, a1 the low's (a block each: a1.split_base = the
+ * high splits; one block for both on tensor cores) */
 template <int HD, int GM, bool TC>
 static void launch_tiers(GpuEngine *g, const AttCall *a, const AttTier *at) {
     Config *c = &g->c;
     RunState *s = &g->s;
     dim3 grid(at[0].total_splits, c->n_kv_heads, a->n_rows), block(ATT_THREADS(HD));
-    size_t smem = TC ? g->pages_per_split * sizeof(int) : 0;
-    attention_tiers<HD, GM, 8, 4, 4, 2, TC><<<grid, block, smem, g->stream>>>(
-        a->o, s->att_part, s->q, a->qkv, a->bqkv, g->rope_cs, c->rope_style, g->kv.pool,
-        g->kv.table, s->row_slot, s->row_pos, a->layer, g->kv.tg[0], g->kv.tg[1], c->n_heads,
-        c->n_heads / c->n_kv_heads, g->pages_per_split, at[0], at[1]);
+    size_t smem = TC ? tiers_smem<HD>(g->pages_per_split) : 0;
+    launch_pdl(g->pdl, attention_tiers<HD, GM, 8, 4, 4, 2, TC>, grid, block, smem, g->stream,
+               a->o, s->att_part, s->q, a->qkv, a->bqkv, g->rope_cs, c->rope_style, g->kv.pool,
+               g->kv.table, s->row_slot, s->row_pos, a->layer, g->kv.tg[0], g->kv.tg[1],
+               c->n_heads, c->n_heads / c->n_kv_heads, g->pages_per_split, at[0], at[1],
+               g->kv.n_tok, g->own_heads ? g->kv.plan : NULL);
 }
 typedef void (*PairLaunch)(GpuEngine *, const AttCall *, const AttTier *);
 static const PairLaunch pair_kernels[2][5] = {
@@ -2342,6 +2596,14 @@ static AttentionLaunch find_attention(int head_dim, int gq, LkvPrecision p, int 
     return NULL;
 }
 
+/* Two tiers: does one block of attention_pair_mma see all of a head's tokens (one split of
+ * each tier)? Then it writes the step's token, attends and adds the scores, in one launch
+ * (LEANKV_TIER_KERNELS=1: in kv_write_token and kv_score_decode still, to measure them). */
+static int one_block_heads(const GpuEngine *g) {
+    return g->attention_pair && g->pair_blocks == 1 && g->splits_t[0] == 1 &&
+           g->splits_t[1] == 1 && !env_switch("LEANKV_TIER_KERNELS", 0);
+}
+
 static void combine(GpuEngine *g, int n_rows, int splits, __half *o, float *ml) {
     Config *c = &g->c;
     launch_pdl(g->pdl, attention_combine, dim3(c->n_heads, n_rows), dim3(32), 0,
@@ -2352,7 +2614,9 @@ static void combine(GpuEngine *g, int n_rows, int splits, __half *o, float *ml) 
  * its queries inside the kernel; a prompt chunk's are in s->q already.
  *   one tier: one launch, plus attention_combine when split
  *   two tiers, decode: a launch per tier over the head's own tokens of that tier, at its own
- *     precision, both writing partials that attention_combine merges; then kv_score_decode
+ *     precision (or one launch for both), writing partials that kv_score_decode merges before
+ *     it adds the step's probabilities to the tokens' scores -- unless one block saw all of a
+ *     head's tokens (attention_pair_mma, one split), which does both itself
  *   two tiers, a prompt chunk holding counted rows: the scores are kept, and kv_score_prefill
  *     adds the rows' probabilities to the prompt sums */
 static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int decode,
@@ -2365,10 +2629,11 @@ static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int deco
     a.layer = layer; a.n_rows = n_rows; a.tier = LKV_HIGH; a.qkv = decode ? qkv : NULL;
     a.bqkv = bqkv; a.o = o; a.at.raw_stride = g->ctx;
     if (kv->n_tiers > 1 && decode) {
-        int total = g->splits_t[0] + g->splits_t[1];
+        int s0 = g->splits_t[0], s1 = g->splits_t[1], one = g->attention_pair && g->pair_blocks == 1;
+        int total = one ? (s0 > s1 ? s0 : s1) : s0 + s1;   /* partials per (row, head) */
         AttTier at[2];
         for (int t = 0; t < 2; t++)
-            at[t] = (AttTier){kv->n_tok, t, t ? g->splits_t[0] : 0, total, kv->raw, 0, g->ctx};
+            at[t] = (AttTier){kv->n_tok, t, t && !one ? s0 : 0, total, kv->raw, 0, g->ctx};
         if (g->attention_pair) g->attention_pair(g, &a, at);   /* one launch for both */
         else
             for (int t = 0; t < 2; t++) {
@@ -2378,10 +2643,13 @@ static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int deco
                 g->attention_t[t](g, &a);
             }
         LAUNCH_CHECK();
-        combine(g, n_rows, total, o, kv->ml);
-        kv_score_decode<<<dim3(c->n_kv_heads, n_rows, (g->ctx + 255) / 256), 256, 0, g->stream>>>(
-            kv->pool, kv->table, kv->tg[0], kv->tg[1], kv->n_tok, kv->raw, kv->ml, g->s.row_slot,
-            g->s.row_pos, layer, c->n_heads, gq, g->ctx);
+        if (g->own_heads) return;   /* attention_pair_mma merged and scored in place */
+        launch_pdl(g->pdl, kv_score_decode,
+                   dim3(c->n_kv_heads, n_rows, (g->ctx + SCORE_THREADS - 1) / SCORE_THREADS),
+                   dim3(SCORE_THREADS), 0,
+                   g->stream, o, g->s.att_part, kv->pool, kv->table, kv->tg[0], kv->tg[1],
+                   kv->n_tok, kv->raw, g->s.row_slot, g->s.row_pos, layer, c->n_heads, gq,
+                   c->head_dim, total, g->ctx);
         LAUNCH_CHECK();
         return;
     }
@@ -2420,10 +2688,10 @@ static void attend(GpuEngine *g, int l, int n_rows, int att_ctx, int decode, con
             s->q, kv->pool, qkv, bqkv, g->rope_cs, kv->table, s->row_slot, s->row_pos, l,
             kv->tg[0], c->n_heads, hd, c->rope_style);
         LAUNCH_CHECK();
-    } else if (kv->n_tiers > 1) {
-        kv_write_token<<<dim3(c->n_kv_heads, n_rows), 64, 0, g->stream>>>(
-            kv->pool, kv->table, kv->tg[0], kv->tg[1], kv->n_tok, kv->plan, qkv, bqkv, g->rope_cs,
-            c->rope_style, s->row_slot, s->row_pos, l, c->n_heads, hd);
+    } else if (kv->n_tiers > 1 && !g->own_heads) {   /* (else attention writes it) */
+        launch_pdl(g->pdl, kv_write_token, dim3(c->n_kv_heads, n_rows), dim3(128), 0, g->stream,
+                   kv->pool, kv->table, kv->tg[0], kv->tg[1], kv->n_tok, kv->plan, qkv, bqkv,
+                   g->rope_cs, c->rope_style, s->row_slot, s->row_pos, l, c->n_heads, hd);
         LAUNCH_CHECK();
     }
     attention(g, l, n_rows, att_ctx, decode, qkv, bqkv, o);
@@ -2603,6 +2871,16 @@ static int split_pages(int pages, int n_sms, int slots, int n_kv_heads, LkvPreci
     return pps < least ? least : pps;
 }
 
+/* attention_mma's PAGED chunks read ceil(tpp / 16) * 16 slots of every segment of a page: true
+ * when those reads stay inside the page (the segments after them are the page's own) */
+static int chunks_in_page(const KvGeom *g, int head_dim) {
+    int slots = (g->tpp + 15) / 16 * 16;
+    return g->k_codes + slots * lkv_code_bytes(head_dim, g->kbits) <= g->page_bytes &&
+           g->k_sz + slots * lkv_sz_bytes(g->groups, g->kbits) <= g->page_bytes &&
+           g->v_codes + slots * lkv_code_bytes(head_dim, g->vbits) <= g->page_bytes &&
+           g->v_sz + slots * lkv_sz_bytes(g->groups, g->vbits) <= g->page_bytes;
+}
+
 extern "C" int gpu_available(char *name, size_t len) {
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
@@ -2690,6 +2968,8 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
     build_rope_table(g);
     build_kvcache(&g->kv, c, tiers, n_tiers, max_slots, g->max_rows, ctx, kv_mem_mib, g->stream);
     g->kv.defaults = policy;
+    if (g->attention_pair && !chunks_in_page(&g->kv.tg[1], c->head_dim))
+        g->attention_pair = NULL;   /* (no layout of lkv_layout's gets here) */
     g->pages_per_split = split_pages((ctx + g->kv.tg[0].tpp - 1) / g->kv.tg[0].tpp, g->n_sms,
                                      max_slots, c->n_kv_heads, tiers[0]);
     for (int t = 0; t < n_tiers; t++)   /* the kernel for this engine's split length */
@@ -2701,6 +2981,13 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
         g->splits_t[t] = (pt + g->pages_per_split - 1) / g->pages_per_split;
         g->max_splits += g->splits_t[t];
     }
+    g->pair_blocks = 2;
+    if (g->attention_pair == pair_kernels_tc[0] || g->attention_pair == pair_kernels_tc[1]) {
+        g->pair_blocks = 1;
+        if (c->head_dim == 64) tiers_smem_setup<64>(g->pages_per_split);
+        else tiers_smem_setup<128>(g->pages_per_split);
+    }
+    g->own_heads = one_block_heads(g);
     if (n_tiers > 1) {   /* placement stages a tile of high-tier tokens in shared memory */
         KvGeom *h = &g->kv.tg[0];
         int words = (lkv_code_bytes(c->head_dim, h->kbits) + lkv_sz_bytes(h->groups, h->kbits) +

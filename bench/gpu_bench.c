@@ -706,11 +706,13 @@ static int tiers_compare(GpuEngine *g, KVCache *kv, const Config *c, int seq, co
 static int gpu_mode_tiers(const BenchOptions *o) {
     int failures = 0;
     /* leankv's default tiers at both head dims (one fused attention launch for both tiers),
-     * and another pair (fp16 high, k8v4 low: a launch per tier) */
-    static const LkvPrecision pairs[3][2] = {{{8, 4, 1}, {4, 2, 1}}, {{8, 4, 1}, {4, 2, 1}},
-                                             {{16, 16, 1}, {8, 4, 1}}};
-    static const int dims[3] = {64, 128, 64};
-    for (int ci = 0; ci < 3; ci++) {
+     * another pair (fp16 high, k8v4 low: a launch per tier), and the default pair again in a
+     * GPU engine built for 128 sequences, whose splits span the whole context: one block sees
+     * all of a head's tokens and adds the scores itself */
+    static const LkvPrecision pairs[4][2] = {{{8, 4, 1}, {4, 2, 1}}, {{8, 4, 1}, {4, 2, 1}},
+                                             {{16, 16, 1}, {8, 4, 1}}, {{8, 4, 1}, {4, 2, 1}}};
+    static const int dims[4] = {64, 128, 64, 64}, engine_slots[4] = {4, 4, 4, 128};
+    for (int ci = 0; ci < 4; ci++) {
         int hd = dims[ci];
         Config c;
         memset(&c, 0, sizeof c);
@@ -725,7 +727,8 @@ static int gpu_mode_tiers(const BenchOptions *o) {
         build_kvcache_tiers(&kv, &c, S, ctx, 8, tiers, 2);
         kv.defaults = pol;
         char err[256];
-        GpuEngine *g = gpu_build(&c, NULL, tiers, 2, pol, S, 256, ctx, 8, err, sizeof err);
+        GpuEngine *g = gpu_build(&c, NULL, tiers, 2, pol, engine_slots[ci], 256, ctx, 8, err,
+                                 sizeof err);
         if (!g) die("tiers: %s", err);
         GpuInfo gi;
         gpu_info(g, &gi);
@@ -812,11 +815,11 @@ static int gpu_mode_tiers(const BenchOptions *o) {
         for (int s = 0; s < S; s++) kv_account(&kv, s);
         tot = kv_totals(&kv);
         int ok = !tabs_dummy_bad && free_ok && score_err <= 1e-3 && o_err <= 2e-2;
-        printf("tiers: k%dv%d / k%dv%d, head dim %d, %d slots, %d decode steps x 2 phases: cases prune %d swap %d "
+        printf("tiers: k%dv%d / k%dv%d, head dim %d, %d slots (engine of %d), %d decode steps x 2 phases: cases prune %d swap %d "
                "demote %d append %d (all heads); held high %.0f%% low %.0f%% pruned %.0f%%; "
                "free pages GPU %d CPU %d; %d mismatches; score err %.2e (<= 1e-3); attention "
                "max abs err %.2e (<= 2e-2) %s\n", tiers[0].kbits, tiers[0].vbits, tiers[1].kbits,
-               tiers[1].vbits, hd, S, N, cases[1], cases[2], cases[3], cases[4],
+               tiers[1].vbits, hd, S, engine_slots[ci], N, cases[1], cases[2], cases[3], cases[4],
                100 * tot.high / tot.seen, 100 * tot.low / tot.seen,
                100 * (tot.seen - tot.high - tot.low) / tot.seen, gi.free_pages, kv.free_count,
                tabs_dummy_bad, score_err, o_err, ok ? "ok" : "FAIL");

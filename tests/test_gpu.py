@@ -132,8 +132,10 @@ def test_batch_equals_alone_quantized(bench):
 
 def test_tiers_gpu_equals_cpu(bench):
     """leankv's two tiers (k8v4 high, k4v2 low at head dims 64 and 128: both tiers in one
-    attention launch; fp16 high, k8v4 low at 64: a launch per tier; alphas 2 and 0.8, window
-    16): the GPU's cache-only engine and the CPU's cache, fed the same q, k, v, through four
+    attention launch; fp16 high, k8v4 low at 64: a launch per tier; k8v4 / k4v2 at 64 again in
+    an engine of 128 sequences, one split per tier, where attention adds the scores itself;
+    alphas 2 and 0.8, window 16): the GPU's cache-only engine and the CPU's cache, fed the same
+    q, k, v, through four
     prompts (prefill scores and placement), 64 decode steps of all four sequences (the GPU
     plans every head's case, takes pages with its prepare / scan / apply kernels, demotes,
     prunes and scores), a release and a new prompt, and 64 more steps. Afterwards every head
@@ -144,7 +146,7 @@ def test_tiers_gpu_equals_cpu(bench):
     r = run([str(bench), "tiers", "none", "--gen-len", "64"])
     assert r.returncode == 0 and "tiers: PASS" in r.stdout
     runs = re.findall(r"cases prune (\d+) swap (\d+) demote (\d+) append (\d+)", r.stdout)
-    assert len(runs) == 3 and all(sum(int(x[i]) for x in runs) > 0 for i in range(4)), runs
+    assert len(runs) == 4 and all(sum(int(x[i]) for x in runs) > 0 for i in range(4)), runs
 
 
 def test_leankv_cli_on_gpu(tmp_path):
