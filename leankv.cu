@@ -504,18 +504,29 @@ __device__ void kv_store(uint8_t *codes, uint16_t *sz, const float *x, int d, in
 /* Appends one token's key (is_v 0, after RoPE) or value (is_v 1) x to head `head` at pos:
  * the page is table[pos / tpp], the slot pos % tpp. One warp; the key's warp also writes the
  * token's metadata (score 0, position). */
+/* The page and slot that position pos of head `head` goes to (positions fill the table in
+ * order), for kv_append and kv_append_image. On a tiered cache's pages the key's lane 0 also
+ * writes the token's score 0 and its position. */
+__device__ __forceinline__ uint8_t *kv_append_slot(uint8_t *pool, const int *table,
+                                                   const KvGeom &g, size_t head, int pos,
+                                                   int is_v, int lane, int *slot) {
+    uint8_t *page = pool + (size_t)table[head * g.width + pos / g.tpp] * g.page_bytes;
+    *slot = pos % g.tpp;
+    if (!is_v && lane == 0 && g.scores >= 0) {
+        ((float *)(page + g.scores))[*slot] = 0.0f;
+        ((int *)(page + g.pos))[*slot] = pos;
+    }
+    return page;
+}
+
 __device__ void kv_append(uint8_t *pool, const int *table, const KvGeom &g, size_t head, int pos,
                           int is_v, const float *x, int head_dim, int lane) {
-    uint8_t *page = pool + (size_t)table[head * g.width + pos / g.tpp] * g.page_bytes;
-    int slot = pos % g.tpp, bits = is_v ? g.vbits : g.kbits;
+    int slot, bits = is_v ? g.vbits : g.kbits;
+    uint8_t *page = kv_append_slot(pool, table, g, head, pos, is_v, lane, &slot);
     uint8_t *codes = page + (is_v ? g.v_codes : g.k_codes) + (size_t)slot * lkv_code_bytes(head_dim, bits);
     uint16_t *sz = (uint16_t *)(page + (is_v ? g.v_sz : g.k_sz) +
                                 (size_t)slot * lkv_sz_bytes(g.groups, bits));
     kv_store(codes, sz, x, head_dim, bits, g.groups, lane);
-    if (!is_v && lane == 0 && g.scores >= 0) {   /* a tiered cache's pages: score, position */
-        ((float *)(page + g.scores))[slot] = 0.0f;
-        ((int *)(page + g.pos))[slot] = pos;
-    }
 }
 
 /* kv_store for one vector of HD channels in one group at BITS bits, into img (its codes as a
@@ -568,15 +579,11 @@ __device__ void kv_append_image(uint32_t *img, uint32_t *img_sz, uint8_t *pool, 
     constexpr int CW = HD * BITS / 32;   /* code words */
     kv_quantize_warp<HD, BITS>(x, img, img_sz, lane);
     __syncwarp();
-    uint8_t *page = pool + (size_t)table[head * g.width + pos / g.tpp] * g.page_bytes;
-    int slot = pos % g.tpp;
+    int slot;
+    uint8_t *page = kv_append_slot(pool, table, g, head, pos, is_v, lane, &slot);
     uint32_t *codes = (uint32_t *)(page + (is_v ? g.v_codes : g.k_codes)) + (size_t)slot * CW;
     for (int j = lane; j < CW; j += 32) codes[j] = img[j];
     if (BITS < 16 && lane == 0) ((uint32_t *)(page + (is_v ? g.v_sz : g.k_sz)))[slot] = *img_sz;
-    if (!is_v && lane == 0 && g.scores >= 0) {
-        ((float *)(page + g.scores))[slot] = 0.0f;
-        ((int *)(page + g.pos))[slot] = pos;
-    }
 }
 
 /* ---- Two tiers (--kv leankv): the memory manager's kernels, placement and the decode policy.
@@ -1790,6 +1797,9 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
 
     /* one chunk's loads: keys of tokens g, g + 8; scales, zeros and values of 2t, 2t+1, 2t+8, 2t+9 */
     struct Chunk { uint32_t k[2][KW], v[4][VW], ksz[4], vsz[4]; };
+    /* the chunk's token behind a lane's load i: keys k[0], k[1] (i = 0, 1), then values v[u]
+     * with their scales and zeros (i = 2 + u) */
+    auto dt_of = [&](int i) { return i < 2 ? 8 * i + gi : 2 * ti + ((i - 2) & 1) + ((i - 2) >> 1) * 8; };
     int whole = g.tpp % 16 == 0;   /* every chunk lies inside one page (splits start at pages) */
     auto load = [&](int c0, Chunk &ck, int lim) {   /* tokens at lim and after: zeros */
         if (whole && c0 + 16 <= lim) {
@@ -1805,7 +1815,7 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
             for (int i = 0; i < 2; i++) load_words<KBYTES>(kb + 8 * i * (HD * KB / 8), ck.k[i]);
 #pragma unroll
             for (int u = 0; u < 4; u++) {
-                int du = (u & 1) + (u >> 1) * 8;   /* token 2t + du */
+                int du = (u & 1) + (u >> 1) * 8;   /* token 2t + du: dt_of(2 + u) */
                 load_words<VBYTES>(vb + du * (HD * VB / 8), ck.v[u]);
                 if constexpr (KB < 16) ck.ksz[u] = *(const uint32_t *)(page + g.k_sz + (slot0 + 2 * ti + du) * 4);
                 if constexpr (VB < 16) ck.vsz[u] = *(const uint32_t *)(page + g.v_sz + (slot0 + 2 * ti + du) * 4);
@@ -1821,8 +1831,7 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
         }
 #pragma unroll
         for (int i = 0; i < 6; i++) {
-            int dt = i < 2 ? 8 * i + gi : 2 * ti + ((i - 2) & 1) + ((i - 2) >> 1) * 8;
-            int t = c0 + dt, ok = t < lim, slot;
+            int dt = dt_of(i), t = c0 + dt, ok = t < lim, slot;
             const uint8_t *page;
             if (whole) { page = chunk_page; slot = chunk_slot + dt; }
             else {
@@ -1879,7 +1888,7 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
         for (int i = 0; i < 2; i++) load_words<KBYTES>(kb + 8 * i * (HD * KB / 8), ck.k[i]);
 #pragma unroll
         for (int u = 0; u < 4; u++) {
-            int du = (u & 1) + (u >> 1) * 8;   /* token 2t + du */
+            int du = (u & 1) + (u >> 1) * 8;   /* token 2t + du: dt_of(2 + u) */
             load_words<VBYTES>(vb + du * (HD * VB / 8), ck.v[u]);
             ck.ksz[u] = *(const uint32_t *)(page + g.k_sz + (slot0 + 2 * ti + du) * 4);
             uint32_t vsz = *(const uint32_t *)(page + g.v_sz + (slot0 + 2 * ti + du) * 4);
@@ -1918,10 +1927,10 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
             if (dt < 0 || dt >= 16) continue;
 #pragma unroll
             for (int e = 0; e < 2; e++)
-                if (dt == 8 * e + gi) load_words<KBYTES>(kimg + ti * KBYTES, cb[i].k[e]);
+                if (dt == dt_of(e)) load_words<KBYTES>(kimg + ti * KBYTES, cb[i].k[e]);
 #pragma unroll
             for (int u = 0; u < 4; u++)
-                if (dt == 2 * ti + (u & 1) + (u >> 1) * 8) {
+                if (dt == dt_of(2 + u)) {
                     load_words<VBYTES>(vimg + gi * VBYTES, cb[i].v[u]);
                     if constexpr (KB < 16) cb[i].ksz[u] = img[KCW + VCW];
                     if constexpr (VB < 16) cb[i].vsz[u] = img[KCW + VCW + 1];
@@ -2581,6 +2590,8 @@ static AttentionLaunch find_attention(int head_dim, int gq, LkvPrecision p, int 
     if (hi < 0 || gi < 0) return NULL;
     int kb = p.kbits, vb = p.vbits;
     const char *e = getenv("LEANKV_ATT_STAGES");
+    if (e && *e && strcmp(e, "2") && strcmp(e, "3"))
+        fprintf(stderr, "leankv: warning: LEANKV_ATT_STAGES=%s is neither 2 nor 3; taken as 2\n", e);
     int deep = e && *e ? atoi(e) == 3 : split_tokens >= ATT_DEEP_TOKENS;
     if (use_tensor_cores(p) && kb < 16 && deep)
         for (int i = 0; i < 6; i++)
@@ -3314,13 +3325,14 @@ __device__ void kv_append_image_any(uint32_t *img, uint32_t *img_sz, uint8_t *po
  * dim 64 or 128) */
 __global__ void kv_store_test(uint8_t *pool, const int *table, KvGeom g, const float *k,
                               const float *v, int head_dim, int path) {
-    __shared__ __align__(16) uint32_t img[2][128 * 16 / 32 + 1];
+    constexpr int CW = 128 * 16 / 32;   /* code words of the widest vector; its sz word after */
+    __shared__ __align__(16) uint32_t img[2][CW + 1];
     int pos = blockIdx.x, is_v = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float *x = (is_v ? v : k) + (size_t)pos * head_dim;
     if (path == 0) kv_append(pool, table, g, 0, pos, is_v, x, head_dim, lane);
     else if (head_dim == 64)
-        kv_append_image_any<64>(img[is_v], img[is_v] + 64, pool, table, g, pos, is_v, x, lane);
-    else kv_append_image_any<128>(img[is_v], img[is_v] + 64, pool, table, g, pos, is_v, x, lane);
+        kv_append_image_any<64>(img[is_v], img[is_v] + CW, pool, table, g, pos, is_v, x, lane);
+    else kv_append_image_any<128>(img[is_v], img[is_v] + CW, pool, table, g, pos, is_v, x, lane);
 }
 
 static KvGeom test_geom(LkvPrecision p, int head_dim, int n_tok, LkvPageLayout *L) {
