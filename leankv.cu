@@ -1801,25 +1801,29 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
      * with their scales and zeros (i = 2 + u) */
     auto dt_of = [&](int i) { return i < 2 ? 8 * i + gi : 2 * ti + ((i - 2) & 1) + ((i - 2) >> 1) * 8; };
     int whole = g.tpp % 16 == 0;   /* every chunk lies inside one page (splits start at pages) */
-    auto load = [&](int c0, Chunk &ck, int lim) {   /* tokens at lim and after: zeros */
-        if (whole && c0 + 16 <= lim) {
-            /* the common case, a full chunk in one page: nothing to mask, and every address is
-             * one of four per-lane bases plus a constant (fewer instructions: this kernel issues
-             * an instruction every other cycle) */
-            int pg = kv_page_index(g, c0);
-            const uint8_t *page = pool + (size_t)att_pages[pg - p0] * g.page_bytes;
-            int slot0 = c0 - pg * g.tpp;
-            const uint8_t *kb = page + g.k_codes + (slot0 + gi) * (HD * KB / 8) + ti * KBYTES;
-            const uint8_t *vb = page + g.v_codes + (slot0 + 2 * ti) * (HD * VB / 8) + gi * VBYTES;
+    /* 16 slots of one page from slot0, every address one of four per-lane bases plus a constant
+     * (fewer instructions: this kernel issues an instruction every other cycle); the value
+     * scales and zeros of the slots at nvalid and after read as 0 (a PAGED chunk's tail) */
+    auto load_page = [&](const uint8_t *page, int slot0, Chunk &ck, int nvalid) {
+        const uint8_t *kb = page + g.k_codes + (slot0 + gi) * (HD * KB / 8) + ti * KBYTES;
+        const uint8_t *vb = page + g.v_codes + (slot0 + 2 * ti) * (HD * VB / 8) + gi * VBYTES;
 #pragma unroll
-            for (int i = 0; i < 2; i++) load_words<KBYTES>(kb + 8 * i * (HD * KB / 8), ck.k[i]);
+        for (int i = 0; i < 2; i++) load_words<KBYTES>(kb + 8 * i * (HD * KB / 8), ck.k[i]);
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
-                int du = (u & 1) + (u >> 1) * 8;   /* token 2t + du: dt_of(2 + u) */
-                load_words<VBYTES>(vb + du * (HD * VB / 8), ck.v[u]);
-                if constexpr (KB < 16) ck.ksz[u] = *(const uint32_t *)(page + g.k_sz + (slot0 + 2 * ti + du) * 4);
-                if constexpr (VB < 16) ck.vsz[u] = *(const uint32_t *)(page + g.v_sz + (slot0 + 2 * ti + du) * 4);
+        for (int u = 0; u < 4; u++) {
+            int du = (u & 1) + (u >> 1) * 8;   /* token 2t + du: dt_of(2 + u) */
+            load_words<VBYTES>(vb + du * (HD * VB / 8), ck.v[u]);
+            if constexpr (KB < 16) ck.ksz[u] = *(const uint32_t *)(page + g.k_sz + (slot0 + 2 * ti + du) * 4);
+            if constexpr (VB < 16) {
+                uint32_t vsz = *(const uint32_t *)(page + g.v_sz + (slot0 + 2 * ti + du) * 4);
+                ck.vsz[u] = 2 * ti + du < nvalid ? vsz : 0u;
             }
+        }
+    };
+    auto load = [&](int c0, Chunk &ck, int lim) {   /* tokens at lim and after: zeros */
+        if (whole && c0 + 16 <= lim) {   /* the common case, a full chunk in one page */
+            int pg = kv_page_index(g, c0);
+            load_page(pool + (size_t)att_pages[pg - p0] * g.page_bytes, c0 - pg * g.tpp, ck, 16);
             return;
         }
         const uint8_t *chunk_page = pool;
@@ -1881,19 +1885,7 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
     auto load_paged = [&](int k, Chunk &ck) {
         int kp = k / cpp, slot0 = 16 * (k - kp * cpp);
         int c0 = t_begin + kp * g.tpp + slot0, lim = min(t_end, t_begin + (kp + 1) * g.tpp);
-        const uint8_t *page = pool + (size_t)att_pages[kp] * g.page_bytes;
-        const uint8_t *kb = page + g.k_codes + (slot0 + gi) * (HD * KB / 8) + ti * KBYTES;
-        const uint8_t *vb = page + g.v_codes + (slot0 + 2 * ti) * (HD * VB / 8) + gi * VBYTES;
-#pragma unroll
-        for (int i = 0; i < 2; i++) load_words<KBYTES>(kb + 8 * i * (HD * KB / 8), ck.k[i]);
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int du = (u & 1) + (u >> 1) * 8;   /* token 2t + du: dt_of(2 + u) */
-            load_words<VBYTES>(vb + du * (HD * VB / 8), ck.v[u]);
-            ck.ksz[u] = *(const uint32_t *)(page + g.k_sz + (slot0 + 2 * ti + du) * 4);
-            uint32_t vsz = *(const uint32_t *)(page + g.v_sz + (slot0 + 2 * ti + du) * 4);
-            ck.vsz[u] = c0 + 2 * ti + du < lim ? vsz : 0u;
-        }
+        load_page(pool + (size_t)att_pages[kp] * g.page_bytes, slot0, ck, lim - c0);
     };
     auto fetch = [&](int k, Chunk &ck, int lim) {
         if constexpr (PAGED) load_paged(k, ck);
