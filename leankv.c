@@ -2888,7 +2888,9 @@ static void usage(FILE *f) {
         "  -h, --help          this help\n"
         "Environment, GPU, to measure one path against another: LEANKV_MATVEC=0 (cuBLAS, not\n"
         "matvec, for an engine of --batch 1 or 2), LEANKV_PDL=0 (no overlapped launches),\n"
-        "LEANKV_ATT_SIMT=1 (no tensor cores in attention).\n");
+        "LEANKV_ATT_SIMT=1 (no tensor cores in attention), LEANKV_ATT_STAGES=2 or 3 (chunks a\n"
+        "warp of tensor-core attention keeps in flight, plus one), LEANKV_TIER_KERNELS=1\n"
+        "(--kv leankv: the token write and the scores in kernels of their own).\n");
 }
 
 static long parse_long(const char *s, const char *flag, long lo, long hi) {

@@ -501,9 +501,6 @@ __device__ void kv_store(uint8_t *codes, uint16_t *sz, const float *x, int d, in
     }
 }
 
-/* Appends one token's key (is_v 0, after RoPE) or value (is_v 1) x to head `head` at pos:
- * the page is table[pos / tpp], the slot pos % tpp. One warp; the key's warp also writes the
- * token's metadata (score 0, position). */
 /* The page and slot that position pos of head `head` goes to (positions fill the table in
  * order), for kv_append and kv_append_image. On a tiered cache's pages the key's lane 0 also
  * writes the token's score 0 and its position. */
@@ -519,6 +516,9 @@ __device__ __forceinline__ uint8_t *kv_append_slot(uint8_t *pool, const int *tab
     return page;
 }
 
+/* Appends one token's key (is_v 0, after RoPE) or value (is_v 1) x to head `head` at pos:
+ * the page is table[pos / tpp], the slot pos % tpp. One warp; the key's warp also writes the
+ * token's metadata (score 0, position). */
 __device__ void kv_append(uint8_t *pool, const int *table, const KvGeom &g, size_t head, int pos,
                           int is_v, const float *x, int head_dim, int lane) {
     int slot, bits = is_v ? g.vbits : g.kbits;
@@ -1401,8 +1401,8 @@ __device__ __forceinline__ int attention_rope(float *q_sm, float *kv_sm, const f
         q_sm[off - kvh * gq * HD + a] = y0;
         q_sm[off - kvh * gq * HD + b] = y1;
     }
-    /* one tier: the block whose split holds the new token writes it (two tiers:
-     * kv_write_token has, before this launch) */
+    /* one tier: the block whose split holds the new token writes it (two tiers: written
+     * already, by kv_write_token before this launch or by attention_pair_mma's write_token) */
     int mine = !at.n_tok && pos >= 0 && kv_page_index(g, pos) / pages_per_split == split;
     int ko = QD + kvh * HD, vo = QD + KVD + kvh * HD;
     if (mine)
