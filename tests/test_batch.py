@@ -1,6 +1,7 @@
 """Many requests at once (-f) on the CPU engine: the request reader, continuous batching,
 preemption and -m bench. The same scheduler drives the GPU; tests/test_gpu.py checks it there."""
 import json
+import re
 import subprocess
 
 import pytest
@@ -47,19 +48,63 @@ def test_batch_equals_alone(leankv_bin, smollm2_bin, tmp_path, alone):
         assert d["text"] == alone[k], k
 
 
-def test_preemption_keeps_outputs(leankv_bin, smollm2_bin, tmp_path):
-    """a pool of 2 MiB (496 pages) holds one 50-token request (270 pages) but not two: the
-    scheduler preempts and recomputes, and every output is what a roomy pool gives"""
-    rows = [{"id": str(i), "prompt": p, "n": 40, "temperature": 0} for i, p in enumerate(PROMPTS)]
-    f = jsonl(tmp_path, rows)
-    roomy = outputs(run(leankv_bin, smollm2_bin, "-f", f, "--batch", "4"))
-    r = run(leankv_bin, smollm2_bin, "-f", f, "--batch", "4", "--kv-mem", "2")
-    tight = outputs(r)
-    assert sum(d["preemptions"] for d in tight.values()) > 0, r.stderr
-    assert "preemptions" in r.stderr.splitlines()[-1]
+TIGHT_ROWS = [{"id": str(i), "prompt": p, "n": 40, "temperature": 0} for i, p in enumerate(PROMPTS)]
+GENEROUS = 100   # --admit-steps: 100 steps of two requests (2 * 100 * 90 heads / 16 = 1125 pages)
+                 # are more than the whole pool below, so a request joins only an empty batch
+
+
+@pytest.fixture(scope="module")
+def tight(leankv_bin, smollm2_bin, tmp_path_factory):
+    """TIGHT_ROWS on a pool of 2 MiB (496 pages), which holds one 50-token request (270 pages)
+    but not two, with no admission watermark (--admit-steps 0: a request joins as soon as its
+    prompt fits) and with GENEROUS: {admit_steps: the finished run}"""
+    f = jsonl(tmp_path_factory.mktemp("tight"), TIGHT_ROWS)
+    return {n: run(leankv_bin, smollm2_bin, "-f", f, "--batch", "4", "--kv-mem", "2",
+                   "--admit-steps", n) for n in (0, GENEROUS)}
+
+
+def summary(r):
+    """-f's closing line on stderr: (peak sequences in flight, preemptions)"""
+    last = r.stderr.splitlines()[-1]
+    m = re.search(r"peak (\d+) sequences in flight .* (\d+) preemptions$", last)
+    assert m, r.stderr
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_preemption_keeps_outputs(leankv_bin, smollm2_bin, tmp_path, tight):
+    """without the watermark the scheduler preempts and recomputes, and every output is what a
+    roomy pool gives"""
+    roomy = outputs(run(leankv_bin, smollm2_bin, "-f", jsonl(tmp_path, TIGHT_ROWS), "--batch", "4"))
+    res = outputs(tight[0])
+    assert sum(d["preemptions"] for d in res.values()) > 0, tight[0].stderr
+    assert set(res) == set(roomy)
     for k in roomy:
-        assert "error" not in tight[k]
-        assert tight[k]["text"] == roomy[k]["text"], k
+        assert "error" not in res[k]
+        assert res[k]["text"] == roomy[k]["text"], k
+
+
+def test_watermark_keeps_outputs(tight):
+    """the admission watermark changes when requests run, never what they generate"""
+    none, generous = outputs(tight[0]), outputs(tight[GENEROUS])
+    assert set(none) == set(generous) == {r["id"] for r in TIGHT_ROWS}
+    for k in none:
+        assert "error" not in none[k] and "error" not in generous[k], k
+        assert generous[k]["text"] == none[k]["text"], k
+        assert generous[k]["generated_tokens"] == none[k]["generated_tokens"], k
+
+
+def test_watermark_cuts_preemptions(tight):
+    """the summary's preemptions are the requests' own, summed; without the watermark four
+    requests join a pool that holds one and some are preempted; with GENEROUS they run one at
+    a time, each fits alone, and none is"""
+    counts = {}
+    for n, r in tight.items():
+        peak, counts[n] = summary(r)
+        assert counts[n] == sum(d["preemptions"] for d in outputs(r).values())
+        if n == GENEROUS:
+            assert peak == 1
+    assert counts[0] > 0
+    assert counts[GENEROUS] < counts[0] and counts[GENEROUS] == 0
 
 
 def test_request_too_big_for_the_pool(leankv_bin, smollm2_bin, tmp_path):
@@ -109,11 +154,24 @@ def test_prompt_errors_are_per_request(leankv_bin, smollm2_bin, tmp_path):
 
 def test_bench_mode(leankv_bin, smollm2_bin):
     r = run(leankv_bin, smollm2_bin, "-m", "bench", "--batch", "2", "--requests", "3",
-            "--prompt-len", "8", "--gen-len", "4")
+            "--prompt-len", "8", "--gen-len", "4", "--admit-steps", "5")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert d["device"] == "cpu" and d["requests"] == 3 and d["peak_seqs"] == 2
+    assert d["admit_steps"] == 5 and d["preemptions"] == 0
     assert d["prefill_tok_s"] > 0 and d["decode_tok_s"] > 0 and d["peak_pages"] > 0
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("-1", "--admit-steps: -1 is out of range [0, "),
+    ("abc", "--admit-steps: 'abc' is not an integer"),
+    ("", "--admit-steps: '' is not an integer")])
+def test_bad_admit_steps(leankv_bin, smollm2_bin, tmp_path, value, needle):
+    f = jsonl(tmp_path, TIGHT_ROWS[:1])
+    r = run(leankv_bin, smollm2_bin, "-f", f, "--admit-steps", value)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    assert len(err) == 1 and err[0].startswith("leankv: error: ") and needle in err[0], r.stderr
 
 
 def test_device_cuda_without_gpu(leankv_bin, smollm2_bin):

@@ -82,7 +82,7 @@ def test_gpu_leankv_engines_agree(tmp_path):
 
 def test_gpu_preemption_keeps_outputs(tmp_path):
     roomy = serve(tmp_path, "cuda", n=48)
-    tight = serve(tmp_path, "cuda", "--kv-mem", "2", n=48)
+    tight = serve(tmp_path, "cuda", "--kv-mem", "2", "--admit-steps", "0", n=48)
     assert sum(d["preemptions"] for d in tight.values()) > 0
     for k in roomy:
         assert "error" not in tight[k] and tight[k]["text"] == roomy[k]["text"], k

@@ -129,7 +129,7 @@ def test_preemption_with_tiers(leankv_bin, smollm2_bin, tmp_path):
                          for i, p in enumerate(prompts)))
     args = ("-f", f, "--batch", "4", "--kv", "leankv", "--kv-window", "16", "--device", "cpu")
     roomy = {d["id"]: d for d in map(json.loads, run(leankv_bin, smollm2_bin, *args).stdout.splitlines())}
-    r = run(leankv_bin, smollm2_bin, *args, "--kv-mem", "2")
+    r = run(leankv_bin, smollm2_bin, *args, "--kv-mem", "2", "--admit-steps", "0")
     assert r.returncode == 0, r.stderr
     tight = {d["id"]: d for d in map(json.loads, r.stdout.splitlines())}
     assert sum(d["preemptions"] for d in tight.values()) > 0, r.stderr
