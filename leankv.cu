@@ -1723,6 +1723,19 @@ __device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {
     return *(uint32_t *)&h;
 }
 
+/* fp16 values: P (at most 1) goes into the products times 2^15 and comes back out at the end,
+ * so that small probabilities stay out of fp16's subnormals, where hi + lo would lose their
+ * bits (measured, leankv-gpu-bench quant, head dim 64: the decode kernel's worst error 1.28e-3
+ * -> 4.2e-4 of the output, the SIMT kernel's; 3.7e-2 -> the output's own fp16 rounding where
+ * a row's weight sat on tokens of zero value). Code values carry their scale in P, which
+ * bounds nothing: they go as they are. */
+#define MMA_P_SCALE 32768.0f
+
+/* two fp16 as one register, a in the low half */
+__device__ __forceinline__ uint32_t halves_bits(__half a, __half b) {
+    return (uint32_t)__half_as_ushort(a) | (uint32_t)__half_as_ushort(b) << 16;
+}
+
 /* x - 1024 on both halves: 0x6400 | c is the fp16 1024 + c, exactly, for c < 1024 */
 __device__ __forceinline__ uint32_t minus_1024(uint32_t x) {
     __half2 h = __hsub2(*(__half2 *)&x, __float2half2_rn(1024.0f));
@@ -1774,6 +1787,98 @@ __device__ __forceinline__ void load_words(const uint8_t *p, uint32_t *w) {
     }
 }
 
+/* One chunk's loads for a lane (lane = 4 g + t): the keys of tokens g and g + 8, the values
+ * with their scales and zeros of tokens 2t, 2t+1, 2t+8, 2t+9 -- the B operands of the two
+ * products, in the order mma_pass and attention_prefill_mma consume them. */
+template <int HD, int KB, int VB> struct MmaChunk {
+    static constexpr int KBYTES = HD * KB / 32, VBYTES = HD * VB / 64;   /* a lane's bytes of a token */
+    static constexpr int KW = (KBYTES + 3) / 4, VW = (VBYTES + 3) / 4;   /* ... in words */
+    uint32_t k[2][KW], v[4][VW], ksz[4], vsz[4];
+};
+
+/* the chunk's token behind a lane's load i: keys k[0], k[1] (i = 0, 1), then values v[u]
+ * with their scales and zeros (i = 2 + u) */
+__device__ __forceinline__ int mma_token(int i, int gi, int ti) {
+    return i < 2 ? 8 * i + gi : 2 * ti + ((i - 2) & 1) + ((i - 2) >> 1) * 8;
+}
+
+/* 16 slots of one page from slot0, every address one of four per-lane bases plus a constant
+ * (fewer instructions: the decode kernel issues an instruction every other cycle); the value
+ * scales and zeros of the slots at nvalid and after read as 0 (a PAGED chunk's tail) */
+template <int HD, int KB, int VB>
+__device__ __forceinline__ void mma_load_page(MmaChunk<HD, KB, VB> &ck, const uint8_t *page,
+                                              const KvGeom &g, int slot0, int nvalid, int gi,
+                                              int ti) {
+    constexpr int KBYTES = MmaChunk<HD, KB, VB>::KBYTES, VBYTES = MmaChunk<HD, KB, VB>::VBYTES;
+    const uint8_t *kb = page + g.k_codes + (slot0 + gi) * (HD * KB / 8) + ti * KBYTES;
+    const uint8_t *vb = page + g.v_codes + (slot0 + 2 * ti) * (HD * VB / 8) + gi * VBYTES;
+#pragma unroll
+    for (int i = 0; i < 2; i++) load_words<KBYTES>(kb + 8 * i * (HD * KB / 8), ck.k[i]);
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+        int du = (u & 1) + (u >> 1) * 8;   /* token 2t + du: mma_token(2 + u) */
+        load_words<VBYTES>(vb + du * (HD * VB / 8), ck.v[u]);
+        if constexpr (KB < 16) ck.ksz[u] = *(const uint32_t *)(page + g.k_sz + (slot0 + 2 * ti + du) * 4);
+        if constexpr (VB < 16) {
+            uint32_t vsz = *(const uint32_t *)(page + g.v_sz + (slot0 + 2 * ti + du) * 4);
+            ck.vsz[u] = 2 * ti + du < nvalid ? vsz : 0u;
+        }
+    }
+}
+
+/* The chunk of 16 tokens from c0 (pages: the page ids from page p0 on); tokens at lim and
+ * after load as zeros. A chunk inside one page (pages of a multiple of 16 tokens) loads as one
+ * page; else each token finds its own. */
+template <int HD, int KB, int VB>
+__device__ __forceinline__ void mma_load(MmaChunk<HD, KB, VB> &ck, const uint8_t *pool,
+                                         const KvGeom &g, const int *pages, int p0, int c0,
+                                         int lim, int gi, int ti) {
+    constexpr int KBYTES = MmaChunk<HD, KB, VB>::KBYTES, VBYTES = MmaChunk<HD, KB, VB>::VBYTES;
+    constexpr int KW = MmaChunk<HD, KB, VB>::KW, VW = MmaChunk<HD, KB, VB>::VW;
+    int whole = g.tpp % 16 == 0;   /* every chunk lies inside one page (splits start at pages) */
+    if (whole && c0 + 16 <= lim) {   /* the common case, a full chunk in one page */
+        int pg = kv_page_index(g, c0);
+        mma_load_page<HD, KB, VB>(ck, pool + (size_t)pages[pg - p0] * g.page_bytes,
+                                  g, c0 - pg * g.tpp, 16, gi, ti);
+        return;
+    }
+    const uint8_t *chunk_page = pool;
+    int chunk_slot = 0;
+    if (whole) {
+        int pg = kv_page_index(g, c0);
+        chunk_page += (size_t)pages[pg - p0] * g.page_bytes;
+        chunk_slot = c0 - pg * g.tpp;
+    }
+#pragma unroll
+    for (int i = 0; i < 6; i++) {
+        int dt = mma_token(i, gi, ti), t = c0 + dt, ok = t < lim, slot;
+        const uint8_t *page;
+        if (whole) { page = chunk_page; slot = chunk_slot + dt; }
+        else {
+            int pg = ok ? kv_page_index(g, t) : p0;
+            slot = t - pg * g.tpp;
+            page = pool + (size_t)(ok ? pages[pg - p0] : 0) * g.page_bytes;
+        }
+        if (i < 2) {
+            if (ok) load_words<KBYTES>(page + g.k_codes + slot * (HD * KB / 8) + ti * KBYTES, ck.k[i]);
+            else
+#pragma unroll
+                for (int w = 0; w < KW; w++) ck.k[i][w] = 0;
+        } else {
+            int u = i - 2;
+            if (ok) {
+                load_words<VBYTES>(page + g.v_codes + slot * (HD * VB / 8) + gi * VBYTES, ck.v[u]);
+                if constexpr (KB < 16) ck.ksz[u] = *(const uint32_t *)(page + g.k_sz + slot * 4);
+                if constexpr (VB < 16) ck.vsz[u] = *(const uint32_t *)(page + g.v_sz + slot * 4);
+            } else {
+#pragma unroll
+                for (int w = 0; w < VW; w++) ck.v[u][w] = 0;
+                ck.ksz[u] = ck.vsz[u] = 0;
+            }
+        }
+    }
+}
+
 /* What a lane holds after a pass over tokens (mma_pass), for query head g of its quad (lane
  * = 4 g + t): the running max m and sum l of the head's softmax and its unnormalised output
  * in channels (2t + e) HD/8 + j, x[2 j + e]. Heads g >= gq hold nothing that counts. */
@@ -1790,77 +1895,18 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
          int raw_at, const AttTier &at, int mine, int pos, const float *kv_sm) {
     constexpr int WARPS = ATT_THREADS(HD) / 32;
     constexpr int KBYTES = HD * KB / 32, VBYTES = HD * VB / 64;   /* a lane's bytes of a token */
-    constexpr int KW = (KBYTES + 3) / 4, VW = (VBYTES + 3) / 4;   /* ... in words */
+    constexpr int KW = (KBYTES + 3) / 4;                          /* ... in words */
     constexpr int KSTEPS = HD / 16, NTILES = HD / 8;              /* mma k steps; output tiles */
     constexpr int KPW = 32 / KB;                                  /* key codes per word */
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
 
-    /* one chunk's loads: keys of tokens g, g + 8; scales, zeros and values of 2t, 2t+1, 2t+8, 2t+9 */
-    struct Chunk { uint32_t k[2][KW], v[4][VW], ksz[4], vsz[4]; };
-    /* the chunk's token behind a lane's load i: keys k[0], k[1] (i = 0, 1), then values v[u]
-     * with their scales and zeros (i = 2 + u) */
-    auto dt_of = [&](int i) { return i < 2 ? 8 * i + gi : 2 * ti + ((i - 2) & 1) + ((i - 2) >> 1) * 8; };
-    int whole = g.tpp % 16 == 0;   /* every chunk lies inside one page (splits start at pages) */
-    /* 16 slots of one page from slot0, every address one of four per-lane bases plus a constant
-     * (fewer instructions: this kernel issues an instruction every other cycle); the value
-     * scales and zeros of the slots at nvalid and after read as 0 (a PAGED chunk's tail) */
+    typedef MmaChunk<HD, KB, VB> Chunk;
+    auto dt_of = [&](int i) { return mma_token(i, gi, ti); };
     auto load_page = [&](const uint8_t *page, int slot0, Chunk &ck, int nvalid) {
-        const uint8_t *kb = page + g.k_codes + (slot0 + gi) * (HD * KB / 8) + ti * KBYTES;
-        const uint8_t *vb = page + g.v_codes + (slot0 + 2 * ti) * (HD * VB / 8) + gi * VBYTES;
-#pragma unroll
-        for (int i = 0; i < 2; i++) load_words<KBYTES>(kb + 8 * i * (HD * KB / 8), ck.k[i]);
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int du = (u & 1) + (u >> 1) * 8;   /* token 2t + du: dt_of(2 + u) */
-            load_words<VBYTES>(vb + du * (HD * VB / 8), ck.v[u]);
-            if constexpr (KB < 16) ck.ksz[u] = *(const uint32_t *)(page + g.k_sz + (slot0 + 2 * ti + du) * 4);
-            if constexpr (VB < 16) {
-                uint32_t vsz = *(const uint32_t *)(page + g.v_sz + (slot0 + 2 * ti + du) * 4);
-                ck.vsz[u] = 2 * ti + du < nvalid ? vsz : 0u;
-            }
-        }
+        mma_load_page<HD, KB, VB>(ck, page, g, slot0, nvalid, gi, ti);
     };
-    auto load = [&](int c0, Chunk &ck, int lim) {   /* tokens at lim and after: zeros */
-        if (whole && c0 + 16 <= lim) {   /* the common case, a full chunk in one page */
-            int pg = kv_page_index(g, c0);
-            load_page(pool + (size_t)att_pages[pg - p0] * g.page_bytes, c0 - pg * g.tpp, ck, 16);
-            return;
-        }
-        const uint8_t *chunk_page = pool;
-        int chunk_slot = 0;
-        if (whole) {
-            int pg = kv_page_index(g, c0);
-            chunk_page += (size_t)att_pages[pg - p0] * g.page_bytes;
-            chunk_slot = c0 - pg * g.tpp;
-        }
-#pragma unroll
-        for (int i = 0; i < 6; i++) {
-            int dt = dt_of(i), t = c0 + dt, ok = t < lim, slot;
-            const uint8_t *page;
-            if (whole) { page = chunk_page; slot = chunk_slot + dt; }
-            else {
-                int pg = ok ? kv_page_index(g, t) : p0;
-                slot = t - pg * g.tpp;
-                page = pool + (size_t)(ok ? att_pages[pg - p0] : 0) * g.page_bytes;
-            }
-            if (i < 2) {
-                if (ok) load_words<KBYTES>(page + g.k_codes + slot * (HD * KB / 8) + ti * KBYTES, ck.k[i]);
-                else
-#pragma unroll
-                    for (int w = 0; w < KW; w++) ck.k[i][w] = 0;
-            } else {
-                int u = i - 2;
-                if (ok) {
-                    load_words<VBYTES>(page + g.v_codes + slot * (HD * VB / 8) + gi * VBYTES, ck.v[u]);
-                    if constexpr (KB < 16) ck.ksz[u] = *(const uint32_t *)(page + g.k_sz + slot * 4);
-                    if constexpr (VB < 16) ck.vsz[u] = *(const uint32_t *)(page + g.v_sz + slot * 4);
-                } else {
-#pragma unroll
-                    for (int w = 0; w < VW; w++) ck.v[u][w] = 0;
-                    ck.ksz[u] = ck.vsz[u] = 0;
-                }
-            }
-        }
+    auto load = [&](int c0, Chunk &ck, int lim) {
+        mma_load<HD, KB, VB>(ck, pool, g, att_pages, p0, c0, lim, gi, ti);
     };
     /* PAGED (two tiers, a tier whose pages hold a number of tokens that is not a multiple of 16,
      * such as k4v2's 28): chunks follow the pages, ceil(tpp / 16) a page, the last one of a page
@@ -2004,14 +2050,13 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
             float2 sz = VB < 16 ? scale_zero(ck.vsz[u]) : make_float2(1.0f, 0.0f);
             l += e;
             accz += e * sz.y;
-            float es = e * sz.x;
+            float es = e * (VB < 16 ? sz.x : MMA_P_SCALE);
             hi[u] = __float2half_rn(es);
             lo[u] = __float2half_rn(es - __half2float(hi[u]));
             acs += __half2float(hi[u]) + __half2float(lo[u]);
         }
-        __half2 p01 = __halves2half2(hi[0], hi[1]), l01 = __halves2half2(lo[0], lo[1]);
-        __half2 p89 = __halves2half2(hi[2], hi[3]), l89 = __halves2half2(lo[2], lo[3]);
-        uint32_t pa[4] = {*(uint32_t *)&p01, *(uint32_t *)&l01, *(uint32_t *)&p89, *(uint32_t *)&l89};
+        uint32_t pa[4] = {halves_bits(hi[0], hi[1]), halves_bits(lo[0], lo[1]),
+                          halves_bits(hi[2], hi[3]), halves_bits(lo[2], lo[3])};
         /* O += (P s) C_V, one 8-channel tile at a time: tile j is channel g HD/8 + j of lane g */
         if constexpr (VB == 16) {   /* fp16 values: the halves of two tokens' words, paired */
 #pragma unroll
@@ -2061,6 +2106,7 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
             float x = acc[j][e] + acc[j][2 + e];   /* rows g (hi) and g + 8 (lo) */
             if constexpr (VB < 16)
                 x = (x - 1024.0f * acs) * (1.0f / (float)(1 << (VB * (j % (8 / VB))))) + accz;
+            else x *= 1.0f / MMA_P_SCALE;
             res.x[2 * j + e] = x;
         }
 }
@@ -2304,6 +2350,236 @@ attention_tiers(__half *o, float *part, const float *q, const float *qkv, const 
                                           pages_per_split, a1, blockIdx.x - s0, gridDim.x - s0);
 }
 
+/* ---- Prompt attention on tensor cores.
+ * A prompt chunk's rows are consecutive positions of one sequence (gpu_prefill), and its keys
+ * and values are all in the cache before any row attends (rope). Where a decode step gives
+ * each row a pass of its own over the cache, a warp here fills its 16 matrix rows with
+ * 16 / gq consecutive positions times the gq query heads of a KV head, so that every chunk of
+ * keys and values is loaded and unpacked once for all of them:
+ *   row i of the tile: position r0 + i / gq, query head kvh gq + i % gq
+ * The products are attention_mma's, with q and P each split as hi + lo fp16 and run through
+ * two products (the decode kernel puts lo in rows g + 8, which here hold rows of their own), so
+ * scores and outputs keep fp32's precision. Each row sees the tokens up to its position (the
+ * causal mask); the block's warps take chunks w, w + 4, ... of the tile's tokens and merge in
+ * shared memory, so each row's (M, L) is final: scores kept for significance (raw, rows at or
+ * past raw_first) get it in ml without attention_combine. Block (tile, KV head); tiles run
+ * from the last, the longest. Dynamic shared memory: the head's page ids, (width). */
+#define PREFILL_THREADS 128
+template <int HD, int KB, int VB>
+__global__ void __launch_bounds__(PREFILL_THREADS)
+attention_prefill_mma(__half *o, float *ml, const float *q, const uint8_t *pool,
+                      const int *table, const int *row_slot, const int *row_pos, int n_rows,
+                      int layer, KvGeom g, int n_heads, int gq, float *raw, int raw_first,
+                      int raw_stride) {
+    constexpr int WARPS = PREFILL_THREADS / 32, KSTEPS = HD / 16, NTILES = HD / 8;
+    constexpr int KPW = 32 / KB, VBYTES = MmaChunk<HD, KB, VB>::VBYTES;
+    constexpr int KW = MmaChunk<HD, KB, VB>::KW;
+    typedef MmaChunk<HD, KB, VB> Chunk;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
+    int kvh = blockIdx.y, tp = 16 / gq, r0 = (gridDim.x - 1 - blockIdx.x) * tp;
+    int pos0 = row_pos[0];
+    size_t head_kv = kv_head(g, row_slot[0], layer, kvh);
+    int t_end = pos0 + min(r0 + tp, n_rows);   /* the tokens the tile's last row sees */
+    extern __shared__ int pf_pages[];
+    const int *tab = table + head_kv * g.width;
+    for (int i = threadIdx.x; i <= kv_page_index(g, t_end - 1); i += blockDim.x) pf_pages[i] = tab[i];
+
+    /* this lane's two matrix rows, g (A) and g + 8 (B): chunk row, query head, tokens seen */
+    int rr[2], hh[2], lim[2];
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        int i = gi + 8 * j, ok = i < tp * gq && r0 + i / gq < n_rows;
+        rr[j] = r0 + i / gq;
+        hh[j] = kvh * gq + i % gq;
+        lim[j] = ok ? pos0 + rr[j] + 1 : 0;   /* 0: a row of no query, it sees nothing */
+    }
+    /* Q as A fragments in the key codes' channel order, hi and lo: rows g and g + 8 */
+    uint32_t qh[KSTEPS][4], ql[KSTEPS][4];
+    float qsum[2] = {0.0f, 0.0f};
+    const float scale = 1.0f / sqrtf((float)HD);
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ks++) {
+        float x[2][4], lo[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int el = 4 * ks + e;
+                int ch = ti * (HD / 4) + el / KPW * KPW + mma_code_channel<KB>(el % KPW);
+                x[j][e] = lim[j] ? q[((size_t)rr[j] * n_heads + hh[j]) * HD + ch] * scale : 0.0f;
+                qsum[j] += x[j][e];
+                lo[j][e] = x[j][e] - __half2float(__float2half_rn(x[j][e]));
+            }
+        qh[ks][0] = half2_bits(x[0][0], x[0][1]);  qh[ks][1] = half2_bits(x[1][0], x[1][1]);
+        qh[ks][2] = half2_bits(x[0][2], x[0][3]);  qh[ks][3] = half2_bits(x[1][2], x[1][3]);
+        ql[ks][0] = half2_bits(lo[0][0], lo[0][1]);  ql[ks][1] = half2_bits(lo[1][0], lo[1][1]);
+        ql[ks][2] = half2_bits(lo[0][2], lo[0][3]);  ql[ks][3] = half2_bits(lo[1][2], lo[1][3]);
+    }
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        qsum[j] += __shfl_xor_sync(0xffffffffu, qsum[j], 1);
+        qsum[j] += __shfl_xor_sync(0xffffffffu, qsum[j], 2);
+    }
+    int keep[2];   /* where this row's scores go in raw, or -1 */
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+        keep[j] = raw && lim[j] && lim[j] - 1 >= raw_first
+                      ? ((int)rr[j] * n_heads + hh[j]) * raw_stride : -1;
+    __syncthreads();   /* the page ids are in */
+
+    /* the online softmax of rows A and B: acc[j][0, 1] row A's, acc[j][2, 3] row B's */
+    float acc[NTILES][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    float accz[2] = {0.0f, 0.0f}, acs[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < NTILES; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    auto chunk = [&](const Chunk &ck, int c0) {
+        float s4[2][4];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {   /* S^T tile i: tokens 8i .. 8i+7 of the chunk */
+            s4[i][0] = s4[i][1] = s4[i][2] = s4[i][3] = 0.0f;
+            uint32_t kh[HD / 8];
+#pragma unroll
+            for (int w = 0; w < KW; w++) mma_codes<KB>(ck.k[i][w], kh + w * (16 / KB));
+#pragma unroll
+            for (int ks = 0; ks < KSTEPS; ks++) {
+                mma_16816(s4[i], qh[ks], kh[2 * ks], kh[2 * ks + 1]);
+                mma_16816(s4[i], ql[ks], kh[2 * ks], kh[2 * ks + 1]);
+            }
+        }
+        /* scores of rows A and B at tokens 2t, 2t+1, 2t+8, 2t+9 (u = 0 .. 3) */
+        float sc[2][4], mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int t = c0 + 2 * ti + (u & 1) + (u >> 1) * 8;
+            float2 sz = KB < 16 ? scale_zero(ck.ksz[u]) : make_float2(1.0f, 0.0f);
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                float d = s4[u >> 1][2 * j + (u & 1)];
+                if constexpr (KB < 16) d = d * sz.x + sz.y * qsum[j];
+                sc[j][u] = t < lim[j] ? d : -INFINITY;
+                if (keep[j] >= 0 && t < lim[j]) raw[keep[j] + t] = d;
+                mx[j] = fmaxf(mx[j], sc[j][u]);
+            }
+        }
+        int moved = 0;
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 1));
+            mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], 2));
+            moved |= mx[j] > m[j];
+        }
+        if (__any_sync(0xffffffffu, moved)) {   /* rescale what came before */
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                float mnew = fmaxf(m[j], mx[j]);
+                float corr = mnew == m[j] ? 1.0f : __expf(m[j] - mnew);   /* m = -inf: 0 */
+                l[j] *= corr; accz[j] *= corr; acs[j] *= corr;
+#pragma unroll
+                for (int k = 0; k < NTILES; k++) { acc[k][2 * j] *= corr; acc[k][2 * j + 1] *= corr; }
+                m[j] = mnew;
+            }
+        }
+        /* P s as A fragments, hi and lo (rows A, B); the zero terms on the side */
+        __half hi[2][4], lo[2][4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            float2 sz = VB < 16 ? scale_zero(ck.vsz[u]) : make_float2(1.0f, 0.0f);
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                float e = sc[j][u] > -INFINITY ? __expf(sc[j][u] - m[j]) : 0.0f;
+                l[j] += e;
+                accz[j] += e * sz.y;
+                float es = e * (VB < 16 ? sz.x : MMA_P_SCALE);
+                hi[j][u] = __float2half_rn(es);
+                lo[j][u] = __float2half_rn(es - __half2float(hi[j][u]));
+                acs[j] += __half2float(hi[j][u]) + __half2float(lo[j][u]);
+            }
+        }
+        uint32_t ph[4] = {halves_bits(hi[0][0], hi[0][1]), halves_bits(hi[1][0], hi[1][1]),
+                          halves_bits(hi[0][2], hi[0][3]), halves_bits(hi[1][2], hi[1][3])};
+        uint32_t pl[4] = {halves_bits(lo[0][0], lo[0][1]), halves_bits(lo[1][0], lo[1][1]),
+                          halves_bits(lo[0][2], lo[0][3]), halves_bits(lo[1][2], lo[1][3])};
+        if constexpr (VB == 16) {
+#pragma unroll
+            for (int j = 0; j < NTILES; j++) {
+                uint32_t sel = j % 2 ? 0x7632u : 0x5410u;
+                uint32_t b0 = __byte_perm(ck.v[0][j / 2], ck.v[1][j / 2], sel);
+                uint32_t b1 = __byte_perm(ck.v[2][j / 2], ck.v[3][j / 2], sel);
+                mma_16816(acc[j], ph, b0, b1);
+                mma_16816(acc[j], pl, b0, b1);
+            }
+        } else {
+#pragma unroll
+            for (int b = 0; b < VBYTES; b++) {
+                uint32_t v01[8 / VB], v89[8 / VB];
+                mma_code_pairs<VB>(ck.v[0][b / 4], ck.v[1][b / 4], b % 4, v01);
+                mma_code_pairs<VB>(ck.v[2][b / 4], ck.v[3][b / 4], b % 4, v89);
+#pragma unroll
+                for (int sub = 0; sub < 8 / VB; sub++) {
+                    mma_16816(acc[b * (8 / VB) + sub], ph, v01[sub], v89[sub]);
+                    mma_16816(acc[b * (8 / VB) + sub], pl, v01[sub], v89[sub]);
+                }
+            }
+        }
+    };
+    /* warp w: chunks w, w + WARPS, ... with the next one's loads in flight */
+    Chunk cb[2];
+    int c = 16 * warp;
+    if (c < t_end) mma_load<HD, KB, VB>(cb[0], pool, g, pf_pages, 0, c, t_end, gi, ti);
+    for (; c < t_end; c += 32 * WARPS) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            int ci = c + i * 16 * WARPS, cn = ci + 16 * WARPS;
+            if (ci >= t_end) break;
+            if (cn < t_end) mma_load<HD, KB, VB>(cb[i ^ 1], pool, g, pf_pages, 0, cn, t_end, gi, ti);
+            chunk(cb[i], ci);
+        }
+    }
+
+    /* the warps' (m, l, x) of the 16 rows into shared memory, then each row's merge */
+    __shared__ float sm_m[WARPS][16], sm_l[WARPS][16], sm_x[WARPS][16][HD];
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 1);
+        l[j] += __shfl_xor_sync(0xffffffffu, l[j], 2);
+        accz[j] += __shfl_xor_sync(0xffffffffu, accz[j], 1);
+        accz[j] += __shfl_xor_sync(0xffffffffu, accz[j], 2);
+        acs[j] += __shfl_xor_sync(0xffffffffu, acs[j], 1);
+        acs[j] += __shfl_xor_sync(0xffffffffu, acs[j], 2);
+        if (ti == 0) { sm_m[warp][gi + 8 * j] = m[j]; sm_l[warp][gi + 8 * j] = l[j]; }
+#pragma unroll
+        for (int k = 0; k < NTILES; k++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {   /* column 2t + e of tile k: channel (2t + e) HD/8 + k */
+                float x = acc[k][2 * j + e];
+                if constexpr (VB < 16)
+                    x = (x - 1024.0f * acs[j]) * (1.0f / (float)(1 << (VB * (k % (8 / VB))))) + accz[j];
+                else x *= 1.0f / MMA_P_SCALE;
+                sm_x[warp][gi + 8 * j][(2 * ti + e) * (HD / 8) + k] = x;
+            }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < 16 * HD; idx += blockDim.x) {
+        int i = idx / HD, ch = idx % HD, r = r0 + i / gq, h = kvh * gq + i % gq;
+        if (i >= tp * gq || r >= n_rows) continue;
+        float M = -INFINITY, L = 0.0f, A = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) M = fmaxf(M, sm_m[w][i]);
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) {
+            if (sm_l[w][i] == 0.0f) continue;   /* a warp that saw none of the row's tokens */
+            float wt = __expf(sm_m[w][i] - M);
+            L += sm_l[w][i] * wt;
+            A += sm_x[w][i][ch] * wt;
+        }
+        o[((size_t)r * n_heads + h) * HD + ch] = __float2half_rn(A / L);
+        if (ml && ch == 0 && pos0 + r >= raw_first) {
+            ml[((size_t)r * n_heads + h) * 2] = M;
+            ml[((size_t)r * n_heads + h) * 2 + 1] = L;
+        }
+    }
+}
+
 /* o from the splits' partials of one (row, head), one warp each (combine_warp).
  * ml, if not NULL, gets (M, L): what turns kept scores into probabilities (a prompt's scores;
  * a two-tier decode step merges in kv_score_decode, other launches in attention_finish). */
@@ -2433,6 +2709,7 @@ typedef struct {
     AttTier at;
 } AttCall;
 typedef void (*AttentionLaunch)(struct GpuEngine *, const AttCall *);
+typedef void (*PrefillLaunch)(struct GpuEngine *, const AttCall *, float *ml);
 
 struct GpuEngine {
     Config c;                               /* the model's hyperparameters */
@@ -2466,6 +2743,8 @@ struct GpuEngine {
                                                on tensor cores (attention_pair_mma), else 2 */
     int own_heads;                          /* a decode step's attention block writes its head's
                                                token and adds its scores (one_block_heads) */
+    PrefillLaunch attention_prefill;        /* prompt chunks on tensor cores, or NULL: the
+                                               decode kernel, a pass per row */
     RunState s;
     cudaGraphExec_t graph[MAX_BUCKETS];     /* decode step per batch size 2^i, made on first use */
     float *test_qkv;                        /* (n_layers, max_rows, QD + 2*KVD) test engine input */
@@ -2560,6 +2839,28 @@ static const struct { int kb, vb; AttentionLaunch fn; } attention_kernels_deep[2
     {TC_DEEP(64)}, {TC_DEEP(128)}};
 #undef TC_DEEP
 
+/* A prompt chunk's attention (attention_prefill_mma): a block per tile of 16 / gq rows and KV
+ * head; ml gets the (M, L) of rows whose scores are kept (a.at.raw), else NULL */
+template <int HD, int KB, int VB>
+static void launch_prefill(GpuEngine *g, const AttCall *a, float *ml) {
+    Config *c = &g->c;
+    RunState *s = &g->s;
+    int gq = c->n_heads / c->n_kv_heads, tp = 16 / gq;
+    dim3 grid((a->n_rows + tp - 1) / tp, c->n_kv_heads);
+    attention_prefill_mma<HD, KB, VB><<<grid, PREFILL_THREADS, g->kv.tg[0].width * sizeof(int),
+                                        g->stream>>>(
+        a->o, ml, s->q, g->kv.pool, g->kv.table, s->row_slot, s->row_pos, a->n_rows, a->layer,
+        g->kv.tg[0], c->n_heads, gq, a->at.raw, a->at.raw_first, a->at.raw_stride);
+}
+#define PREFILL_PAIRS(HD) \
+    {16, 16, launch_prefill<HD, 16, 16>}, {8, 8, launch_prefill<HD, 8, 8>}, \
+    {8, 4, launch_prefill<HD, 8, 4>}, {8, 2, launch_prefill<HD, 8, 2>}, \
+    {4, 4, launch_prefill<HD, 4, 4>}, {4, 2, launch_prefill<HD, 4, 2>}, \
+    {2, 2, launch_prefill<HD, 2, 2>}
+static const struct { int kb, vb; PrefillLaunch fn; } prefill_kernels[2][7] = {
+    {PREFILL_PAIRS(64)}, {PREFILL_PAIRS(128)}};
+#undef PREFILL_PAIRS
+
 /* An on/off switch from the environment (to measure one way against the other): dflt when the
  * variable is unset or empty, else off for "0" and on for anything else. */
 static int env_switch(const char *name, int dflt) {
@@ -2605,6 +2906,20 @@ static AttentionLaunch find_attention(int head_dim, int gq, LkvPrecision p, int 
 static int one_block_heads(const GpuEngine *g) {
     return g->attention_pair && g->pair_blocks == 1 && g->splits_t[0] == 1 &&
            g->splits_t[1] == 1 && !env_switch("LEANKV_TIER_KERNELS", 0);
+}
+
+/* The prompt kernel on tensor cores for the first tier's precision (prompts are written there),
+ * or NULL: then each row of a prompt chunk runs the decode kernel. LEANKV_PREFILL_ROWS=1
+ * forces the latter, to measure one against the other. */
+static PrefillLaunch find_prefill(int head_dim, int gq, LkvPrecision p, int width) {
+    int hi = head_dim == 64 ? 0 : head_dim == 128 ? 1 : -1;
+    if (hi < 0 || gq > 8 || !use_tensor_cores(p) || width * sizeof(int) > 48 * 1024 ||
+        env_switch("LEANKV_PREFILL_ROWS", 0))
+        return NULL;
+    for (int i = 0; i < 7; i++)
+        if (prefill_kernels[hi][i].kb == p.kbits && prefill_kernels[hi][i].vb == p.vbits)
+            return prefill_kernels[hi][i].fn;
+    return NULL;
 }
 
 static void combine(GpuEngine *g, int n_rows, int splits, __half *o, float *ml) {
@@ -2663,11 +2978,16 @@ static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int deco
     int scores = kv->n_tiers > 1 && !decode &&
                  att_ctx - 1 >= kv->h_policy[g->prefill_slot].first;
     if (scores) { a.at.raw = kv->raw; a.at.raw_first = kv->h_policy[g->prefill_slot].first; }
-    else if (a.splits > 1) a.at.arrive = g->s.arrive;   /* the last split's block merges */
-    g->attention_t[0](g, &a);
-    LAUNCH_CHECK();
+    if (!decode && g->attention_prefill) {   /* a block per tile of rows: (M, L) are final */
+        g->attention_prefill(g, &a, scores ? kv->ml : NULL);
+        LAUNCH_CHECK();
+    } else {
+        if (!scores && a.splits > 1) a.at.arrive = g->s.arrive;   /* the last split's block merges */
+        g->attention_t[0](g, &a);
+        LAUNCH_CHECK();
+        if (scores) combine(g, n_rows, a.splits, o, kv->ml);
+    }
     if (scores) {
-        combine(g, n_rows, a.splits, o, kv->ml);
         kv_score_prefill<<<dim3(c->n_heads, (att_ctx + 255) / 256), 256, 0, g->stream>>>(
             kv->pscore, kv->raw, kv->ml, g->s.row_slot, g->s.row_pos, n_rows, kv->policy, layer,
             c->n_heads, g->ctx);
@@ -2991,6 +3311,7 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
         else tiers_smem_setup<128>(g->pages_per_split);
     }
     g->own_heads = one_block_heads(g);
+    g->attention_prefill = find_prefill(c->head_dim, G, tiers[0], g->kv.tg[0].width);
     if (n_tiers > 1) {   /* placement stages a tile of high-tier tokens in shared memory */
         KvGeom *h = &g->kv.tg[0];
         int words = (lkv_code_bytes(c->head_dim, h->kbits) + lkv_sz_bytes(h->groups, h->kbits) +
@@ -3373,10 +3694,10 @@ extern "C" int gpu_test_store(LkvPrecision p, int head_dim, int n_tok, const flo
  * pages_per_split pages; o gets (gq, head_dim). Returns 0, or -1 when not served. */
 extern "C" int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_tok,
                                   const uint8_t *pages, const float *q, int pages_per_split,
-                                  float *o) {
+                                  int n_rows, float *o) {
     char name[256];
     if (!gpu_available(name, sizeof name)) return -1;
-    if (pages_per_split < 1) return -1;
+    if (pages_per_split < 1 || n_rows < 0 || n_rows > n_tok) return -1;
     LkvPageLayout L;
     GpuEngine e;
     memset(&e, 0, sizeof e);
@@ -3384,37 +3705,45 @@ extern "C" int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_to
     KvGeom *g = &e.kv.tg[0];
     AttentionLaunch fn = find_attention(head_dim, gq, p, pages_per_split * g->tpp);
     if (!fn) return -1;
+    if (n_rows) {   /* the prompt kernel: rows at positions n_tok - n_rows .. n_tok - 1 */
+        e.attention_prefill = find_prefill(head_dim, gq, p, g->width);
+        if (!e.attention_prefill) return -1;
+    }
+    int R = n_rows ? n_rows : 1;
     e.c.n_heads = gq; e.c.n_kv_heads = 1; e.c.head_dim = head_dim;
     e.pages_per_split = pages_per_split;
     DeviceLayer layer;
     memset(&layer, 0, sizeof layer);
     e.w.layers = &layer;
     int splits = (g->n_pages + pages_per_split - 1) / pages_per_split;
-    size_t bytes = (size_t)g->n_pages * g->page_bytes;
-    int rows[4] = {0, 0, n_tok - 1, 0}, *ids = (int *)malloc(g->width * sizeof(int));
+    size_t bytes = (size_t)g->n_pages * g->page_bytes, QO = (size_t)R * gq * head_dim;
+    int *rows = (int *)calloc(2 * R, sizeof(int)), *ids = (int *)malloc(g->width * sizeof(int));
+    for (int r = 0; r < R; r++) rows[R + r] = n_tok - R + r;   /* slot 0, positions */
     for (int i = 0; i < g->width; i++) ids[i] = i;
+    float *qr = (float *)malloc(QO * sizeof(float));   /* every row asks the same q */
+    for (int r = 0; r < R; r++) memcpy(qr + (size_t)r * gq * head_dim, q, (size_t)gq * head_dim * sizeof(float));
     e.kv.pool = (uint8_t *)dmalloc(bytes);
     e.kv.table = (int *)dmalloc(g->width * sizeof(int));
-    e.s.rows = (int *)dmalloc(sizeof rows);
-    e.s.row_slot = e.s.rows; e.s.row_pos = e.s.rows + 2;
-    e.s.q = (float *)dmalloc((size_t)gq * head_dim * sizeof(float));
-    e.s.o = (__half *)dmalloc((size_t)gq * head_dim * sizeof(__half));
+    e.s.rows = (int *)dmalloc(2 * R * sizeof(int));
+    e.s.row_slot = e.s.rows; e.s.row_pos = e.s.rows + R;
+    e.s.q = (float *)dmalloc(QO * sizeof(float));
+    e.s.o = (__half *)dmalloc(QO * sizeof(__half));
     e.s.att_part = (float *)dmalloc((size_t)gq * splits * (head_dim + 2) * sizeof(float));
     e.s.arrive = (int *)dmalloc(sizeof(int));
     CUDA_CHECK(cudaMemset(e.s.arrive, 0, sizeof(int)));
     CUDA_CHECK(cudaMemcpy(e.kv.pool, pages, bytes, cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(e.kv.table, ids, g->width * sizeof(int), cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemcpy(e.s.rows, rows, sizeof rows, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemcpy(e.s.q, q, (size_t)gq * head_dim * sizeof(float), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(e.s.rows, rows, 2 * R * sizeof(int), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(e.s.q, qr, QO * sizeof(float), cudaMemcpyHostToDevice));
     e.attention_t[0] = fn;
     e.stream = 0;
-    attention(&e, 0, 1, n_tok, 0, NULL, NULL, e.s.o);
-    uint16_t *oh = (uint16_t *)malloc((size_t)gq * head_dim * sizeof(uint16_t));
-    CUDA_CHECK(cudaMemcpy(oh, e.s.o, (size_t)gq * head_dim * sizeof(uint16_t), cudaMemcpyDeviceToHost));
-    for (int i = 0; i < gq * head_dim; i++) o[i] = lkv_h2f(oh[i]);
+    attention(&e, 0, R, n_tok, 0, NULL, NULL, e.s.o);
+    uint16_t *oh = (uint16_t *)malloc(QO * sizeof(uint16_t));
+    CUDA_CHECK(cudaMemcpy(oh, e.s.o, QO * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < QO; i++) o[i] = lkv_h2f(oh[i]);
     cudaFree(e.kv.pool); cudaFree(e.kv.table); cudaFree(e.s.rows); cudaFree(e.s.q);
     cudaFree(e.s.o); cudaFree(e.s.att_part); cudaFree(e.s.arrive);
-    free(ids); free(oh);
+    free(ids); free(oh); free(rows); free(qr);
     return 0;
 }
 

@@ -726,11 +726,13 @@ double gpu_copy_bandwidth(void);
  * pages laid out for precision p, page i holding tokens i*tpp .. (path 0: a prompt's,
  * kv_append; path 1: a decode step's new token, kv_append_image, one group only); and its
  * attention kernel, for gq query heads q (gq, head_dim), over such pages, in splits of
- * pages_per_split pages, into o (gq, head_dim). 0, or -1 when the GPU or shape is not served. */
+ * pages_per_split pages, into o (gq, head_dim); or, n_rows >= 1, the prompt kernel for n_rows
+ * rows at the last positions, each asking q, into o (n_rows, gq, head_dim), row r seeing
+ * tokens 0 .. n_tok - n_rows + r. 0, or -1 when the GPU or shape is not served. */
 int gpu_test_store(LkvPrecision p, int head_dim, int n_tok, const float *k, const float *v,
                    uint8_t *pages, int path);
 int gpu_test_attention(LkvPrecision p, int head_dim, int gq, int n_tok, const uint8_t *pages,
-                       const float *q, int pages_per_split, float *o);
+                       const float *q, int pages_per_split, int n_rows, float *o);
 /* For bench/: median ms of one decode attention launch over batch synthetic sequences of ctx
  * tokens (CUDA events, after warm-up); *bytes = the K/V bytes it reads. -1 when not served. */
 double gpu_bench_attention(LkvPrecision p, int head_dim, int n_heads, int n_kv_heads, int batch,

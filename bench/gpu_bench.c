@@ -447,10 +447,47 @@ static void fill_vector(float *x, int d, int kind) {
     }
 }
 
+/* dense attention in double of gq query heads q (gq, hd) over n tokens of k, v (n, hd) into
+ * ref (gq, hd) */
+static void dense_attention(const float *q, const float *k, const float *v, int n, int gq, int hd,
+                            double *ref) {
+    double *a = xmalloc(n * sizeof(double));
+    for (int h = 0; h < gq; h++) {
+        double mx = -1e300, sum = 0.0;
+        for (int t = 0; t < n; t++) {
+            double s = 0.0;
+            for (int j = 0; j < hd; j++) s += (double)q[h * hd + j] * k[(size_t)t * hd + j];
+            a[t] = s / sqrt((double)hd);
+            if (a[t] > mx) mx = a[t];
+        }
+        for (int t = 0; t < n; t++) { a[t] = exp(a[t] - mx); sum += a[t]; }
+        for (int j = 0; j < hd; j++) {
+            double acc = 0.0;
+            for (int t = 0; t < n; t++) acc += a[t] / sum * v[(size_t)t * hd + j];
+            ref[h * hd + j] = acc;
+        }
+    }
+    free(a);
+}
+
+/* the largest |o - ref| over m values, relative to the largest |ref|, or to 2^-15 when all are
+ * smaller (NaN sticks): the kernels write fp16, whose values below 2^-14 are rounded at a fixed
+ * step of 2^-24, 5e-4 of 2^-15 -- a row whose weight sits on tokens of zero value can have an
+ * output of 1e-5, and its fp16 rounding alone would be 4e-3 of it */
+static double max_rel_err(const float *o, const double *ref, int m) {
+    double e = 0.0, ref_max = 0.0;
+    for (int i = 0; i < m; i++) {
+        double d = fabs(o[i] - ref[i]);
+        if (!(d <= e)) e = d;
+        if (fabs(ref[i]) > ref_max) ref_max = fabs(ref[i]);
+    }
+    return e / (ref_max > 0x1p-15 ? ref_max : 0x1p-15);
+}
+
 static int gpu_mode_quant(void) {
     static const int pairs[][2] = {{16, 16}, {16, 8}, {16, 4}, {16, 2}, {8, 8}, {8, 4}, {8, 2},
                                    {4, 4}, {4, 2}, {2, 2}};
-    int failures = 0, cases = 0;
+    int failures = 0, cases = 0, prompt_cases = 0;
     double worst_att = 0.0;
     for (int hd = 64; hd <= 128; hd += 64)
         for (size_t pi = 0; pi < sizeof pairs / sizeof pairs[0]; pi++)
@@ -492,54 +529,68 @@ static int gpu_mode_quant(void) {
                     kv_load(page + L.k_codes, page + L.k_sz, p, p.kbits, t % tpp, hd, kd + (size_t)t * hd);
                     kv_load(page + L.v_codes, page + L.v_sz, p, p.vbits, t % tpp, hd, vd + (size_t)t * hd);
                 }
-                double att_err = 0.0;
+                double att_err = 0.0, pre_err = 0.0;
                 int gqs[] = {1, 3, 4, 8};
                 for (int gi = 0; gi < 4; gi++) {
                     int gq = gqs[gi];
-                    float *q = xmalloc((size_t)gq * hd * sizeof(float)), *o = xmalloc((size_t)gq * hd * sizeof(float));
-                    double *ref = xmalloc((size_t)gq * hd * sizeof(double)), *a = xmalloc(n * sizeof(double));
+                    float *q = xmalloc((size_t)gq * hd * sizeof(float));
+                    float *o = xmalloc((size_t)n * gq * hd * sizeof(float));
+                    double *ref = xmalloc((size_t)n * gq * hd * sizeof(double));
                     for (int i = 0; i < gq * hd; i++) q[i] = rng_uniform() * 3.0f;
-                    double ref_max = 0.0;
-                    for (int h = 0; h < gq; h++) {
-                        double mx = -1e300, sum = 0.0;
-                        for (int t = 0; t < n; t++) {
-                            double s = 0.0;
-                            for (int j = 0; j < hd; j++) s += (double)q[h * hd + j] * kd[(size_t)t * hd + j];
-                            a[t] = s / sqrt((double)hd);
-                            if (a[t] > mx) mx = a[t];
-                        }
-                        for (int t = 0; t < n; t++) { a[t] = exp(a[t] - mx); sum += a[t]; }
-                        for (int j = 0; j < hd; j++) {
-                            double acc = 0.0;
-                            for (int t = 0; t < n; t++) acc += a[t] / sum * vd[(size_t)t * hd + j];
-                            ref[h * hd + j] = acc;
-                            if (fabs(acc) > ref_max) ref_max = fabs(acc);
-                        }
-                    }
+                    /* row r: the dense attention of q over tokens 0 .. r */
+                    for (int r = 0; r < n; r++) dense_attention(q, kd, vd, r + 1, gq, hd, ref + (size_t)r * gq * hd);
+                    const double *last = ref + (size_t)(n - 1) * gq * hd;
                     for (int pps = 1; pps <= n_pages; pps += n_pages - 1) {   /* splits of 1 page, one split */
-                        if (gpu_test_attention(p, hd, gq, n, gpu, q, pps, o) != 0)
+                        if (gpu_test_attention(p, hd, gq, n, gpu, q, pps, 0, o) != 0)
                             die("quant: gpu_test_attention refused k%dv%d gq %d", p.kbits, p.vbits, gq);
-                        double e = 0.0;
-                        for (int i = 0; i < gq * hd; i++) {
-                            double d = fabs(o[i] - ref[i]);
-                            if (!(d <= e)) e = d;   /* NaN sticks */
-                        }
-                        e /= ref_max > 0 ? ref_max : 1.0;
+                        double e = max_rel_err(o, last, gq * hd);
                         if (!(e <= att_err)) att_err = e;
                         if (n_pages == 1) break;
                     }
-                    free(q); free(o); free(ref); free(a);
+                    /* the prompt kernel (code keys with one scale and zero, fp16), every
+                     * position a row: each sees its own prefix */
+                    if (gpu_test_attention(p, hd, gq, n, gpu, q, 1, n, o) == 0) {
+                        prompt_cases++;
+                        int shown = 0;
+                        for (int r = 0; r < n; r++) {
+                            double e = max_rel_err(o + (size_t)r * gq * hd, ref + (size_t)r * gq * hd, gq * hd);
+                            if (!(e <= pre_err)) pre_err = e;
+                            if (!(e <= 2e-3) && shown++ < 8) {   /* where it fails, and the
+                                                                     decode kernel there */
+                                float *od = xmalloc((size_t)gq * hd * sizeof(float));
+                                double ed = gpu_test_attention(p, hd, gq, r + 1, gpu, q, 1, 0, od) == 0
+                                                ? max_rel_err(od, ref + (size_t)r * gq * hd, gq * hd) : -1;
+                                double rm = 0, om = 0, vm = 0;
+                                for (int i = 0; i < gq * hd; i++) {
+                                    rm = fmax(rm, fabs(ref[(size_t)r * gq * hd + i]));
+                                    om = fmax(om, fabs(o[(size_t)r * gq * hd + i] - ref[(size_t)r * gq * hd + i]));
+                                }
+                                for (size_t i = 0; i < (size_t)(r + 1) * hd; i++) vm = fmax(vm, fabs(vd[i]));
+                                printf("quant: prompt kernel d %d k%dv%d gq %d: row %d of %d rel err %.2e "
+                                       "(decode kernel %.2e; max |ref| %.3e, |err| %.3e, max |v| %.3e)\n",
+                                       hd, p.kbits, p.vbits, gq, r, n, e, ed, rm, om, vm);
+                                free(od);
+                            }
+                        }
+                    }
+                    free(q); free(o); free(ref);
                 }
+                if (!(pre_err <= 2e-3) || !(att_err <= 2e-3))
+                    printf("quant: d %d k%dv%d g%d: decode kernel %.2e, prompt kernel %.2e\n", hd,
+                           p.kbits, p.vbits, groups, att_err, pre_err);
+                if (!(pre_err <= att_err)) att_err = pre_err;
                 int ok = diff == 0 && att_err <= 2e-3;
                 if (!(att_err <= worst_att)) worst_att = att_err;
                 cases++;
                 failures += !ok;
                 printf("quant: d %3d k%2dv%-2d g%d: page %4d B, %2d tokens/page, %d tokens: %zu of %zu "
-                       "page bytes differ; attention rel err %.2e %s\n", hd, p.kbits, p.vbits, groups,
-                       page_bytes, tpp, n, diff, bytes, att_err, ok ? "ok" : "FAIL");
+                       "page bytes differ; attention rel err %.2e (prompt kernel %.2e) %s\n", hd,
+                       p.kbits, p.vbits, groups, page_bytes, tpp, n, diff, bytes, att_err, pre_err,
+                       ok ? "ok" : "FAIL");
                 free(k); free(v); free(kd); free(vd); free(cpu); free(gpu);
             }
-    printf("quant: %d cases, %d failed; worst attention rel err %.2e\n", cases, failures, worst_att);
+    printf("quant: %d cases, %d failed; worst attention rel err %.2e; the prompt kernel in %d "
+           "(case, gq) pairs\n", cases, failures, worst_att, prompt_cases);
     printf("quant: %s\n", failures ? "FAIL" : "PASS");
     return failures ? 1 : 0;
 }

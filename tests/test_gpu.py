@@ -92,12 +92,17 @@ def test_quantized_pages_and_attention(bench, stages):
     them agrees with dense double-precision attention over the dequantized values within
     2e-3 of the largest output (it writes fp16), in one split and in splits of one page.
     Stages 3: the tensor-core kernel with two chunks in flight per warp, which the engine keeps
-    for long splits, on these short ones too (LEANKV_ATT_STAGES)."""
+    for long splits, on these short ones too (LEANKV_ATT_STAGES). The prompt kernel
+    (attention_prefill_mma) is held to the same bound with every position a row, each against
+    dense attention over its own prefix."""
     r = run([str(bench), "quant", "none"], env={"LEANKV_ATT_STAGES": "3"} if stages == "3" else None)
     assert r.returncode == 0 and "quant: PASS" in r.stdout
     assert "FAIL" not in r.stdout
-    n = int(re.search(r"quant: (\d+) cases, 0 failed", r.stdout).group(1))
-    assert n >= 40
+    m = re.search(r"quant: (\d+) cases, 0 failed.* the prompt kernel in (\d+)", r.stdout)
+    assert m and int(m.group(1)) >= 40
+    # the prompt kernel ran for every tensor-core cache type (fp16, and the six code pairs with
+    # one group), both head dims and the four GQA sizes
+    assert int(m.group(2)) == 7 * 2 * 4
 
 
 # Quantized caches, GPU against the CPU with the same cache type: both quantize their own K and
@@ -121,6 +126,22 @@ def test_gpu_matches_cpu_quantized(bench, model, kv):
                  "--chunk", "24", "--kv", kv, "--tol", "10", "--match", "0", "--tol-quant", "1.5",
                  "--batch", slots], env={"LEANKV_ATT_STAGES": stages})
         assert r.returncode == 0 and "check: PASS" in r.stdout, stages
+
+
+@pytest.mark.parametrize("kv", ["fp16", "k8v4"])
+def test_prompt_kernel_long_prompt(bench, kv):
+    """A 300-token prompt in chunks of 128 (each warp of the prompt kernel takes several chunks
+    of keys; tiles of rows span the chunks' ends): logits at every row within the check's
+    bounds of the CPU, and no further from it than the decode kernel run once per row
+    (LEANKV_PREFILL_ROWS=1, the path before the prompt kernel) allows, within 2x + 1e-3."""
+    quant = [] if kv == "fp16" else ["--tol", "10", "--match", "0", "--tol-quant", "1.5"]
+    errs = []
+    for env in [None, {"LEANKV_PREFILL_ROWS": "1"}]:
+        r = run([str(bench), "check", models()[-1], "--prompt-len", "300", "--gen-len", "8",
+                 "--chunk", "128", "--kv", kv, *quant], env=env)
+        assert r.returncode == 0 and "check: PASS" in r.stdout, env
+        errs.append(float(re.search(r"rel err max ([0-9.e+-]+)", r.stdout).group(1)))
+    assert errs[0] <= 2 * errs[1] + 1e-3, errs
 
 
 def test_batch_equals_alone_quantized(bench):
@@ -164,7 +185,7 @@ def test_leankv_cli_on_gpu(tmp_path):
     png = tmp_path / "map.png"
     r = run([str(exe), model, "-m", "bench", "--kv", "leankv", "--batch", "32", "--requests",
              "48", "--prompt-len", "200", "--gen-len", "64", "--kv-mem", "24", "--device", "cuda",
-             "--kv-map", str(png)])
+             "--admit-steps", "0", "--kv-map", str(png)])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "device: cuda" in r.stderr and "kv tiers:" in r.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
