@@ -2274,6 +2274,21 @@ static double step_pages(Batch *b) {
     return (double)b->m->c.n_layers * b->m->c.n_kv_heads / tpp;
 }
 
+/* Pages that the admission of r must leave free beyond its own: admit_steps decode steps of
+ * every running request and of r, each capped by the tokens it has left (one about to finish
+ * grows no further, and then gives its pages back). 0 when nothing runs: alone it may start. */
+static double admit_headroom(Batch *b, Request **run, int n_run, const Request *r) {
+    if (n_run == 0 || b->admit_steps == 0) return 0;
+    long steps = 0;
+    for (int i = 0; i <= n_run; i++) {
+        const Request *x = i < n_run ? run[i] : r;
+        int left = x->max_new - x->n_gen, room = b->ctx - x->n_prompt - x->n_gen;
+        if (room < left) left = room;
+        steps += left < b->admit_steps ? left : b->admit_steps;
+    }
+    return ceil(step_pages(b) * steps);
+}
+
 /* Runs every request to the end. on_done(r) is called as each one finishes. */
 static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch *, Request *)) {
     int *queue = xmalloc((size_t)n_req * sizeof(int));      /* waiting requests, in order */
@@ -2287,7 +2302,8 @@ static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch 
     while (n_done < n_req) {
         /* 1. admission: waiting requests join while a slot and the pages for their tokens
          *    (plus one for the first decode step) are there, and, when others run, pages for
-         *    admit_steps decode steps of every running request and the new one beyond those.
+         *    admit_steps decode steps of every running request and the new one beyond those
+         *    (admit_headroom).
          *    A preempted request is recomputed from its prompt, so a join that soon runs the
          *    pool out costs more than the wait for a finished request's pages does. */
         while (q_len > 0 && n_run < b->max_batch) {
@@ -2299,7 +2315,7 @@ static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch 
             int n_tok = r->n_prompt + r->n_gen;
             if (n_tok + 1 > b->ctx) die("internal: request longer than the context");
             int need = engine_pages_needed(b, r, n_tok + 1);
-            double headroom = n_run ? ceil(step_pages(b) * (n_run + 1) * b->admit_steps) : 0;
+            double headroom = admit_headroom(b, run, n_run, r);
             if (need + headroom > engine_free_pages(b)) {
                 r->slot = -1;
                 if (n_run == 0) {   /* alone it still does not fit: it never will */
@@ -2930,7 +2946,8 @@ static void usage(FILE *f) {
         "matvec, for an engine of --batch 1 or 2), LEANKV_PDL=0 (no overlapped launches),\n"
         "LEANKV_ATT_SIMT=1 (no tensor cores in attention), LEANKV_ATT_STAGES=2 or 3 (chunks a\n"
         "warp of tensor-core attention keeps in flight, plus one), LEANKV_TIER_KERNELS=1\n"
-        "(--kv leankv: the token write and the scores in kernels of their own).\n",
+        "(--kv leankv: the token write and the scores in kernels of their own),\n"
+        "LEANKV_PREFILL_ROWS=1 (a prompt's rows each through the decode kernel).\n",
         ADMIT_STEPS);
 }
 

@@ -49,8 +49,8 @@ def test_batch_equals_alone(leankv_bin, smollm2_bin, tmp_path, alone):
 
 
 TIGHT_ROWS = [{"id": str(i), "prompt": p, "n": 40, "temperature": 0} for i, p in enumerate(PROMPTS)]
-GENEROUS = 100   # --admit-steps: 100 steps of two requests (2 * 100 * 90 heads / 16 = 1125 pages)
-                 # are more than the whole pool below, so a request joins only an empty batch
+GENEROUS = 100   # --admit-steps: more steps than a request generates (40), so a join waits
+                 # for room for all that the running requests and it still generate
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +95,16 @@ def test_watermark_keeps_outputs(tight):
 
 def test_watermark_cuts_preemptions(tight):
     """the summary's preemptions are the requests' own, summed; without the watermark four
-    requests join a pool that holds one and some are preempted; with GENEROUS they run one at
-    a time, each fits alone, and none is"""
+    requests join a pool that holds one and some are preempted; with GENEROUS a request joins
+    only when the pool keeps room for what the running one has left and for its own next
+    GENEROUS steps (it may join the running one near its end): fewer are. Not none: the room
+    is counted at the average pages a step, and pages come a whole page per head at once."""
     counts = {}
     for n, r in tight.items():
         peak, counts[n] = summary(r)
         assert counts[n] == sum(d["preemptions"] for d in outputs(r).values())
-        if n == GENEROUS:
-            assert peak == 1
     assert counts[0] > 0
-    assert counts[GENEROUS] < counts[0] and counts[GENEROUS] == 0
+    assert counts[GENEROUS] < counts[0]
 
 
 def test_request_too_big_for_the_pool(leankv_bin, smollm2_bin, tmp_path):
