@@ -758,8 +758,8 @@ kv_plan_step(int *plan, int *row_need, uint8_t *pool, const int *table, KvGeom g
 
 /* Prefill significance (section 3): each prompt row at or after the slot's first counted row
  * adds its probabilities exp(s - M) / L (the scores s attention kept in raw, the max M and sum
- * L attention_combine left in ml) to its query head's
- * sums, row after row as the CPU does. Block (query head, 256 tokens). */
+ * L that attention_prefill_mma, or attention_combine after the per-row kernel, left in ml) to
+ * its query head's sums, row after row as the CPU does. Block (query head, 256 tokens). */
 __global__ void kv_score_prefill(float *pscore, const float *raw, const float *ml,
                                  const int *row_slot, const int *row_pos, int n_rows,
                                  const LkvPolicy *policy, int layer, int n_heads, int ctx) {
