@@ -1879,6 +1879,37 @@ __device__ __forceinline__ void mma_load(MmaChunk<HD, KB, VB> &ck, const uint8_t
     }
 }
 
+/* O += (P s) C_V for one chunk (ck's values), one 8-channel tile at a time: tile j is channel
+ * g HD/8 + j of lane g. p: NP A fragments of P -- the decode kernel's one (hi rows g, lo rows
+ * g + 8), the prompt kernel's hi and lo, whose rows are all real. */
+template <int HD, int KB, int VB, int NP>
+__device__ __forceinline__ void mma_values(float (*acc)[4], const MmaChunk<HD, KB, VB> &ck,
+                                           const uint32_t (*p)[4]) {
+    constexpr int NTILES = HD / 8, VBYTES = MmaChunk<HD, KB, VB>::VBYTES;
+    if constexpr (VB == 16) {   /* fp16 values: the halves of two tokens' words, paired */
+#pragma unroll
+        for (int j = 0; j < NTILES; j++) {
+            uint32_t sel = j % 2 ? 0x7632u : 0x5410u;
+#pragma unroll
+            for (int i = 0; i < NP; i++)
+                mma_16816(acc[j], p[i], __byte_perm(ck.v[0][j / 2], ck.v[1][j / 2], sel),
+                          __byte_perm(ck.v[2][j / 2], ck.v[3][j / 2], sel));
+        }
+    } else {
+#pragma unroll
+        for (int b = 0; b < VBYTES; b++) {
+            uint32_t v01[8 / VB], v89[8 / VB];
+            mma_code_pairs<VB>(ck.v[0][b / 4], ck.v[1][b / 4], b % 4, v01);
+            mma_code_pairs<VB>(ck.v[2][b / 4], ck.v[3][b / 4], b % 4, v89);
+#pragma unroll
+            for (int sub = 0; sub < 8 / VB; sub++)
+#pragma unroll
+                for (int i = 0; i < NP; i++)
+                    mma_16816(acc[b * (8 / VB) + sub], p[i], v01[sub], v89[sub]);
+        }
+    }
+}
+
 /* What a lane holds after a pass over tokens (mma_pass), for query head g of its quad (lane
  * = 4 g + t): the running max m and sum l of the head's softmax and its unnormalised output
  * in channels (2t + e) HD/8 + j, x[2 j + e]. Heads g >= gq hold nothing that counts. */
@@ -2055,27 +2086,9 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
             lo[u] = __float2half_rn(es - __half2float(hi[u]));
             acs += __half2float(hi[u]) + __half2float(lo[u]);
         }
-        uint32_t pa[4] = {halves_bits(hi[0], hi[1]), halves_bits(lo[0], lo[1]),
-                          halves_bits(hi[2], hi[3]), halves_bits(lo[2], lo[3])};
-        /* O += (P s) C_V, one 8-channel tile at a time: tile j is channel g HD/8 + j of lane g */
-        if constexpr (VB == 16) {   /* fp16 values: the halves of two tokens' words, paired */
-#pragma unroll
-            for (int j = 0; j < NTILES; j++) {
-                uint32_t sel = j % 2 ? 0x7632u : 0x5410u;
-                mma_16816(acc[j], pa, __byte_perm(ck.v[0][j / 2], ck.v[1][j / 2], sel),
-                          __byte_perm(ck.v[2][j / 2], ck.v[3][j / 2], sel));
-            }
-        } else {
-#pragma unroll
-            for (int b = 0; b < VBYTES; b++) {
-                uint32_t v01[8 / VB], v89[8 / VB];
-                mma_code_pairs<VB>(ck.v[0][b / 4], ck.v[1][b / 4], b % 4, v01);
-                mma_code_pairs<VB>(ck.v[2][b / 4], ck.v[3][b / 4], b % 4, v89);
-#pragma unroll
-                for (int sub = 0; sub < 8 / VB; sub++)
-                    mma_16816(acc[b * (8 / VB) + sub], pa, v01[sub], v89[sub]);
-            }
-        }
+        uint32_t pa[1][4] = {{halves_bits(hi[0], hi[1]), halves_bits(lo[0], lo[1]),
+                              halves_bits(hi[2], hi[3]), halves_bits(lo[2], lo[3])}};
+        mma_values<HD, KB, VB, 1>(acc, ck, pa);
     };
     /* the next S - 1 chunks' loads are in flight while one is summed (S buffers, unrolled so
      * that no registers are copied). The first loads went out above. */
@@ -2372,7 +2385,7 @@ attention_prefill_mma(__half *o, float *ml, const float *q, const uint8_t *pool,
                       int layer, KvGeom g, int n_heads, int gq, float *raw, int raw_first,
                       int raw_stride) {
     constexpr int WARPS = PREFILL_THREADS / 32, KSTEPS = HD / 16, NTILES = HD / 8;
-    constexpr int KPW = 32 / KB, VBYTES = MmaChunk<HD, KB, VB>::VBYTES;
+    constexpr int KPW = 32 / KB;
     constexpr int KW = MmaChunk<HD, KB, VB>::KW;
     typedef MmaChunk<HD, KB, VB> Chunk;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
@@ -2495,32 +2508,11 @@ attention_prefill_mma(__half *o, float *ml, const float *q, const uint8_t *pool,
                 acs[j] += __half2float(hi[j][u]) + __half2float(lo[j][u]);
             }
         }
-        uint32_t ph[4] = {halves_bits(hi[0][0], hi[0][1]), halves_bits(hi[1][0], hi[1][1]),
-                          halves_bits(hi[0][2], hi[0][3]), halves_bits(hi[1][2], hi[1][3])};
-        uint32_t pl[4] = {halves_bits(lo[0][0], lo[0][1]), halves_bits(lo[1][0], lo[1][1]),
-                          halves_bits(lo[0][2], lo[0][3]), halves_bits(lo[1][2], lo[1][3])};
-        if constexpr (VB == 16) {
-#pragma unroll
-            for (int j = 0; j < NTILES; j++) {
-                uint32_t sel = j % 2 ? 0x7632u : 0x5410u;
-                uint32_t b0 = __byte_perm(ck.v[0][j / 2], ck.v[1][j / 2], sel);
-                uint32_t b1 = __byte_perm(ck.v[2][j / 2], ck.v[3][j / 2], sel);
-                mma_16816(acc[j], ph, b0, b1);
-                mma_16816(acc[j], pl, b0, b1);
-            }
-        } else {
-#pragma unroll
-            for (int b = 0; b < VBYTES; b++) {
-                uint32_t v01[8 / VB], v89[8 / VB];
-                mma_code_pairs<VB>(ck.v[0][b / 4], ck.v[1][b / 4], b % 4, v01);
-                mma_code_pairs<VB>(ck.v[2][b / 4], ck.v[3][b / 4], b % 4, v89);
-#pragma unroll
-                for (int sub = 0; sub < 8 / VB; sub++) {
-                    mma_16816(acc[b * (8 / VB) + sub], ph, v01[sub], v89[sub]);
-                    mma_16816(acc[b * (8 / VB) + sub], pl, v01[sub], v89[sub]);
-                }
-            }
-        }
+        uint32_t p[2][4] = {{halves_bits(hi[0][0], hi[0][1]), halves_bits(hi[1][0], hi[1][1]),
+                             halves_bits(hi[0][2], hi[0][3]), halves_bits(hi[1][2], hi[1][3])},
+                            {halves_bits(lo[0][0], lo[0][1]), halves_bits(lo[1][0], lo[1][1]),
+                             halves_bits(lo[0][2], lo[0][3]), halves_bits(lo[1][2], lo[1][3])}};
+        mma_values<HD, KB, VB, 2>(acc, ck, p);   /* O += (P s) C_V, hi then lo */
     };
     /* warp w: chunks w, w + WARPS, ... with the next one's loads in flight */
     Chunk cb[2];
