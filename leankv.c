@@ -2039,7 +2039,8 @@ enum { REQ_QUEUED, REQ_RUNNING, REQ_DONE };
 /* --admit-steps' default. In a simulation of this scheduler on the GPU benchmark's shape (512
  * requests of 1024 + 1024 tokens, a pool that holds 22 of them whole) 32 cut the preemptions by
  * a third, 64 by half, 128 by 62%; on shorter requests 128 already costs a tenth of the
- * sequences in flight. */
+ * sequences in flight. Measured there (H100, bench/RESULTS.md, session 9): 64 halved fp16's and
+ * k8v4's preemptions, fp16 5% faster; leankv's settings level. */
 #define ADMIT_STEPS 64
 
 typedef struct {
@@ -2937,7 +2938,8 @@ static void usage(FILE *f) {
         "      --prompt-len N  bench: prompt tokens (default 128)\n"
         "      --gen-len N     bench: generated tokens (default 128)\n"
         "      --admit-steps N -f, bench: a request joins running ones only when the pool has\n"
-        "                      room for N more decode steps of them all, itself included;\n"
+        "                      room for N more decode steps of them all, itself included\n"
+        "                      (or for what each has left, if less);\n"
         "                      0 = as soon as its prompt fits (default %d)\n"
         "      --prefill-chunk N  prompt tokens per CPU forward pass (64); 1 feeds them one by\n"
         "                      one, the path the chunked one is tested against\n"
