@@ -1932,13 +1932,6 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
 
     typedef MmaChunk<HD, KB, VB> Chunk;
-    auto dt_of = [&](int i) { return mma_token(i, gi, ti); };
-    auto load_page = [&](const uint8_t *page, int slot0, Chunk &ck, int nvalid) {
-        mma_load_page<HD, KB, VB>(ck, page, g, slot0, nvalid, gi, ti);
-    };
-    auto load = [&](int c0, Chunk &ck, int lim) {
-        mma_load<HD, KB, VB>(ck, pool, g, att_pages, p0, c0, lim, gi, ti);
-    };
     /* PAGED (two tiers, a tier whose pages hold a number of tokens that is not a multiple of 16,
      * such as k4v2's 28): chunks follow the pages, ceil(tpp / 16) a page, the last one of a page
      * partly empty (16 + 12 for 28), so that every chunk loads from one page like a full one.
@@ -1962,11 +1955,12 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
     auto load_paged = [&](int k, Chunk &ck) {
         int kp = k / cpp, slot0 = 16 * (k - kp * cpp);
         int c0 = t_begin + kp * g.tpp + slot0, lim = min(t_end, t_begin + (kp + 1) * g.tpp);
-        load_page(pool + (size_t)att_pages[kp] * g.page_bytes, slot0, ck, lim - c0);
+        mma_load_page<HD, KB, VB>(ck, pool + (size_t)att_pages[kp] * g.page_bytes, g, slot0,
+                                  lim - c0, gi, ti);
     };
     auto fetch = [&](int k, Chunk &ck, int lim) {
         if constexpr (PAGED) load_paged(k, ck);
-        else load(chunk_begin(k), ck, lim);
+        else mma_load<HD, KB, VB>(ck, pool, g, att_pages, p0, chunk_begin(k), lim, gi, ti);
     };
 
     /* The first S - 1 chunks' loads go out before anything else, so that the new token's
@@ -1996,10 +1990,10 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
             if (dt < 0 || dt >= 16) continue;
 #pragma unroll
             for (int e = 0; e < 2; e++)
-                if (dt == dt_of(e)) load_words<KBYTES>(kimg + ti * KBYTES, cb[i].k[e]);
+                if (dt == mma_token(e, gi, ti)) load_words<KBYTES>(kimg + ti * KBYTES, cb[i].k[e]);
 #pragma unroll
             for (int u = 0; u < 4; u++)
-                if (dt == dt_of(2 + u)) {
+                if (dt == mma_token(2 + u, gi, ti)) {
                     load_words<VBYTES>(vimg + gi * VBYTES, cb[i].v[u]);
                     if constexpr (KB < 16) cb[i].ksz[u] = img[KCW + VCW];
                     if constexpr (VB < 16) cb[i].vsz[u] = img[KCW + VCW + 1];
@@ -2150,6 +2144,15 @@ __device__ __forceinline__ void mma_merge(const MmaLane<HD> &res, __half *o, flo
     }
 }
 
+/* An empty partial, l = 0, for each of the gq query heads of (row r, KV head kvh) at partial
+ * base + split of `total`: a block past its tokens, which the merge then counts for nothing */
+template <int HD>
+__device__ __forceinline__ void empty_partial(float *part, int r, int kvh, int gq, int n_heads,
+                                              int total, int base, int split) {
+    for (int h = threadIdx.x; h < gq; h += blockDim.x)
+        part[(((size_t)r * n_heads + kvh * gq + h) * total + base + split) * (HD + 2) + HD + 1] = 0.0f;
+}
+
 template <int HD, int KB, int VB, int S>
 __device__ __forceinline__ void
 attention_mma(__half *o, float *part, const float *q, const float *qkv, const float *bqkv,
@@ -2178,10 +2181,8 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
         attention_finish<HD>(o, part, at.arrive, r, kvh, gq, n_heads, splits, active);
         return;
     }
-    if (at.n_tok && t_begin >= t_end) {    /* past the tier's tokens: an empty partial, l = 0 */
-        for (int h = threadIdx.x; h < gq; h += blockDim.x)
-            part[(((size_t)r * n_heads + kvh * gq + h) * at.total_splits + at.split_base + split) *
-                     (HD + 2) + HD + 1] = 0.0f;
+    if (at.n_tok && t_begin >= t_end) {    /* past the tier's tokens */
+        empty_partial<HD>(part, r, kvh, gq, n_heads, at.total_splits, at.split_base, split);
         return;
     }
     __shared__ float q_sm[8 * HD];
@@ -2202,10 +2203,20 @@ attention_mma(__half *o, float *part, const float *q, const float *qkv, const fl
         attention_finish<HD>(o, part, at.arrive, r, kvh, gq, n_heads, total, active);
 }
 
+/* A token's significance gain from a decode step (section 3): the max over the GQA group of
+ * its probability exp(s - M) / L, from raw[h * stride], its score for query head h, and that
+ * head's max M and sum L in ml[2 h], ml[2 h + 1]. tier_scores and kv_score_decode add it. */
+__device__ __forceinline__ float step_gain(const float *raw, size_t stride, const float *ml,
+                                           int gq) {
+    float mx = 0.0f;
+    for (int h = 0; h < gq; h++) mx = fmaxf(mx, __expf(raw[h * stride] - ml[2 * h]) / ml[2 * h + 1]);
+    return mx;
+}
+
 /* Significance (section 3) of the n tokens of one tier of a head, all in the block's one
  * split (pages: their page ids), from the scores this block kept in raw, (gq, stride), and each
  * query head's max M and sum L in ml: every token gains max over the group of exp(s - M) / L,
- * as kv_score_decode adds it. Four tokens a thread at a time, their loads together (measured:
+ * step_gain, as kv_score_decode adds it. Four tokens a thread at a time, their loads together (measured:
  * one loop over both tiers, eight at a time, made the step 13% slower). */
 __device__ __forceinline__ void tier_scores(uint8_t *pool, const KvGeom &g, const int *pages, int n,
                                             const float *raw, int stride, int gq,
@@ -2219,8 +2230,7 @@ __device__ __forceinline__ void tier_scores(uint8_t *pool, const KvGeom &g, cons
             mx[u] = 0.0f;
             sp[u] = NULL;
             if (i >= n) continue;
-            for (int h = 0; h < gq; h++)
-                mx[u] = fmaxf(mx[u], __expf(raw[(size_t)h * stride + i] - ml[2 * h]) / ml[2 * h + 1]);
+            mx[u] = step_gain(raw + i, stride, ml, gq);
             int pg = kv_page_index(g, i);
             sp[u] = (float *)(pool + (size_t)pages[pg] * g.page_bytes + g.scores) + (i - pg * g.tpp);
         }
@@ -2268,9 +2278,8 @@ attention_pair_mma(__half *o, float *part, const float *qkv, const float *bqkv,
     int np1 = h1.t_begin < h1.t_end ? kv_page_index(g1, h1.t_end - 1) - p0 + 1 : 0;
     for (int i = threadIdx.x; i < np0; i += blockDim.x) pages0[i] = tab[p0 + i];
     for (int i = threadIdx.x; i < np1; i += blockDim.x) pages1[i] = tab[g1.width - 1 - (p0 + i)];
-    if (np0 == 0 && np1 == 0) {   /* a padding row, or past both tiers' tokens: l = 0 */
-        for (int h = threadIdx.x; h < gq; h += blockDim.x)
-            part[(((size_t)r * n_heads + kvh * gq + h) * total + split) * (HD + 2) + HD + 1] = 0.0f;
+    if (np0 == 0 && np1 == 0) {   /* a padding row, or past both tiers' tokens */
+        empty_partial<HD>(part, r, kvh, gq, n_heads, total, 0, split);
         return;
     }
     __shared__ float q_sm[8 * HD];
@@ -2623,10 +2632,7 @@ kv_score_decode(__half *o, const float *part, uint8_t *pool, const int *table, K
     }
     __syncthreads();
     if (t >= n) return;
-    const float *rr = raw + ((size_t)r * n_heads + kvh * gq) * ctx + t;
-    float mx = 0.0f;
-    for (int h = 0; h < gq; h++)
-        mx = fmaxf(mx, __expf(rr[(size_t)h * ctx] - sm_ml[h][0]) / sm_ml[h][1]);
+    float mx = step_gain(raw + ((size_t)r * n_heads + kvh * gq) * ctx + t, ctx, &sm_ml[0][0], gq);
     int s, tier = t < nh ? LKV_HIGH : LKV_LOW;
     const KvGeom &g = tier ? g1 : g0;
     uint8_t *page = kv_page(pool, table, g, hh, tier, tier ? t - nh : t, &s);
