@@ -2949,6 +2949,7 @@ static void usage(FILE *f) {
         "LEANKV_ATT_SIMT=1 (no tensor cores in attention), LEANKV_ATT_STAGES=2 or 3 (chunks a\n"
         "warp of tensor-core attention keeps in flight, plus one), LEANKV_TIER_KERNELS=1\n"
         "(--kv leankv: the token write and the scores in kernels of their own),\n"
+        "LEANKV_KEEP_SM=0 (--kv leankv: the step's scores in global, not shared, memory),\n"
         "LEANKV_PREFILL_ROWS=1 (a prompt's rows each through the decode kernel).\n",
         ADMIT_STEPS);
 }

@@ -693,62 +693,53 @@ __global__ void kv_ring_update(int *ring, int take, int n_pages) {
     else ring[1] += ring[2];
 }
 
-/* min of (mean, index) pairs over the block: the lower mean, on a tie the lower index (the
+/* (m, i) = the lower of (m, i) and (m2, i2): the lower mean, on a tie the lower index (the
  * CPU's kv_lowest scans in index order with a strict <); index -1 = none */
-__device__ void block_lowest(float *m, int *i) {
-    __shared__ float sm_m[32];
-    __shared__ int sm_i[32];
-    for (int o = 16; o > 0; o >>= 1) {
-        float m2 = __shfl_xor_sync(0xffffffffu, *m, o);
-        int i2 = __shfl_xor_sync(0xffffffffu, *i, o);
-        if (i2 >= 0 && (*i < 0 || m2 < *m || (m2 == *m && i2 < *i))) { *m = m2; *i = i2; }
-    }
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
-    __syncthreads();
-    if (lane == 0) { sm_m[warp] = *m; sm_i[warp] = *i; }
-    __syncthreads();
-    *m = INFINITY; *i = -1;
-    for (int w = 0; w < nw; w++)
-        if (sm_i[w] >= 0 && (*i < 0 || sm_m[w] < *m || (sm_m[w] == *m && sm_i[w] < *i))) {
-            *m = sm_m[w]; *i = sm_i[w];
-        }
+__device__ __forceinline__ void lowest_of(float *m, int *i, float m2, int i2) {
+    if (i2 >= 0 && (*i < 0 || m2 < *m || (m2 == *m && i2 < *i))) { *m = m2; *i = i2; }
 }
 
 /* Decides the case of every head of every row for the token at the row's position (leankv.h
  * 4c), before the step: L and R are the eligible tokens of lowest mean in the high and low
- * tiers. Adds the pages the case needs to row_need[row], which the host reads: the one number
- * per step that leaves the GPU. Block (layer * n_kv_heads + h, row). */
+ * tiers. Each half of the block scans one tier, side by side (a block per tier one after the
+ * other made two chains of loads and two reductions). Adds the pages the case needs to
+ * row_need[row], which the host reads: the one number per step that leaves the GPU. Block
+ * (layer * n_kv_heads + h, row). */
 #define PLAN_THREADS 128
 __global__ void __launch_bounds__(PLAN_THREADS)
 kv_plan_step(int *plan, int *row_need, uint8_t *pool, const int *table, KvGeom g0, KvGeom g1,
              const int *n_tok, const int *n_pg, const LkvPolicy *policy, const int *row_slot,
              const int *row_pos) {
+    constexpr int HALF = PLAN_THREADS / 2, WARPS = PLAN_THREADS / 32;
+    __shared__ float sm_m[WARPS];
+    __shared__ int sm_i[WARPS];
     int r = blockIdx.y, n = row_pos[r];
     if (n < 0) return;
     int heads = g0.n_layers * g0.n_kv_heads, slot = row_slot[r];
     size_t hh = (size_t)slot * heads + blockIdx.x;
     LkvPolicy p = policy[slot];
-    float m[2];
-    int idx[2];
-    for (int t = 0; t < 2; t++) {
-        const KvGeom &g = t ? g1 : g0;
-        float best = INFINITY;
-        int bi = -1;
-        int nt = n_tok[hh * 2 + t];
+    int t = threadIdx.x / HALF;   /* the tier this half scans */
+    const KvGeom g = t ? g1 : g0;
+    float best = INFINITY;
+    int bi = -1, nt = n_tok[hh * 2 + t];
 #pragma unroll 4   /* several tokens' loads in flight: a thread's are independent */
-        for (int i = threadIdx.x; i < nt; i += blockDim.x) {
-            int s;
-            const uint8_t *page = kv_page(pool, table, g, hh, t, i, &s);
-            int pos = ((const int *)(page + g.pos))[s];
-            float score = ((const float *)(page + g.scores))[s];
-            if (!lkv_eligible(pos, n, p.window)) continue;
-            float mean = lkv_mean(score, n, pos, p.first);
-            if (mean < best) { best = mean; bi = i; }
-        }
-        block_lowest(&best, &bi);
-        m[t] = best; idx[t] = bi;
+    for (int i = threadIdx.x % HALF; i < nt; i += HALF) {
+        int s;
+        const uint8_t *page = kv_page(pool, table, g, hh, t, i, &s);
+        int pos = ((const int *)(page + g.pos))[s];
+        float score = ((const float *)(page + g.scores))[s];
+        if (!lkv_eligible(pos, n, p.window)) continue;
+        lowest_of(&best, &bi, lkv_mean(score, n, pos, p.first), i);
     }
+    for (int o = 16; o > 0; o >>= 1)
+        lowest_of(&best, &bi, __shfl_xor_sync(0xffffffffu, best, o),
+                  __shfl_xor_sync(0xffffffffu, bi, o));
+    if (threadIdx.x % 32 == 0) { sm_m[threadIdx.x / 32] = best; sm_i[threadIdx.x / 32] = bi; }
+    __syncthreads();
     if (threadIdx.x) return;
+    float m[2] = {INFINITY, INFINITY};
+    int idx[2] = {-1, -1};
+    for (int w = 0; w < WARPS; w++) lowest_of(&m[w / (WARPS / 2)], &idx[w / (WARPS / 2)], sm_m[w], sm_i[w]);
     int c = lkv_decode_case(m[0], m[1], n, p.alpha_high, p.alpha_low);
     plan[hh * 3] = c; plan[hh * 3 + 1] = idx[0]; plan[hh * 3 + 2] = idx[1];
     int pages = lkv_case_pages(c, LKV_HIGH, n_tok[hh * 2], n_pg[hh * 2], g0.tpp) +
@@ -759,20 +750,26 @@ kv_plan_step(int *plan, int *row_need, uint8_t *pool, const int *table, KvGeom g
 /* Prefill significance (section 3): each prompt row at or after the slot's first counted row
  * adds its probabilities exp(s - M) / L (the scores s attention kept in raw, the max M and sum
  * L that attention_prefill_mma, or attention_combine after the per-row kernel, left in ml) to
- * its query head's sums, row after row as the CPU does. Block (query head, 256 tokens). */
-__global__ void kv_score_prefill(float *pscore, const float *raw, const float *ml,
-                                 const int *row_slot, const int *row_pos, int n_rows,
-                                 const LkvPolicy *policy, int layer, int n_heads, int ctx) {
+ * its query head's sums, row after row as the CPU does. A prompt chunk's rows are consecutive
+ * positions of one slot (row r is at row_pos[0] + r), so token t's rows are those from
+ * max(first, t) on: a thread walks only them, its loads unrolled ahead of the sum (H100, ncu,
+ * a 1,024-token prompt's second chunk of 512: 57 us a launch walking every row of the chunk,
+ * 22 us now). Block (query head, 128 tokens). */
+#define PSCORE_THREADS 128
+__global__ void __launch_bounds__(PSCORE_THREADS)
+kv_score_prefill(float *pscore, const float *raw, const float *ml, const int *row_slot,
+                 const int *row_pos, int n_rows, const LkvPolicy *policy, int layer,
+                 int n_heads, int ctx) {
     int head = blockIdx.x, t = blockIdx.y * blockDim.x + threadIdx.x;
     if (t >= ctx || n_rows == 0) return;
-    int first = policy[row_slot[0]].first;
+    int pos0 = row_pos[0], first = policy[row_slot[0]].first;
+    int r = max(max(first, t) - pos0, 0);   /* the first row at or past first and t */
     float *ps = pscore + ((size_t)layer * n_heads + head) * ctx + t, v = *ps;
-    for (int r = 0; r < n_rows; r++) {
-        int pos = row_pos[r];
-        if (pos < first || t > pos) continue;
-        const float *m = ml + ((size_t)r * n_heads + head) * 2;
-        v += __expf(raw[((size_t)r * n_heads + head) * ctx + t] - m[0]) / m[1];
-    }
+    const float *s = raw + ((size_t)r * n_heads + head) * ctx + t;
+    const float *m = ml + ((size_t)r * n_heads + head) * 2;
+#pragma unroll 8
+    for (; r < n_rows; r++, s += (size_t)n_heads * ctx, m += 2 * n_heads)
+        v += __expf(*s - m[0]) / m[1];
     *ps = v;
 }
 
@@ -1349,6 +1346,8 @@ typedef struct {
     int *arrive;        /* (rows, n_kv_heads) blocks done, or NULL: with splits, the last block
                            of a (row, KV head) merges them (attention_finish); else
                            attention_combine does, in a launch of its own */
+    int keep_sm;        /* a decode block that owns its head keeps the scores in shared memory
+                           (they fit): (ctx) the tokens' old ones, then raw's (gq, ctx) */
 } AttTier;
 
 /* What block (split, KV head kvh = blockIdx.y, row r = blockIdx.z) attends: tokens
@@ -2213,14 +2212,40 @@ __device__ __forceinline__ float step_gain(const float *raw, size_t stride, cons
     return mx;
 }
 
+/* Token i of one tier of a head (pages: the tier's page ids from the block's first page on):
+ * its score in the page */
+__device__ __forceinline__ float *tier_score(uint8_t *pool, const KvGeom &g, const int *pages,
+                                             int i) {
+    int pg = kv_page_index(g, i);
+    return (float *)(pool + (size_t)pages[pg] * g.page_bytes + g.scores) + (i - pg * g.tpp);
+}
+
+/* Copies the scores of a tier's n tokens into old[0, n) in shared memory, asynchronously
+ * (cp.async; cp_async_wait_all before reading): thread j takes tokens j, j + blockDim.x, ...,
+ * the tokens it adds to in tier_scores, so it reads back only its own copies. */
+__device__ __forceinline__ void fetch_scores(float *old, uint8_t *pool, const KvGeom &g,
+                                             const int *pages, int n) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        unsigned dst = (unsigned)__cvta_generic_to_shared(old + i);
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst),
+                     "l"(tier_score(pool, g, pages, i)));
+    }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
 /* Significance (section 3) of the n tokens of one tier of a head, all in the block's one
  * split (pages: their page ids), from the scores this block kept in raw, (gq, stride), and each
  * query head's max M and sum L in ml: every token gains max over the group of exp(s - M) / L,
- * step_gain, as kv_score_decode adds it. Four tokens a thread at a time, their loads together (measured:
- * one loop over both tiers, eight at a time, made the step 13% slower). */
+ * step_gain, as kv_score_decode adds it. old: the tokens' scores, fetched into shared memory
+ * while attention ran (fetch_scores), or NULL: read from the pages here, four tokens a thread
+ * at a time, their loads together. Measured (H100, SmolLM2, 96 sequences of 1-1.3k tokens,
+ * decode tok/s): 39.6k with the old scores read here and raw in global memory, 42.9k with
+ * both in shared memory, 49.2k with no significance at all -- the loads at the block's end
+ * were what cost; what remains is the pass itself. */
 __device__ __forceinline__ void tier_scores(uint8_t *pool, const KvGeom &g, const int *pages, int n,
                                             const float *raw, int stride, int gq,
-                                            const float *ml) {
+                                            const float *ml, const float *old) {
     constexpr int U = 4;
     for (int i0 = threadIdx.x; i0 < n; i0 += U * blockDim.x) {
         float mx[U], *sp[U];
@@ -2231,12 +2256,11 @@ __device__ __forceinline__ void tier_scores(uint8_t *pool, const KvGeom &g, cons
             sp[u] = NULL;
             if (i >= n) continue;
             mx[u] = step_gain(raw + i, stride, ml, gq);
-            int pg = kv_page_index(g, i);
-            sp[u] = (float *)(pool + (size_t)pages[pg] * g.page_bytes + g.scores) + (i - pg * g.tpp);
+            sp[u] = tier_score(pool, g, pages, i);
         }
 #pragma unroll
         for (int u = 0; u < U; u++)
-            if (sp[u]) *sp[u] += mx[u];
+            if (sp[u]) *sp[u] = (old ? old[i0 + u * blockDim.x] : *sp[u]) + mx[u];
     }
 }
 
@@ -2286,13 +2310,26 @@ attention_pair_mma(__half *o, float *part, const float *qkv, const float *bqkv,
     attention_rope<HD>(q_sm, NULL, qkv, bqkv, cos_sin, style, g0, h0.pos, r, kvh, n_heads, gq,
                        pages_per_split, a0, split);   /* (two tiers: never the new token) */
     __syncthreads();   /* the page ids and q_sm are complete */
+    /* A block that owns its head may keep the scores in shared memory, after the stash: the
+     * tokens' old scores, fetched while attention runs, then raw's (gq, ctx); token i of the
+     * low tier is token h0.t_end + i of both, as in raw (attention_range). */
+    float *old = NULL;
+    AttTier b0 = a0, b1 = a1;
+    if (own && a0.keep_sm) {
+        old = (float *)(att_pages + 2 * pages_per_split) + (NX + 2) * blockDim.x;
+        b0.raw = b1.raw = old + a0.raw_stride;
+        h0.raw_at = 0; h1.raw_at = h0.t_end;
+        fetch_scores(old, pool, g0, pages0, h0.t_end);
+        fetch_scores(old + h0.t_end, pool, g1, pages1, h1.t_end);
+        cp_async_commit();
+    }
     MmaLane<HD> res;
     res.m = -INFINITY; res.l = 0.0f;
 #pragma unroll
     for (int k = 0; k < NX; k++) res.x[k] = 0.0f;
     if (np0)
         mma_pass<HD, KB0, VB0, 2, false>(res, q_sm, 1, gq, pool, table, g0, h0.head_kv, pages0, p0,
-                                         h0.t_begin, h0.t_end, h0.raw_at, a0, 0, h0.pos, NULL);
+                                         h0.t_begin, h0.t_end, h0.raw_at, b0, 0, h0.pos, NULL);
     if (np1) {
         float *stash = (float *)(att_pages + 2 * pages_per_split) + threadIdx.x;   /* stride: threads */
         if (np0) {
@@ -2302,10 +2339,10 @@ attention_pair_mma(__half *o, float *part, const float *qkv, const float *bqkv,
         }
         if (g1.tpp % 16)
             mma_pass<HD, KB1, VB1, 2, true>(res, q_sm, 1, gq, pool, table, g1, h1.head_kv, pages1,
-                                            p0, h1.t_begin, h1.t_end, h1.raw_at, a1, 0, h1.pos, NULL);
+                                            p0, h1.t_begin, h1.t_end, h1.raw_at, b1, 0, h1.pos, NULL);
         else
             mma_pass<HD, KB1, VB1, 2, false>(res, q_sm, 1, gq, pool, table, g1, h1.head_kv, pages1,
-                                             p0, h1.t_begin, h1.t_end, h1.raw_at, a1, 0, h1.pos, NULL);
+                                             p0, h1.t_begin, h1.t_end, h1.raw_at, b1, 0, h1.pos, NULL);
         if (np0) {   /* the two passes' (m, l, x), each relative to its own max */
             float mh = stash[0], lh = stash[blockDim.x], M = fmaxf(mh, res.m);
             float wh = lh > 0.0f ? __expf(mh - M) : 0.0f, wl = res.l > 0.0f ? __expf(res.m - M) : 0.0f;
@@ -2324,8 +2361,10 @@ attention_pair_mma(__half *o, float *part, const float *qkv, const float *bqkv,
      * work, without its launch or its page-table loads). */
     __shared__ float sm_ml[16];   /* (gq, 2) */
     mma_merge<HD>(res, o, part, gq, r, kvh, n_heads, 0, 0, sm_ml);   /* (ends in a sync) */
-    tier_scores(pool, g0, pages0, h0.t_end, a0.raw + h0.raw_at, a0.raw_stride, gq, sm_ml);
-    tier_scores(pool, g1, pages1, h1.t_end, a1.raw + h1.raw_at, a1.raw_stride, gq, sm_ml);
+    if (old) cp_async_wait_all();   /* this thread's own copies (fetch_scores) */
+    tier_scores(pool, g0, pages0, h0.t_end, b0.raw + h0.raw_at, a0.raw_stride, gq, sm_ml, old);
+    tier_scores(pool, g1, pages1, h1.t_end, b1.raw + h1.raw_at, a1.raw_stride, gq, sm_ml,
+                old ? old + h0.t_end : NULL);
 }
 
 /* TC: on tensor cores (attention_mma; code keys, one scale/zero pair per vector, gq <= 8), with
@@ -2741,6 +2780,8 @@ struct GpuEngine {
                                                on tensor cores (attention_pair_mma), else 2 */
     int own_heads;                          /* a decode step's attention block writes its head's
                                                token and adds its scores (one_block_heads) */
+    int keep_sm;                            /* bytes of shared memory that such a block keeps
+                                               the scores in, or 0: they do not fit (keep_bytes) */
     PrefillLaunch attention_prefill;        /* prompt chunks on tensor cores, or NULL: the
                                                decode kernel, a pass per row */
     RunState s;
@@ -2764,14 +2805,15 @@ static void launch_attention(GpuEngine *g, const AttCall *a) {
                c->n_heads, c->n_heads / c->n_kv_heads, g->pages_per_split, a->at);
 }
 
-/* attention_pair_mma's dynamic shared memory: both tiers' page ids, and the stash */
-template <int HD> static int tiers_smem(int pages_per_split) {
-    return (2 * pages_per_split + (HD / 4 + 2) * ATT_THREADS(HD)) * 4;
+/* attention_pair_mma's dynamic shared memory: both tiers' page ids, the stash, and keep bytes
+ * of scores (keep_bytes) */
+template <int HD> static int tiers_smem(int pages_per_split, int keep) {
+    return (2 * pages_per_split + (HD / 4 + 2) * ATT_THREADS(HD)) * 4 + keep;
 }
-template <int HD> static void tiers_smem_setup(int pages_per_split) {
+template <int HD> static void tiers_smem_setup(int pages_per_split, int keep) {
     CUDA_CHECK(cudaFuncSetAttribute(attention_tiers<HD, 4, 8, 4, 4, 2, true>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    tiers_smem<HD>(pages_per_split)));
+                                    tiers_smem<HD>(pages_per_split, keep)));
 }
 
 /* both tiers at once: a0 the high tier's, a1 the low's (a block each: a1.split_base = the
@@ -2781,7 +2823,7 @@ static void launch_tiers(GpuEngine *g, const AttCall *a, const AttTier *at) {
     Config *c = &g->c;
     RunState *s = &g->s;
     dim3 grid(at[0].total_splits, c->n_kv_heads, a->n_rows), block(ATT_THREADS(HD));
-    size_t smem = TC ? tiers_smem<HD>(g->pages_per_split) : 0;
+    size_t smem = TC ? tiers_smem<HD>(g->pages_per_split, g->keep_sm) : 0;
     launch_pdl(g->pdl, attention_tiers<HD, GM, 8, 4, 4, 2, TC>, grid, block, smem, g->stream,
                a->o, s->att_part, s->q, a->qkv, a->bqkv, g->rope_cs, c->rope_style, g->kv.pool,
                g->kv.table, s->row_slot, s->row_pos, a->layer, g->kv.tg[0], g->kv.tg[1],
@@ -2906,6 +2948,18 @@ static int one_block_heads(const GpuEngine *g) {
            g->splits_t[1] == 1 && !env_switch("LEANKV_TIER_KERNELS", 0);
 }
 
+/* Where a block owns its head: the shared memory that holds its scores, the tokens' old ones
+ * (ctx) and the step's raw ones (gq, ctx), when the block then still fits ATT_BLOCKS_PER_SM
+ * times on a multiprocessor (KEEP_SM_MAX: ctx 2048 at gq 3 does, 4096 does not); else 0, and
+ * the scores stay in global memory. LEANKV_KEEP_SM=0 forces the latter, to test and time it. */
+#define KEEP_SM_MAX (64 * 1024)
+static int keep_bytes(const GpuEngine *g) {
+    int gq = g->c.n_heads / g->c.n_kv_heads, keep = (gq + 1) * g->ctx * (int)sizeof(float);
+    int hd = g->c.head_dim;
+    int rest = hd == 64 ? tiers_smem<64>(g->pages_per_split, 0) : tiers_smem<128>(g->pages_per_split, 0);
+    return g->own_heads && rest + keep <= KEEP_SM_MAX && env_switch("LEANKV_KEEP_SM", 1) ? keep : 0;
+}
+
 /* The prompt kernel on tensor cores for the first tier's precision (prompts are written there),
  * or NULL: then each row of a prompt chunk runs the decode kernel. LEANKV_PREFILL_ROWS=1
  * forces the latter, to measure one against the other. */
@@ -2949,7 +3003,8 @@ static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int deco
         int total = one ? (s0 > s1 ? s0 : s1) : s0 + s1;   /* partials per (row, head) */
         AttTier at[2];
         for (int t = 0; t < 2; t++)
-            at[t] = (AttTier){kv->n_tok, t, t && !one ? s0 : 0, total, kv->raw, 0, g->ctx};
+            at[t] = (AttTier){kv->n_tok, t, t && !one ? s0 : 0, total, kv->raw, 0, g->ctx,
+                              NULL, g->keep_sm > 0};
         if (g->attention_pair) g->attention_pair(g, &a, at);   /* one launch for both */
         else
             for (int t = 0; t < 2; t++) {
@@ -2986,7 +3041,8 @@ static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int deco
         if (scores) combine(g, n_rows, a.splits, o, kv->ml);
     }
     if (scores) {
-        kv_score_prefill<<<dim3(c->n_heads, (att_ctx + 255) / 256), 256, 0, g->stream>>>(
+        kv_score_prefill<<<dim3(c->n_heads, (att_ctx + PSCORE_THREADS - 1) / PSCORE_THREADS),
+                           PSCORE_THREADS, 0, g->stream>>>(
             kv->pscore, kv->raw, kv->ml, g->s.row_slot, g->s.row_pos, n_rows, kv->policy, layer,
             c->n_heads, g->ctx);
         LAUNCH_CHECK();
@@ -3303,12 +3359,14 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
         g->max_splits += g->splits_t[t];
     }
     g->pair_blocks = 2;
-    if (g->attention_pair == pair_kernels_tc[0] || g->attention_pair == pair_kernels_tc[1]) {
+    if (g->attention_pair == pair_kernels_tc[0] || g->attention_pair == pair_kernels_tc[1])
         g->pair_blocks = 1;
-        if (c->head_dim == 64) tiers_smem_setup<64>(g->pages_per_split);
-        else tiers_smem_setup<128>(g->pages_per_split);
-    }
     g->own_heads = one_block_heads(g);
+    g->keep_sm = keep_bytes(g);
+    if (g->pair_blocks == 1) {
+        if (c->head_dim == 64) tiers_smem_setup<64>(g->pages_per_split, g->keep_sm);
+        else tiers_smem_setup<128>(g->pages_per_split, g->keep_sm);
+    }
     g->attention_prefill = find_prefill(c->head_dim, G, tiers[0], g->kv.tg[0].width);
     if (n_tiers > 1) {   /* placement stages a tile of high-tier tokens in shared memory */
         KvGeom *h = &g->kv.tg[0];
