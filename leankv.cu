@@ -2249,9 +2249,9 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
  * step_gain, as kv_score_decode adds it. old: the tokens' scores, fetched into shared memory
  * while attention ran (fetch_scores), or NULL: read from the pages here, four tokens a thread
  * at a time, their loads together. Measured (H100, SmolLM2, 96 sequences of 1-1.3k tokens,
- * decode tok/s): 39.6k with the old scores read here and raw in global memory, 42.9k with
- * both in shared memory, 49.2k with no significance at all -- the loads at the block's end
- * were what cost; what remains is the pass itself. */
+ * decode tok/s): 39.6k with the old scores read here and raw in global memory, 42.0k with raw
+ * alone in shared memory, 42.9k with both (49.2k with no significance at all, an upper bound
+ * only: without the gains the tier cases change too). */
 __device__ __forceinline__ void tier_scores(uint8_t *pool, const KvGeom &g, const int *pages, int n,
                                             const float *raw, int stride, int gq,
                                             const float *ml, const float *old) {
