@@ -8,8 +8,10 @@
 # quant: decode attention alone for each cache type (leankv-gpu-bench attn) and the end-to-end
 #        bench for fp16, k8v4 and k4v2 at batch 256 and at batch 1 with a 4k context.
 # profile: per-kernel times of one decode step under ncu (kernels one by one).
-# budget: leankv's throughput under a fixed KV budget (fp16, k8v4, two leankv settings);
-# tierprof: per-kernel times of one leankv decode step under ncu.
+# budget: leankv's throughput under a fixed KV budget (fp16, k8v4, two leankv settings, the
+#         aggressive one again with --admit-steps 1024);
+# tierprof: per-kernel times of one leankv decode step under ncu, with and without the token
+#         write and the scores inside attention.
 #
 # The real model: its GGUF travels in two halves (a call carries at most 64 MiB), made with
 # `split -n 2 models/SmolLM2-135M-Instruct.Q4_1.gguf`: one call carries m1/ (the first half,
@@ -111,15 +113,22 @@ if [[ " $STAGES " == *" budget "* ]]; then
     budget k8v4 --kv k8v4
     budget leankv-1-0.02 --kv leankv
     budget leankv-8-4 --kv leankv --alpha-high 8 --alpha-low 4
+    # the aggressive setting admits all 512 at once and preempts late; a watermark of the whole
+    # remaining output trades that for fewer in flight (measured: better for it alone)
+    budget leankv-8-4-admit1024 --kv leankv --alpha-high 8 --alpha-low 4 --admit-steps 1024
 fi
-if [[ " $STAGES " == *" tierprof "* ]]; then   # caches flushed before each kernel, then kept
+# One leankv decode step at the budget's operating point (96 sequences in an engine of 512
+# slots, ctx 2,048), kernels one by one; LEANKV_TIER_KERNELS=1 runs the token write and the
+# scores as kernels of their own, so that attention's own time shows: the compression work is
+# kv_* plus (attention with them - attention alone).
+if [[ " $STAGES " == *" tierprof "* ]]; then
     LEANKV=${LEANKV_BIN:-./leankv}
-    for cache in all none; do
-        LEANKV_PROFILE_STEP=40 ncu --profile-from-start off --clock-control none \
-            --cache-control $cache --metrics gpu__time_duration.sum --csv $LEANKV $MODEL -m bench \
-            --kv leankv --kv-mem 1024 --batch 64 --requests 64 --prompt-len 1024 --gen-len 48 \
-            --ctx 2048 --device cuda > "$OUT/ncu_leankv_$cache.csv" 2>/dev/null
-        echo "== leankv decode step, batch 64, 1,024-token prompts, ncu --cache-control $cache ($CARD)"
-        python3 bench/ncu_sum.py "$OUT/ncu_leankv_$cache.csv" 15
+    for split in 0 1; do
+        LEANKV_TIER_KERNELS=$split LEANKV_PROFILE_STEP=40 ncu --profile-from-start off \
+            --cache-control none --metrics gpu__time_duration.sum --csv $LEANKV $MODEL -m bench \
+            --kv leankv --kv-mem 4096 --batch 512 --requests 96 --prompt-len 1024 --gen-len 48 \
+            --ctx 2048 --device cuda > "$OUT/ncu_leankv_$split.csv" 2>/dev/null
+        echo "== leankv decode step, 96 sequences, LEANKV_TIER_KERNELS=$split ($CARD)"
+        python3 bench/ncu_sum.py "$OUT/ncu_leankv_$split.csv" 12
     done
 fi
