@@ -1768,6 +1768,37 @@ __host__ __device__ constexpr int mma_code_channel(int e) {   /* byte e % 4, sub
     return BITS == 16 ? e : (e % 4) * (8 / BITS) + e / 4;
 }
 
+/* The query channel behind element el of lane ti's run of A-fragment elements (quad lane ti
+ * owns channels ti HD/4 ..): the key codes' channel order within each word of KB-bit codes,
+ * so that q and the unpacked keys meet channel for channel. */
+template <int HD, int KB>
+__device__ __forceinline__ int mma_q_channel(int ti, int el) {
+    constexpr int KPW = 32 / KB;   /* key codes per word */
+    return ti * (HD / 4) + el / KPW * KPW + mma_code_channel<KB>(el % KPW);
+}
+
+/* A token's weight e (its unnormalised probability) as it enters the P V product: times the
+ * value scale sz.x of its codes, or times MMA_P_SCALE for fp16 values, split as hi + lo fp16
+ * so that the product keeps fp32's precision. Returns hi + lo, the P s actually fed, whose
+ * sum times 1024 mma_output takes back out of the codes' products. */
+template <int VB>
+__device__ __forceinline__ float mma_p_split(float e, float2 sz, __half *hi, __half *lo) {
+    float es = e * (VB < 16 ? sz.x : MMA_P_SCALE);
+    *hi = __float2half_rn(es);
+    *lo = __float2half_rn(es - __half2float(*hi));
+    return __half2float(*hi) + __half2float(*lo);
+}
+
+/* Output channel x of tile j, summed over the products, in the values' own units: codes ran
+ * as 1024 + 2^(VB sub) c with sub-code j % (8 / VB) (mma_code_pairs), so the 1024 of each
+ * P s fed (acs, their sum) comes off and the power of two divides out, and the zero terms
+ * (accz) come on; fp16 values ran times MMA_P_SCALE. */
+template <int VB>
+__device__ __forceinline__ float mma_output(float x, float acs, float accz, int j) {
+    if constexpr (VB < 16) return (x - 1024.0f * acs) * (1.0f / (float)(1 << (VB * (j % (8 / VB))))) + accz;
+    else return x * (1.0f / MMA_P_SCALE);
+}
+
 /* The BITS-bit codes at byte b of two tokens' value words wa, wb as fp16 pairs (token a low,
  * token b high), one pair per channel of the byte in channel order: h[0 .. 8/BITS). Each is
  * left as 1024 + 2^(BITS sub) c -- the code where it sits in its byte, under 1024's exponent,
@@ -1936,7 +1967,6 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
     constexpr int KBYTES = HD * KB / 32, VBYTES = HD * VB / 64;   /* a lane's bytes of a token */
     constexpr int KW = (KBYTES + 3) / 4;                          /* ... in words */
     constexpr int KSTEPS = HD / 16, NTILES = HD / 8;              /* mma k steps; output tiles */
-    constexpr int KPW = 32 / KB;                                  /* key codes per word */
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
 
     typedef MmaChunk<HD, KB, VB> Chunk;
@@ -2018,8 +2048,7 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
         float x[4], lo[4];
 #pragma unroll
         for (int e = 0; e < 4; e++) {   /* elements 4 ks + e of this lane's run of channels */
-            int el = 4 * ks + e;
-            int ch = ti * (HD / 4) + el / KPW * KPW + mma_code_channel<KB>(el % KPW);
+            int ch = mma_q_channel<HD, KB>(ti, 4 * ks + e);
             x[e] = n > 0 && gi < gq ? qrow[gi * HD + ch] * scale : 0.0f;
             qsum += x[e];
             lo[e] = x[e] - __half2float(__float2half_rn(x[e]));
@@ -2083,10 +2112,7 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
             float2 sz = VB < 16 ? scale_zero(ck.vsz[u]) : make_float2(1.0f, 0.0f);
             l += e;
             accz += e * sz.y;
-            float es = e * (VB < 16 ? sz.x : MMA_P_SCALE);
-            hi[u] = __float2half_rn(es);
-            lo[u] = __float2half_rn(es - __half2float(hi[u]));
-            acs += __half2float(hi[u]) + __half2float(lo[u]);
+            acs += mma_p_split<VB>(e, sz, &hi[u], &lo[u]);
         }
         uint32_t pa[1][4] = {{halves_bits(hi[0], hi[1]), halves_bits(lo[0], lo[1]),
                               halves_bits(hi[2], hi[3]), halves_bits(lo[2], lo[3])}};
@@ -2118,11 +2144,8 @@ mma_pass(MmaLane<HD> &res, const float *qrow, int n, int gq, uint8_t *pool, cons
     for (int j = 0; j < NTILES; j++)
 #pragma unroll
         for (int e = 0; e < 2; e++) {   /* column 2t + e: channel (2t + e) HD/8 + j */
-            float x = acc[j][e] + acc[j][2 + e];   /* rows g (hi) and g + 8 (lo) */
-            if constexpr (VB < 16)
-                x = (x - 1024.0f * acs) * (1.0f / (float)(1 << (VB * (j % (8 / VB))))) + accz;
-            else x *= 1.0f / MMA_P_SCALE;
-            res.x[2 * j + e] = x;
+            /* rows g (hi) and g + 8 (lo) */
+            res.x[2 * j + e] = mma_output<VB>(acc[j][e] + acc[j][2 + e], acs, accz, j);
         }
 }
 
@@ -2442,7 +2465,6 @@ attention_prefill_mma(__half *o, float *ml, const float *q, const uint8_t *pool,
                       int layer, KvGeom g, int n_heads, int gq, float *raw, int raw_first,
                       int raw_stride) {
     constexpr int WARPS = PREFILL_THREADS / 32, KSTEPS = HD / 16, NTILES = HD / 8;
-    constexpr int KPW = 32 / KB;
     constexpr int KW = MmaChunk<HD, KB, VB>::KW;
     typedef MmaChunk<HD, KB, VB> Chunk;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / 4, ti = lane % 4;
@@ -2474,8 +2496,7 @@ attention_prefill_mma(__half *o, float *ml, const float *q, const uint8_t *pool,
         for (int j = 0; j < 2; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                int el = 4 * ks + e;
-                int ch = ti * (HD / 4) + el / KPW * KPW + mma_code_channel<KB>(el % KPW);
+                int ch = mma_q_channel<HD, KB>(ti, 4 * ks + e);
                 x[j][e] = lim[j] ? q[((size_t)rr[j] * n_heads + hh[j]) * HD + ch] * scale : 0.0f;
                 qsum[j] += x[j][e];
                 lo[j][e] = x[j][e] - __half2float(__float2half_rn(x[j][e]));
@@ -2559,10 +2580,7 @@ attention_prefill_mma(__half *o, float *ml, const float *q, const uint8_t *pool,
                 float e = sc[j][u] > -INFINITY ? __expf(sc[j][u] - m[j]) : 0.0f;
                 l[j] += e;
                 accz[j] += e * sz.y;
-                float es = e * (VB < 16 ? sz.x : MMA_P_SCALE);
-                hi[j][u] = __float2half_rn(es);
-                lo[j][u] = __float2half_rn(es - __half2float(hi[j][u]));
-                acs[j] += __half2float(hi[j][u]) + __half2float(lo[j][u]);
+                acs[j] += mma_p_split<VB>(e, sz, &hi[j][u], &lo[j][u]);
             }
         }
         uint32_t p[2][4] = {{halves_bits(hi[0][0], hi[0][1]), halves_bits(hi[1][0], hi[1][1]),
@@ -2599,13 +2617,9 @@ attention_prefill_mma(__half *o, float *ml, const float *q, const uint8_t *pool,
 #pragma unroll
         for (int k = 0; k < NTILES; k++)
 #pragma unroll
-            for (int e = 0; e < 2; e++) {   /* column 2t + e of tile k: channel (2t + e) HD/8 + k */
-                float x = acc[k][2 * j + e];
-                if constexpr (VB < 16)
-                    x = (x - 1024.0f * acs[j]) * (1.0f / (float)(1 << (VB * (k % (8 / VB))))) + accz[j];
-                else x *= 1.0f / MMA_P_SCALE;
-                sm_x[warp][gi + 8 * j][(2 * ti + e) * (HD / 8) + k] = x;
-            }
+            for (int e = 0; e < 2; e++)   /* column 2t + e of tile k: channel (2t + e) HD/8 + k */
+                sm_x[warp][gi + 8 * j][(2 * ti + e) * (HD / 8) + k] =
+                    mma_output<VB>(acc[k][2 * j + e], acs[j], accz[j], k);
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < 16 * HD; idx += blockDim.x) {
@@ -2816,13 +2830,13 @@ static void launch_attention(GpuEngine *g, const AttCall *a) {
 
 /* attention_pair_mma's dynamic shared memory: both tiers' page ids, the stash, and keep bytes
  * of scores (keep_bytes) */
-template <int HD> static int tiers_smem(int pages_per_split, int keep) {
-    return (2 * pages_per_split + (HD / 4 + 2) * ATT_THREADS(HD)) * 4 + keep;
+static int tiers_smem(int head_dim, int pages_per_split, int keep) {
+    return (2 * pages_per_split + (head_dim / 4 + 2) * ATT_THREADS(head_dim)) * 4 + keep;
 }
 template <int HD> static void tiers_smem_setup(int pages_per_split, int keep) {
     CUDA_CHECK(cudaFuncSetAttribute(attention_tiers<HD, 4, 8, 4, 4, 2, true>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    tiers_smem<HD>(pages_per_split, keep)));
+                                    tiers_smem(HD, pages_per_split, keep)));
 }
 
 /* both tiers at once: a0 the high tier's, a1 the low's (a block each: a1.split_base = the
@@ -2832,7 +2846,7 @@ static void launch_tiers(GpuEngine *g, const AttCall *a, const AttTier *at) {
     Config *c = &g->c;
     RunState *s = &g->s;
     dim3 grid(at[0].total_splits, c->n_kv_heads, a->n_rows), block(ATT_THREADS(HD));
-    size_t smem = TC ? tiers_smem<HD>(g->pages_per_split, g->keep_sm) : 0;
+    size_t smem = TC ? tiers_smem(HD, g->pages_per_split, g->keep_sm) : 0;
     launch_pdl(g->pdl, attention_tiers<HD, GM, 8, 4, 4, 2, TC>, grid, block, smem, g->stream,
                a->o, s->att_part, s->q, a->qkv, a->bqkv, g->rope_cs, c->rope_style, g->kv.pool,
                g->kv.table, s->row_slot, s->row_pos, a->layer, g->kv.tg[0], g->kv.tg[1],
@@ -2923,18 +2937,27 @@ static int use_tensor_cores(LkvPrecision p) {
     return (p.kbits < 16 || p.vbits == 16) && p.groups == 1 && !env_switch("LEANKV_ATT_SIMT", 0);
 }
 
-/* The decode attention kernel for splits of split_tokens tokens. LEANKV_ATT_STAGES=2 or 3 fixes
- * the chunks a warp of the tensor-core kernel has in flight plus one, whatever the split (to
- * measure one against the other). */
+/* LEANKV_ATT_STAGES=2 or 3 fixes the chunks a warp of the tensor-core decode kernel has in
+ * flight plus one, whatever the split (to measure one against the other); 0 when unset. Any
+ * other value is taken as 2, with one warning however many engines and tiers ask. */
+static int att_stages_env(void) {
+    static int warned = 0;
+    const char *e = getenv("LEANKV_ATT_STAGES");
+    if (!e || !*e) return 0;
+    if (!strcmp(e, "2") || !strcmp(e, "3")) return atoi(e);
+    if (!warned++)
+        fprintf(stderr, "leankv: warning: LEANKV_ATT_STAGES=%s is neither 2 nor 3; taken as 2\n", e);
+    return 2;
+}
+
+/* The decode attention kernel for splits of split_tokens tokens: on tensor cores, three stages
+ * from ATT_DEEP_TOKENS on (att_stages_env overrides). */
 static AttentionLaunch find_attention(int head_dim, int gq, LkvPrecision p, int split_tokens) {
     int hi = head_dim == 64 ? 0 : head_dim == 128 ? 1 : -1;
     int gi = gq <= 4 ? gq - 1 : gq <= 8 ? 4 : -1;
     if (hi < 0 || gi < 0) return NULL;
-    int kb = p.kbits, vb = p.vbits;
-    const char *e = getenv("LEANKV_ATT_STAGES");
-    if (e && *e && strcmp(e, "2") && strcmp(e, "3"))
-        fprintf(stderr, "leankv: warning: LEANKV_ATT_STAGES=%s is neither 2 nor 3; taken as 2\n", e);
-    int deep = e && *e ? atoi(e) == 3 : split_tokens >= ATT_DEEP_TOKENS;
+    int kb = p.kbits, vb = p.vbits, stages = att_stages_env();
+    int deep = stages ? stages == 3 : split_tokens >= ATT_DEEP_TOKENS;
     if (use_tensor_cores(p) && kb < 16 && deep)
         for (int i = 0; i < 6; i++)
             if (attention_kernels_deep[hi][i].kb == kb && attention_kernels_deep[hi][i].vb == vb)
@@ -2958,14 +2981,15 @@ static int one_block_heads(const GpuEngine *g) {
 }
 
 /* Where a block owns its head: the shared memory that holds its scores, the tokens' old ones
- * (ctx) and the step's raw ones (gq, ctx), when the block then still fits ATT_BLOCKS_PER_SM
- * times on a multiprocessor (KEEP_SM_MAX: ctx 2048 at gq 3 does, 4096 does not); else 0, and
- * the scores stay in global memory. LEANKV_KEEP_SM=0 forces the latter, to test and time it. */
+ * (ctx) and the step's raw ones (gq, ctx), when the block's dynamic shared memory then stays
+ * within KEEP_SM_MAX (ctx 2048 at gq 3 does, 4096 does not); else 0, and the scores stay in
+ * global memory. LEANKV_KEEP_SM=0 forces the latter, to test and time it. KEEP_SM_MAX keeps
+ * ATT_BLOCKS_PER_SM = 3 blocks on an H100 multiprocessor: 3 x (64 KB + the kernel's 5 KB of
+ * static shared memory + the 1 KB the driver reserves a block) = 210 KB of its 228 KB. */
 #define KEEP_SM_MAX (64 * 1024)
 static int keep_bytes(const GpuEngine *g) {
     int gq = g->c.n_heads / g->c.n_kv_heads, keep = (gq + 1) * g->ctx * (int)sizeof(float);
-    int hd = g->c.head_dim;
-    int rest = hd == 64 ? tiers_smem<64>(g->pages_per_split, 0) : tiers_smem<128>(g->pages_per_split, 0);
+    int rest = tiers_smem(g->c.head_dim, g->pages_per_split, 0);
     return g->own_heads && rest + keep <= KEEP_SM_MAX && env_switch("LEANKV_KEEP_SM", 1) ? keep : 0;
 }
 
