@@ -2,7 +2,7 @@
 # bench/gpu.sh: the one script for a GPU machine. Builds the driver, runs the GPU tests (with
 # compute-sanitizer) and the speed targets of issue 3, and prints a table last.
 #
-#   bench/gpu.sh [tests] [bench] [quant] [profile] [budget] [tierprof]
+#   bench/gpu.sh [tests] [bench] [quant] [profile] [budget] [tierprof] [attprof]
 #                                                       (no argument: tests and bench)
 #
 # quant: decode attention alone for each cache type (leankv-gpu-bench attn) and the end-to-end
@@ -12,6 +12,8 @@
 #         aggressive one again with --admit-steps 1024);
 # tierprof: per-kernel times of one leankv decode step under ncu, with and without the token
 #         write and the scores inside attention.
+# attprof: one attention_tiers launch of that step under ncu's source counters, phase by phase
+#         (bench/ncu_phases.py: warp-stall samples and instructions between barriers).
 #
 # The real model: its GGUF travels in two halves (a call carries at most 64 MiB), made with
 # `split -n 2 models/SmolLM2-135M-Instruct.Q4_1.gguf`: one call carries m1/ (the first half,
@@ -131,4 +133,16 @@ if [[ " $STAGES " == *" tierprof "* ]]; then
         echo "== leankv decode step, 96 sequences, LEANKV_TIER_KERNELS=$split ($CARD)"
         python3 bench/ncu_sum.py "$OUT/ncu_leankv_$split.csv" 12
     done
+fi
+# One attention_tiers launch (layer 5) of the tierprof step, every SASS instruction's stall
+# samples, summed phase by phase: where the block that owns a head spends its time.
+if [[ " $STAGES " == *" attprof "* ]]; then
+    LEANKV=${LEANKV_BIN:-./leankv}
+    LEANKV_PROFILE_STEP=40 ncu --profile-from-start off -k regex:attention_tiers -s 5 -c 1 \
+        --set full -f -o "$OUT/attprof" $LEANKV $MODEL -m bench --kv leankv --kv-mem 4096 \
+        --batch 512 --requests 96 --prompt-len 1024 --gen-len 48 --ctx 2048 --device cuda \
+        > "$OUT/attprof.log" 2>&1
+    ncu -i "$OUT/attprof.ncu-rep" --page source --csv --print-source sass > "$OUT/attprof_sass.csv"
+    echo "== attention_tiers, layer 5 of the 96-sequence decode step, phase by phase ($CARD)"
+    python3 bench/ncu_phases.py "$OUT/attprof_sass.csv"
 fi
