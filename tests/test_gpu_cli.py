@@ -4,6 +4,7 @@
 Needs models/smollm2-135m-instruct.bin (./run.sh --setup). On the GPU machine:
     python -m pytest -q -s tests/test_gpu_cli.py"""
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -50,6 +51,16 @@ def test_generate_on_gpu():
     assert r.returncode == 0 and "device: cuda" in r.stderr, r.stderr
     print(r.stdout, r.stderr)
     assert "Paris" in r.stdout
+
+
+def test_bad_att_stages_warns_once():
+    """LEANKV_ATT_STAGES other than 2 or 3 is taken as 2, with one warning, although a
+    two-tier engine looks up its attention kernels several times (a check, then each tier)."""
+    r = subprocess.run([str(EXE), str(MODEL), "Hi", "-t", "0", "-n", "4", "--device", "cuda",
+                        "--kv", "leankv"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "LEANKV_ATT_STAGES": "5"})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("LEANKV_ATT_STAGES=5 is neither 2 nor 3") == 1, r.stderr
 
 
 def test_gpu_batch_matches_cpu(tmp_path):
