@@ -122,14 +122,15 @@ fi
 # One leankv decode step at the budget's operating point (96 sequences in an engine of 512
 # slots, ctx 2,048), kernels one by one; LEANKV_TIER_KERNELS=1 runs the token write and the
 # scores as kernels of their own, so that attention's own time shows: the compression work is
-# kv_* plus (attention with them - attention alone).
+# kv_* plus (attention with them - attention alone). attprof profiles the same step.
+TIER_STEP=(-m bench --kv leankv --kv-mem 4096 --batch 512 --requests 96 --prompt-len 1024
+           --gen-len 48 --ctx 2048 --device cuda)
 if [[ " $STAGES " == *" tierprof "* ]]; then
     LEANKV=${LEANKV_BIN:-./leankv}
     for split in 0 1; do
         LEANKV_TIER_KERNELS=$split LEANKV_PROFILE_STEP=40 ncu --profile-from-start off \
-            --cache-control none --metrics gpu__time_duration.sum --csv $LEANKV $MODEL -m bench \
-            --kv leankv --kv-mem 4096 --batch 512 --requests 96 --prompt-len 1024 --gen-len 48 \
-            --ctx 2048 --device cuda > "$OUT/ncu_leankv_$split.csv" 2>/dev/null
+            --cache-control none --metrics gpu__time_duration.sum --csv $LEANKV $MODEL \
+            "${TIER_STEP[@]}" > "$OUT/ncu_leankv_$split.csv" 2>/dev/null
         echo "== leankv decode step, 96 sequences, LEANKV_TIER_KERNELS=$split ($CARD)"
         python3 bench/ncu_sum.py "$OUT/ncu_leankv_$split.csv" 12
     done
@@ -139,9 +140,7 @@ fi
 if [[ " $STAGES " == *" attprof "* ]]; then
     LEANKV=${LEANKV_BIN:-./leankv}
     LEANKV_PROFILE_STEP=40 ncu --profile-from-start off -k regex:attention_tiers -s 5 -c 1 \
-        --set full -f -o "$OUT/attprof" $LEANKV $MODEL -m bench --kv leankv --kv-mem 4096 \
-        --batch 512 --requests 96 --prompt-len 1024 --gen-len 48 --ctx 2048 --device cuda \
-        > "$OUT/attprof.log" 2>&1
+        --set full -f -o "$OUT/attprof" $LEANKV $MODEL "${TIER_STEP[@]}" > "$OUT/attprof.log" 2>&1
     ncu -i "$OUT/attprof.ncu-rep" --page source --csv --print-source sass > "$OUT/attprof_sass.csv"
     echo "== attention_tiers, layer 5 of the 96-sequence decode step, phase by phase ($CARD)"
     python3 bench/ncu_phases.py "$OUT/attprof_sass.csv"
