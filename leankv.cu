@@ -1355,7 +1355,7 @@ typedef struct {
     int *arrive;        /* (rows, n_kv_heads) blocks done, or NULL: with splits, the last block
                            of a (row, KV head) merges them (attention_finish); else
                            attention_combine does, in a launch of its own */
-    int keep_sm;        /* a decode block that owns its head keeps the scores in shared memory
+    int scores_sm;      /* a decode block that owns its head keeps the scores in shared memory
                            (they fit): (ctx) the tokens' old ones, then raw's (gq, ctx) */
 } AttTier;
 
@@ -2348,7 +2348,7 @@ attention_pair_mma(__half *o, float *part, const float *qkv, const float *bqkv,
      * low tier is token h0.t_end + i of both, as in raw (attention_range). */
     float *old = NULL;
     AttTier b0 = a0, b1 = a1;
-    if (own && a0.keep_sm) {
+    if (own && a0.scores_sm) {
         old = (float *)(att_pages + 2 * pages_per_split) + (NX + 2) * blockDim.x;
         b0.raw = b1.raw = old + a0.raw_stride;
         h0.raw_at = 0; h1.raw_at = h0.t_end;
@@ -2806,7 +2806,7 @@ struct GpuEngine {
                                                on tensor cores (attention_pair_mma), else 2 */
     int own_heads;                          /* a decode step's attention block writes its head's
                                                token and adds its scores (one_block_heads) */
-    int keep_sm;                            /* bytes of shared memory that such a block keeps
+    int scores_sm_bytes;                    /* bytes of shared memory that such a block keeps
                                                the scores in, or 0: they do not fit (keep_bytes) */
     PrefillLaunch attention_prefill;        /* prompt chunks on tensor cores, or NULL: the
                                                decode kernel, a pass per row */
@@ -2849,7 +2849,7 @@ static void launch_tiers(GpuEngine *g, const AttCall *a, const AttTier *at) {
     Config *c = &g->c;
     RunState *s = &g->s;
     dim3 grid(at[0].total_splits, c->n_kv_heads, a->n_rows), block(ATT_THREADS(HD));
-    size_t smem = TC ? tiers_smem(HD, g->pages_per_split, g->keep_sm) : 0;
+    size_t smem = TC ? tiers_smem(HD, g->pages_per_split, g->scores_sm_bytes) : 0;
     launch_pdl(g->pdl, attention_tiers<HD, GM, 8, 4, 4, 2, TC>, grid, block, smem, g->stream,
                a->o, s->att_part, s->q, a->qkv, a->bqkv, g->rope_cs, c->rope_style, g->kv.pool,
                g->kv.table, s->row_slot, s->row_pos, a->layer, g->kv.tg[0], g->kv.tg[1],
@@ -3040,7 +3040,7 @@ static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int deco
         AttTier at[2];
         for (int t = 0; t < 2; t++)
             at[t] = (AttTier){kv->n_tok, t, t && !one ? s0 : 0, total, kv->raw, 0, g->ctx,
-                              NULL, g->keep_sm > 0};
+                              NULL, g->scores_sm_bytes > 0};
         if (g->attention_pair) g->attention_pair(g, &a, at);   /* one launch for both */
         else
             for (int t = 0; t < 2; t++) {
@@ -3398,10 +3398,10 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
     if (g->attention_pair == pair_kernels_tc[0] || g->attention_pair == pair_kernels_tc[1])
         g->pair_blocks = 1;
     g->own_heads = one_block_heads(g);
-    g->keep_sm = keep_bytes(g);
+    g->scores_sm_bytes = keep_bytes(g);
     if (g->pair_blocks == 1) {
-        if (c->head_dim == 64) tiers_smem_setup<64>(g->pages_per_split, g->keep_sm);
-        else tiers_smem_setup<128>(g->pages_per_split, g->keep_sm);
+        if (c->head_dim == 64) tiers_smem_setup<64>(g->pages_per_split, g->scores_sm_bytes);
+        else tiers_smem_setup<128>(g->pages_per_split, g->scores_sm_bytes);
     }
     g->attention_prefill = find_prefill(c->head_dim, G, tiers[0], g->kv.tg[0].width);
     if (n_tiers > 1) {   /* placement stages a tile of high-tier tokens in shared memory */
