@@ -1,5 +1,5 @@
 """Where one kernel's time goes, phase by phase: reads ncu's per-instruction source page
-(`ncu --set full --import-source yes -o rep ...`, then `ncu -i rep.ncu-rep --page source --csv
+(`ncu --set full -o rep ...`, then `ncu -i rep.ncu-rep --page source --csv
 --print-source sass > sass.csv`) and cuts the SASS where leankv's kernels change phase: at
 block-wide barriers (BAR), exits, the commit of a batch of cp.async copies (LDGDEPBAR) and the
 release of the next kernel (PREEXIT, programmatic dependent launch) -- for attention_tiers the
@@ -17,16 +17,27 @@ def num(x):
     return int(x) if x.isdigit() else 0
 
 
-with open(sys.argv[1]) as f:
-    rows = list(csv.reader(f))
-head = next(i for i, r in enumerate(rows) if "Source" in r and "Address" in r)
+if len(sys.argv) not in (2, 3):
+    sys.exit("usage: python3 bench/ncu_phases.py sass.csv [MIN%]")
+try:
+    with open(sys.argv[1]) as f:
+        rows = list(csv.reader(f))
+except OSError as e:
+    sys.exit(f"ncu_phases: cannot read {sys.argv[1]}: {e.strerror}")
+head = next((i for i, r in enumerate(rows) if "Source" in r and "Address" in r), None)
+if head is None or "Warp Stall Sampling (All Samples)" not in rows[head]:
+    sys.exit(f"ncu_phases: {sys.argv[1]} is not ncu's source page with stall sampling "
+             "(--set full, then --page source --csv --print-source sass)")
 cols, data = rows[head], rows[head + 1:]
 src = cols.index("Source")
 samples = cols.index("Warp Stall Sampling (All Samples)")
 execd = cols.index("Instructions Executed")
 stalls = [(i, c[len("stall_"):]) for i, c in enumerate(cols)
           if c.startswith("stall_") and "Not Issued" not in c]
-min_share = float(sys.argv[2]) if len(sys.argv) > 2 else 0.5
+try:
+    min_share = float(sys.argv[2]) if len(sys.argv) > 2 else 0.5
+except ValueError:
+    sys.exit(f"ncu_phases: MIN% must be a number, not {sys.argv[2]!r}")
 
 phases, cur = [], None
 for k, r in enumerate(data):
