@@ -2884,13 +2884,21 @@ static void mode_bench(Model *m, const Options *o, int use_gpu) {
     printf("prefill %.1f tok/s, decode %.1f tok/s, total %.1f tok/s, peak %d sequences in flight "
            "(mean %.1f), peak %d KV pages, %d preemptions, %.2f s\n", pf, dc, (prompt + gen) / wall,
            b.peak_running, mean_seqs, b.peak_pages, b.preemptions, wall);
+    /* a preempted request comes back as a prompt of all it had (prompt + generated): what
+     * preemption costs is those tokens' prefill again */
+    long recomputed = b.n_prefill_tok - prompt;
+    printf("time: prefill %.2f s for %ld tokens (%ld of them recomputed after preemptions), "
+           "decode %.2f s for %ld tokens\n", b.t_prefill, b.n_prefill_tok, recomputed, b.t_decode,
+           b.n_decode_tok);
     printf("{\"device\":\"%s\",\"requests\":%d,\"batch\":%d,\"prompt_len\":%d,\"gen_len\":%d,"
            "\"prefill_tok_s\":%.1f,\"decode_tok_s\":%.1f,\"total_tok_s\":%.1f,\"peak_seqs\":%d,"
            "\"mean_seqs\":%.1f,\"peak_pages\":%d,\"preemptions\":%d,\"admit_steps\":%d,"
-           "\"seconds\":%.3f}\n",
+           "\"seconds\":%.3f,\"prefill_s\":%.3f,\"decode_s\":%.3f,\"prefill_tokens\":%ld,"
+           "\"decode_tokens\":%ld,\"recomputed_tokens\":%ld}\n",
            use_gpu ? "cuda" : "cpu", n, o->batch, o->prompt_len, o->gen_len, pf, dc,
            (prompt + gen) / wall, b.peak_running, mean_seqs, b.peak_pages, b.preemptions,
-           o->admit_steps, wall);
+           o->admit_steps, wall, b.t_prefill, b.t_decode, b.n_prefill_tok, b.n_decode_tok,
+           recomputed);
     free_batch(&b);
     free_requests(reqs, n);
 }

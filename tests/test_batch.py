@@ -160,6 +160,28 @@ def test_bench_mode(leankv_bin, smollm2_bin):
     assert d["device"] == "cpu" and d["requests"] == 3 and d["peak_seqs"] == 2
     assert d["admit_steps"] == 5 and d["preemptions"] == 0
     assert d["prefill_tok_s"] > 0 and d["decode_tok_s"] > 0 and d["peak_pages"] > 0
+    assert d["recomputed_tokens"] == 0 and d["prefill_tokens"] == 3 * 8
+    assert d["decode_tokens"] == 3 * (4 - 1)
+
+
+def test_bench_counts_recomputation(leankv_bin, smollm2_bin):
+    """-m bench on a pool that holds one request at a time (1 MiB: 256 pages; a 20-token
+    request takes 2 pages for each of 90 layer-heads), with no watermark: requests are
+    preempted, and the counts add up. Each admission's prefill gives one token and the decode
+    steps the rest; a preempted request comes back as a prompt of its prompt and all it had
+    generated (at least one token, at most gen_len - 1)."""
+    n, plen, glen = 3, 8, 12
+    r = run(leankv_bin, smollm2_bin, "-m", "bench", "--batch", n, "--requests", n,
+            "--prompt-len", plen, "--gen-len", glen, "--kv-mem", 1, "--admit-steps", 0)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    p = d["preemptions"]
+    assert p > 0, r.stdout
+    assert d["prefill_tokens"] - d["recomputed_tokens"] == n * plen
+    assert p * (plen + 1) <= d["recomputed_tokens"] <= p * (plen + glen - 1)
+    assert d["decode_tokens"] == n * glen - (n + p)
+    line = f"({d['recomputed_tokens']} of them recomputed after preemptions)"
+    assert line in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("value,needle", [
