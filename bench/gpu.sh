@@ -2,7 +2,7 @@
 # bench/gpu.sh: the one script for a GPU machine. Builds the driver, runs the GPU tests (with
 # compute-sanitizer) and the speed targets of issue 3, and prints a table last.
 #
-#   bench/gpu.sh [tests] [bench] [quant] [profile] [budget] [tierprof] [attprof]
+#   bench/gpu.sh [tests] [bench] [quant] [profile] [budget] [watermark] [tierprof] [attprof]
 #                                                       (no argument: tests and bench)
 #
 # quant: decode attention alone for each cache type (leankv-gpu-bench attn) and the end-to-end
@@ -10,6 +10,7 @@
 # profile: per-kernel times of one decode step under ncu (kernels one by one).
 # budget: leankv's throughput under a fixed KV budget (fp16, k8v4, two leankv settings, the
 #         aggressive one again with --admit-steps 1024);
+# watermark: the budget's fp16 and leankv rows again at --admit-steps 128, 256 and 512;
 # tierprof: per-kernel times of one leankv decode step under ncu, with and without the token
 #         write and the scores inside attention.
 # attprof: one attention_tiers launch of that step under ncu's source counters, phase by phase
@@ -118,6 +119,16 @@ if [[ " $STAGES " == *" budget "* ]]; then
     # the aggressive setting admits all 512 at once and preempts late; a watermark of the whole
     # remaining output trades that for fewer in flight (measured: better for it alone)
     budget leankv-8-4-admit1024 --kv leankv --alpha-high 8 --alpha-low 4 --admit-steps 1024
+fi
+# The admission watermark between the default 64 steps and 1,024: fewer preemptions (each
+# computes a 1,024-token prompt or more again; bench/NOTES.md) against fewer in flight
+if [[ " $STAGES " == *" watermark "* ]]; then
+    : > "$OUT/budget.log"
+    for steps in 128 256 512; do
+        budget fp16-admit$steps --kv fp16 --admit-steps $steps
+        budget leankv-1-0.02-admit$steps --kv leankv --admit-steps $steps
+        budget leankv-8-4-admit$steps --kv leankv --alpha-high 8 --alpha-low 4 --admit-steps $steps
+    done
 fi
 # One leankv decode step at the budget's operating point (96 sequences in an engine of 512
 # slots, ctx 2,048), kernels one by one; LEANKV_TIER_KERNELS=1 runs the token write and the
