@@ -2078,6 +2078,7 @@ typedef struct {
     /* statistics */
     double t_prefill, t_decode;  /* seconds spent in each */
     long n_prefill_tok, n_decode_tok;
+    long n_recomputed;   /* prefill tokens of requests back after a preemption: its cost */
     int peak_running, peak_pages, preemptions;
     double sum_running;  /* sequences in flight, summed over decode steps */
     long n_steps;        /* decode steps */
@@ -2192,6 +2193,7 @@ static int engine_prefill(Batch *b, Request *r) {
     }
     b->t_prefill += now_s() - t0;
     b->n_prefill_tok += n;
+    if (r->n_gen > 0) b->n_recomputed += n;   /* back after a preemption: all it had, again */
     r->n_cached += n;
     return next;
 }
@@ -2758,10 +2760,10 @@ static void print_summary(Batch *b, Request *reqs, int n, double wall) {
     for (int i = 0; i < n; i++) { gen += reqs[i].n_gen; prompt += reqs[i].n_prompt; failed += !!reqs[i].error; }
     fprintf(stderr, "summary: %d requests (%d failed), %ld prompt + %ld generated tokens in %.2f s: "
             "prefill %.1f tok/s, decode %.1f tok/s, total %.1f tok/s; peak %d sequences in flight "
-            "(mean %.1f), peak %d KV pages; %d preemptions\n", n, failed, prompt, gen, wall,
-            b->n_prefill_tok / (b->t_prefill + 1e-9), b->n_decode_tok / (b->t_decode + 1e-9),
-            (prompt + gen) / (wall + 1e-9), b->peak_running,
-            mean_running(b), b->peak_pages, b->preemptions);
+            "(mean %.1f), peak %d KV pages; %d preemptions (%ld tokens recomputed)\n", n, failed,
+            prompt, gen, wall, b->n_prefill_tok / (b->t_prefill + 1e-9),
+            b->n_decode_tok / (b->t_decode + 1e-9), (prompt + gen) / (wall + 1e-9),
+            b->peak_running, mean_running(b), b->peak_pages, b->preemptions, b->n_recomputed);
 }
 
 static void mode_serve(Model *m, const Options *o, int use_gpu) {
@@ -2868,7 +2870,7 @@ static void mode_bench(Model *m, const Options *o, int use_gpu) {
     free_requests(warm, n_warm);
     if (b.acct) kv_account_reset(b.acct);
     b.t_prefill = b.t_decode = 0;
-    b.n_prefill_tok = b.n_decode_tok = 0;
+    b.n_prefill_tok = b.n_decode_tok = b.n_recomputed = 0;
     b.peak_running = b.peak_pages = b.preemptions = 0;
     /* the growth estimate too: the warm-up's 4 steps may all fall inside pages */
     b.sum_running = 0; b.n_steps = 0; b.step_pages = 0;
@@ -2884,12 +2886,9 @@ static void mode_bench(Model *m, const Options *o, int use_gpu) {
     printf("prefill %.1f tok/s, decode %.1f tok/s, total %.1f tok/s, peak %d sequences in flight "
            "(mean %.1f), peak %d KV pages, %d preemptions, %.2f s\n", pf, dc, (prompt + gen) / wall,
            b.peak_running, mean_seqs, b.peak_pages, b.preemptions, wall);
-    /* a preempted request comes back as a prompt of all it had (prompt + generated): what
-     * preemption costs is those tokens' prefill again */
-    long recomputed = b.n_prefill_tok - prompt;
     printf("time: prefill %.2f s for %ld tokens (%ld of them recomputed after preemptions), "
-           "decode %.2f s for %ld tokens\n", b.t_prefill, b.n_prefill_tok, recomputed, b.t_decode,
-           b.n_decode_tok);
+           "decode %.2f s for %ld tokens\n", b.t_prefill, b.n_prefill_tok, b.n_recomputed,
+           b.t_decode, b.n_decode_tok);
     printf("{\"device\":\"%s\",\"requests\":%d,\"batch\":%d,\"prompt_len\":%d,\"gen_len\":%d,"
            "\"prefill_tok_s\":%.1f,\"decode_tok_s\":%.1f,\"total_tok_s\":%.1f,\"peak_seqs\":%d,"
            "\"mean_seqs\":%.1f,\"peak_pages\":%d,\"preemptions\":%d,\"admit_steps\":%d,"
@@ -2898,7 +2897,7 @@ static void mode_bench(Model *m, const Options *o, int use_gpu) {
            use_gpu ? "cuda" : "cpu", n, o->batch, o->prompt_len, o->gen_len, pf, dc,
            (prompt + gen) / wall, b.peak_running, mean_seqs, b.peak_pages, b.preemptions,
            o->admit_steps, wall, b.t_prefill, b.t_decode, b.n_prefill_tok, b.n_decode_tok,
-           recomputed);
+           b.n_recomputed);
     free_batch(&b);
     free_requests(reqs, n);
 }

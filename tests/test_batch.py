@@ -63,12 +63,13 @@ def tight(leankv_bin, smollm2_bin, tmp_path_factory):
                    "--admit-steps", n) for n in (0, GENEROUS)}
 
 
-def summary_preemptions(r):
-    """the preemptions that -f's closing line on stderr reports"""
+def summary_preemptions(r, recomputed=False):
+    """the preemptions that -f's closing line on stderr reports (and the tokens recomputed)"""
     last = r.stderr.splitlines()[-1]
-    m = re.search(r"peak \d+ sequences in flight .* (\d+) preemptions$", last)
+    m = re.search(r"peak \d+ sequences in flight .* (\d+) preemptions \((\d+) tokens recomputed\)$",
+                  last)
     assert m, r.stderr
-    return int(m.group(1))
+    return (int(m.group(1)), int(m.group(2))) if recomputed else int(m.group(1))
 
 
 def test_preemption_keeps_outputs(leankv_bin, smollm2_bin, tmp_path, tight):
@@ -77,6 +78,13 @@ def test_preemption_keeps_outputs(leankv_bin, smollm2_bin, tmp_path, tight):
     roomy = outputs(run(leankv_bin, smollm2_bin, "-f", jsonl(tmp_path, TIGHT_ROWS), "--batch", "4"))
     res = outputs(tight[0])
     assert sum(d["preemptions"] for d in res.values()) > 0, tight[0].stderr
+    # a preempted request comes back as a prompt of its prompt and all it had generated (at
+    # least the token its prefill gave, at most one short of its output)
+    p, recomputed = summary_preemptions(tight[0], recomputed=True)
+    assert p == sum(d["preemptions"] for d in res.values())
+    assert sum(d["preemptions"] * (d["prompt_tokens"] + 1) for d in res.values()) <= recomputed
+    assert recomputed <= sum(d["preemptions"] * (d["prompt_tokens"] + d["generated_tokens"] - 1)
+                             for d in res.values())
     assert set(res) == set(roomy)
     for k in roomy:
         assert "error" not in res[k]
