@@ -63,13 +63,13 @@ def tight(leankv_bin, smollm2_bin, tmp_path_factory):
                    "--admit-steps", n) for n in (0, GENEROUS)}
 
 
-def summary_preemptions(r, recomputed=False):
-    """the preemptions that -f's closing line on stderr reports (and the tokens recomputed)"""
+def summary_preemptions(r):
+    """(preemptions, tokens recomputed) as -f's closing line on stderr reports them"""
     last = r.stderr.splitlines()[-1]
     m = re.search(r"peak \d+ sequences in flight .* (\d+) preemptions \((\d+) tokens recomputed\)$",
                   last)
     assert m, r.stderr
-    return (int(m.group(1)), int(m.group(2))) if recomputed else int(m.group(1))
+    return int(m.group(1)), int(m.group(2))
 
 
 def test_preemption_keeps_outputs(leankv_bin, smollm2_bin, tmp_path, tight):
@@ -80,7 +80,7 @@ def test_preemption_keeps_outputs(leankv_bin, smollm2_bin, tmp_path, tight):
     assert sum(d["preemptions"] for d in res.values()) > 0, tight[0].stderr
     # a preempted request comes back as a prompt of its prompt and all it had generated (at
     # least the token its prefill gave, at most one short of its output)
-    p, recomputed = summary_preemptions(tight[0], recomputed=True)
+    p, recomputed = summary_preemptions(tight[0])
     assert p == sum(d["preemptions"] for d in res.values())
     assert sum(d["preemptions"] * (d["prompt_tokens"] + 1) for d in res.values()) <= recomputed
     assert recomputed <= sum(d["preemptions"] * (d["prompt_tokens"] + d["generated_tokens"] - 1)
@@ -109,7 +109,7 @@ def test_watermark_cuts_preemptions(tight):
     is counted at the average pages a step, and pages come a whole page per head at once."""
     counts = {}
     for n, r in tight.items():
-        counts[n] = summary_preemptions(r)
+        counts[n] = summary_preemptions(r)[0]
         assert counts[n] == sum(d["preemptions"] for d in outputs(r).values())
     assert counts[0] > 0
     assert counts[GENEROUS] < counts[0]
