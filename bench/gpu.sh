@@ -110,8 +110,9 @@ budget() {   # budget NAME FLAGS...: one -m bench run under the fixed KV budget
         --ctx 2048 --device cuda 2>"$OUT/budget_$name.err" | tee -a "$OUT/budget.log" | grep -v '^{'
     grep -E "kv tiers|KV pool|error" "$OUT/budget_$name.err" | tee -a "$OUT/budget.log"
 }
+# (budget and watermark append to one log, emptied once per run of this script)
+[[ " $STAGES " == *" budget "* || " $STAGES " == *" watermark "* ]] && : > "$OUT/budget.log"
 if [[ " $STAGES " == *" budget "* ]]; then
-    : > "$OUT/budget.log"
     budget fp16 --kv fp16
     budget k8v4 --kv k8v4
     budget leankv-1-0.02 --kv leankv
@@ -123,7 +124,6 @@ fi
 # The admission watermark between the default 64 steps and 1,024: fewer preemptions (each
 # computes a 1,024-token prompt or more again; bench/NOTES.md) against fewer in flight
 if [[ " $STAGES " == *" watermark "* ]]; then
-    : > "$OUT/budget.log"
     for steps in 128 256 512; do
         budget fp16-admit$steps --kv fp16 --admit-steps $steps
         budget leankv-1-0.02-admit$steps --kv leankv --admit-steps $steps
