@@ -1573,7 +1573,7 @@ typedef struct {
     int requests;               /* --requests (bench) */
     int prompt_len, gen_len;    /* --prompt-len, --gen-len (bench) */
     int admit_steps;            /* --admit-steps: decode steps of room a join must leave */
-    int prefill_chunk;          /* --prefill-chunk: prompt rows per CPU forward pass */
+    int prefill_chunk;          /* --prefill-chunk: prompt rows per forward pass (0: the device's) */
     int help;                   /* -h: print the usage and exit 0 */
 } Options;
 
@@ -2042,6 +2042,15 @@ enum { REQ_QUEUED, REQ_RUNNING, REQ_DONE };
  * sequences in flight. Measured there (H100, bench/RESULTS.md, session 9): 64 halved fp16's and
  * k8v4's preemptions, fp16 5% faster; leankv's settings level. */
 #define ADMIT_STEPS 64
+
+/* Prompt rows per forward pass (--prefill-chunk). The CPU keeps a chunk's scores over the whole
+ * context, so its chunk stays small. On the GPU a 1,024-token prompt in one pass instead of two
+ * of 512 prefills 29-40% faster (larger matrix products, twice the attention blocks a launch;
+ * H100, bench/RESULTS.md session 13); 2,048 gains nothing more there. */
+#define CPU_PREFILL_CHUNK 64
+#define CPU_PREFILL_CHUNK_MAX 1024
+#define GPU_PREFILL_CHUNK 1024
+#define GPU_PREFILL_CHUNK_MAX 4096
 
 typedef struct {
     char *id;            /* the request's "id", or its line number */
@@ -2722,7 +2731,7 @@ static void build_batch(Batch *b, Model *m, KVCache *kv, const Options *o, int u
     if (use_gpu) {
         char err[256];
         LkvPrecision tiers[2] = {o->kv, o->kv_low};
-        b->gpu = gpu_build(&m->c, &m->w, tiers, o->kv_tiers, o->policy, b->max_batch, 512, o->ctx,
+        b->gpu = gpu_build(&m->c, &m->w, tiers, o->kv_tiers, o->policy, b->max_batch, o->prefill_chunk, o->ctx,
                            o->kv_mem_mib, err, sizeof err);
         if (!b->gpu) die("cuda: %s", err);
         b->gpu_tiers = o->kv_tiers;
@@ -2948,8 +2957,9 @@ static void usage(FILE *f) {
         "                      room for N more decode steps of them all, itself included\n"
         "                      (or for what each has left, if less);\n"
         "                      0 = as soon as its prompt fits (default %d)\n"
-        "      --prefill-chunk N  prompt tokens per CPU forward pass (64); 1 feeds them one by\n"
-        "                      one, the path the chunked one is tested against\n"
+        "      --prefill-chunk N  prompt tokens per forward pass (cpu %d, at most %d;\n"
+        "                      cuda %d, at most %d); 1 feeds them one by one on the CPU,\n"
+        "                      the path the chunked one is tested against\n"
         "  -h, --help          this help\n"
         "Environment, GPU, to measure one path against another: LEANKV_MATVEC=0 (cuBLAS, not\n"
         "matvec, for an engine of --batch 1 or 2), LEANKV_PDL=0 (no overlapped launches),\n"
@@ -2958,7 +2968,8 @@ static void usage(FILE *f) {
         "(--kv leankv: the token write and the scores in kernels of their own),\n"
         "LEANKV_KEEP_SM=0 (--kv leankv: the step's scores in global, not shared, memory),\n"
         "LEANKV_PREFILL_ROWS=1 (a prompt's rows each through the decode kernel).\n",
-        ADMIT_STEPS);
+        ADMIT_STEPS, CPU_PREFILL_CHUNK, CPU_PREFILL_CHUNK_MAX, GPU_PREFILL_CHUNK,
+        GPU_PREFILL_CHUNK_MAX);
 }
 
 static long parse_long(const char *s, const char *flag, long lo, long hi) {
@@ -3013,7 +3024,7 @@ static void parse_options(Options *o, int argc, char **argv) {
     o->prompt_len = 128;
     o->gen_len = 128;
     o->admit_steps = ADMIT_STEPS;
-    o->prefill_chunk = 64;
+    o->prefill_chunk = 0;   /* the device's default, once it is known */
     int seed_given = 0;
     static const struct option longopts[] = {
         {"mode", required_argument, 0, 'm'},   {"input", required_argument, 0, 'i'},
@@ -3073,7 +3084,9 @@ static void parse_options(Options *o, int argc, char **argv) {
         case 1013: o->ctx_len = (int)parse_long(optarg, "--ctx-len", 64, 1 << 24); break;
         case 1014: o->trials = (int)parse_long(optarg, "--trials", 1, 100000); break;
         case 1015: o->admit_steps = (int)parse_long(optarg, "--admit-steps", 0, 1 << 24); break;
-        case 1030: o->prefill_chunk = (int)parse_long(optarg, "--prefill-chunk", 1, 1024); break;
+        case 1030:
+            o->prefill_chunk = (int)parse_long(optarg, "--prefill-chunk", 1, GPU_PREFILL_CHUNK_MAX);
+            break;
         case 1040: kv_high = optarg; break;
         case 1041: kv_low = optarg; break;
         case 1042: o->policy.alpha_high = parse_float(optarg, "--alpha-high"); alphas_given = 1; break;
@@ -3151,12 +3164,16 @@ int main(int argc, char **argv) {
     if (m.c.head_dim % o.kv.groups)
         die("--kv-groups %d does not divide the model's head dim of %d", o.kv.groups,
             m.c.head_dim);
-    build_runstate(&m, o.ctx, o.prefill_chunk);
     char device[300];
     int batched = !strcmp(o.mode, "bench") || (!strcmp(o.mode, "generate") && o.file);
     int gpu = 0;
     if (batched || !strcmp(o.mode, "generate")) gpu = choose_device(&o, m.c.head_dim, device, sizeof device);
     else if (!strcmp(o.device, "cuda")) die("-m %s runs on the CPU only", o.mode);
+    /* the CPU keeps a chunk's scores over the whole context (RunState.att): 1024 rows at most */
+    if (o.prefill_chunk == 0) o.prefill_chunk = gpu ? GPU_PREFILL_CHUNK : CPU_PREFILL_CHUNK;
+    if (!gpu && o.prefill_chunk > CPU_PREFILL_CHUNK_MAX)
+        die("--prefill-chunk %d: the CPU takes at most %d", o.prefill_chunk, CPU_PREFILL_CHUNK_MAX);
+    build_runstate(&m, o.ctx, gpu ? CPU_PREFILL_CHUNK : o.prefill_chunk);
     if (o.batch == 0) o.batch = gpu ? 256 : 8;
     if (!gpu && o.kv_mem_mib > memory_bytes() >> 20)   /* on the GPU, its memory says */
         die("--kv-mem %zu MiB is more than this machine's memory (%zu MiB)", o.kv_mem_mib,

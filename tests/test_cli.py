@@ -111,7 +111,7 @@ def test_ctx_beyond_model(leankv_asan, tiny_bin):
     (["-p", "-0.5"], "top-p -0.5 is outside (0, 1]"), (["-p", "nan"], "not a number"),
     (["-s", "-1"], "-s: -1 is out of range [0, "), (["--batch", "0"], "[1, 4096]"),
     (["--batch", "5000"], "--batch: 5000 is out of range [1, 4096]"),
-    (["--prefill-chunk", "0"], "--prefill-chunk: 0 is out of range [1, 1024]"),
+    (["--prefill-chunk", "0"], "--prefill-chunk: 0 is out of range [1, 4096]"),
     (["--kv-mem", "0"], "--kv-mem: 0 is out of range"),
     (["--trials", "0"], "--trials: 0 is out of range"),
     (["--ctx-len", "10"], "--ctx-len: 10 is out of range [64, "),

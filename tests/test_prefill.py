@@ -183,11 +183,17 @@ def test_ppl_same_either_way(leankv_bin, tiny, tmp_path):
     assert abs(a - b) <= 1e-5 * b, (a, b)
 
 
-@pytest.mark.parametrize("value", ["0", "1025", "x"])
-def test_bad_prefill_chunk(leankv_bin, tiny, value):
+@pytest.mark.parametrize("value,needle", [("0", "out of range [1, 4096]"),
+                                          ("4097", "out of range [1, 4096]"),
+                                          ("1025", "the CPU takes at most 1024"),
+                                          ("x", "is not an integer")])
+def test_bad_prefill_chunk(leankv_bin, tiny, value, needle):
+    """the flag's range is the GPU's; the CPU, which keeps a chunk's scores over the whole
+    context, takes 1024 rows at most and says so"""
     r = run(leankv_bin, tiny["mistral_mqa_hd32"], "--prefill-chunk", value, "-i", "1 2", "-m",
             "logits", "-o", "/dev/null")
-    assert r.returncode == 1 and "--prefill-chunk" in r.stderr, r.stderr
+    assert r.returncode == 1 and "--prefill-chunk" in r.stderr and needle in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 @pytest.mark.parametrize("kv", ["fp16", "k8v4", "k4v2"])
