@@ -25,7 +25,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             assert(o.topp > 0 && o.topp <= 1);
             assert(o.steps >= 0 && (o.ctx == -1 || o.ctx >= 1));
             assert(o.batch >= 0 && o.requests >= 0 && o.prompt_len >= 1 && o.gen_len >= 1);
-            assert(o.prefill_chunk >= 1 && o.ppl_prefill >= 0 && o.ctx_len >= 1 && o.trials >= 1);
+            /* prefill_chunk 0, as batch 0: the device's default, which main() picks */
+            assert(o.prefill_chunk >= 0 && o.prefill_chunk <= 4096);
+            assert(o.ppl_prefill >= 0 && o.ctx_len >= 1 && o.trials >= 1);
             assert(o.kv.kbits == 32 || o.kv.kbits == 16 || o.kv.kbits == 8 || o.kv.kbits == 4 ||
                    o.kv.kbits == 2);
             assert(o.kv.groups >= 1);
