@@ -532,6 +532,7 @@ typedef struct {
     long *acc_low;       /* (n_layers, n_kv_heads) low-tier tokens */
     long *acc_seen;      /* (n_layers, n_kv_heads) processed tokens */
     long acc_pages;      /* pages held */
+    LkvSwapSpace swap;   /* host pages that preempted sequences are parked in (leankv.h 4d) */
 } KVCache;
 
 static inline int kv_head(const KVCache *kv, int seq, int layer, int h) {
@@ -607,6 +608,7 @@ static void free_kvcache(KVCache *kv) {
     free(kv->prefilling); free(kv->pscore); free(kv->stage); free(kv->stage_score);
     free(kv->stage_pos); free(kv->stage_tier); free(kv->tmp_table);
     free(kv->acc_high); free(kv->acc_low); free(kv->acc_seen);
+    free(kv->swap.pages); free(kv->swap.free_ids);
 }
 
 /* ---- The memory manager (section 6). Every operation runs in the three steps that
@@ -701,6 +703,66 @@ static void kv_release(KVCache *kv, int seq) {
         }
     kv->prefilling[seq] = 0;
     kv_apply_give(kv, kv_scan(kv));
+}
+
+/* ---- Swap space (leankv.h 4d): a preempted sequence's pages parked in host memory. Here both
+ * pools are host memory; leankv.cu's swap space is pinned memory that its kernels copy to. */
+
+/* mib MiB of pages of page_bytes (0: no swap space, preemption recomputes) */
+static void build_swap(LkvSwapSpace *sp, size_t mib, int page_bytes) {
+    memset(sp, 0, sizeof *sp);
+    sp->page_bytes = page_bytes;
+    size_t n = (mib << 20) / page_bytes;
+    if (n > INT_MAX / 2) n = INT_MAX / 2;
+    if (n == 0) return;
+    sp->n_pages = sp->n_free = (int)n;
+    sp->pages = xmalloc(n * page_bytes);
+    sp->free_ids = xmalloc(n * sizeof(int));
+    for (int i = 0; i < sp->n_pages; i++) sp->free_ids[i] = sp->n_pages - 1 - i;
+}
+
+/* Copies every page of seq into the swap space, per head its high pages then its low ones,
+ * with each head's counts and seq's policy, into s; the caller then releases seq. -1 and
+ * nothing copied when the swap space lacks the room. */
+static int kv_swap_out(KVCache *kv, int seq, LkvSwapped *s) {
+    int heads = kv->n_layers * kv->n_kv_heads, a0 = kv_head(kv, seq, 0, 0), T = LKV_MAX_TIERS;
+    int n = 0;
+    for (int i = 0; i < heads * T; i++) n += kv->n_pg[a0 * T + i];
+    if (lkv_swap_take(&kv->swap, n, s) != 0) return -1;
+    s->n_tok = xmalloc(heads * T * sizeof(int));
+    s->n_pg = xmalloc(heads * T * sizeof(int));
+    memcpy(s->n_tok, kv->n_tok + a0 * T, heads * T * sizeof(int));
+    memcpy(s->n_pg, kv->n_pg + a0 * T, heads * T * sizeof(int));
+    s->len = kv->n_seen[a0];   /* every head of a sequence has seen every token */
+    s->policy = kv->policy[seq];
+    for (int a = 0, i = 0; a < heads; a++)
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < s->n_pg[a * T + t]; k++, i++)
+                memcpy(kv->swap.pages + (size_t)s->pages[i] * kv->page_bytes,
+                       kv->pool + (size_t)*kv_table_at(kv, a0 + a, t, k) * kv->page_bytes,
+                       kv->page_bytes);
+    return 0;
+}
+
+/* Brings s back into the empty sequence seq: each head takes the pages it had, per tier (one
+ * take, all or nothing: -1 and nothing changed when the pool lacks them), the bytes return in
+ * the order they left, and the swap space gets its pages back. */
+static int kv_swap_in(KVCache *kv, int seq, LkvSwapped *s) {
+    int heads = kv->n_layers * kv->n_kv_heads, a0 = kv_head(kv, seq, 0, 0), T = LKV_MAX_TIERS;
+    for (int i = 0; i < heads * T; i++) kv->want[a0 * T + i] = s->n_pg[i];
+    if (kv_apply_take(kv, kv_scan(kv)) != 0) return -1;
+    for (int a = 0, i = 0; a < heads; a++) {
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < s->n_pg[a * T + t]; k++, i++)
+                memcpy(kv->pool + (size_t)*kv_table_at(kv, a0 + a, t, k) * kv->page_bytes,
+                       kv->swap.pages + (size_t)s->pages[i] * kv->page_bytes, kv->page_bytes);
+        kv->n_seen[a0 + a] = s->len;
+    }
+    memcpy(kv->n_tok + a0 * T, s->n_tok, heads * T * sizeof(int));
+    kv->policy[seq] = s->policy;
+    kv->prefilling[seq] = 0;
+    lkv_swap_give(&kv->swap, s);
+    return 0;
 }
 
 /* ---- Token storage: where a token lives, and its bytes */
@@ -1574,6 +1636,7 @@ typedef struct {
     int prompt_len, gen_len;    /* --prompt-len, --gen-len (bench) */
     int admit_steps;            /* --admit-steps: decode steps of room a join must leave */
     int prefill_chunk;          /* --prefill-chunk: prompt rows per forward pass (0: the device's) */
+    size_t swap_mib;            /* --swap-mem: host memory that preempted requests are parked in */
     int help;                   /* -h: print the usage and exit 0 */
 } Options;
 
@@ -2067,6 +2130,7 @@ typedef struct {
     int slot;            /* its cache slot while running */
     int n_cached;        /* tokens of ids[] that are in the cache */
     int preemptions;     /* times it was preempted */
+    LkvSwapped parked;   /* its cache in the swap space while preempted (parked.n_pages > 0) */
     double t_start, t_first, t_end; /* admission, first token, end (seconds) */
     char *error;         /* why it could not run, or NULL */
 } Request;
@@ -2089,6 +2153,9 @@ typedef struct {
     long n_prefill_tok, n_decode_tok;
     long n_recomputed;   /* prefill tokens of requests back after a preemption: its cost */
     int peak_running, peak_pages, preemptions;
+    int swap_outs;       /* preemptions that parked the request in the swap space */
+    long swap_pages;     /* pages they parked */
+    double t_swap;       /* seconds spent copying them out and back */
     double sum_running;  /* sequences in flight, summed over decode steps */
     long n_steps;        /* decode steps */
     long step_pages;     /* pages the decode steps took: over sum_running, the rate of growth */
@@ -2266,6 +2333,37 @@ static void engine_release(Batch *b, Request *r, int finished) {
     r->slot = -1;
 }
 
+/* Preempting r: parks its cache in the swap space (leankv.h 4d) when there is room, so that
+ * it resumes instead of being recomputed; 0 when parked. The caller then releases its slot. */
+static int engine_swap_out(Batch *b, Request *r) {
+    double t0 = now_s();
+    int rc;
+#ifdef LKV_CUDA
+    if (b->gpu) rc = gpu_swap_out(b->gpu, r->slot, &r->parked);
+    else
+#endif
+    rc = kv_swap_out(b->kv, r->slot, &r->parked);
+    if (rc == 0) { b->swap_outs++; b->swap_pages += r->parked.n_pages; }
+    b->t_swap += now_s() - t0;
+    return rc;
+}
+
+/* brings parked r back into its (empty) slot: it resumes with every token it had; the caller
+ * has checked the pages */
+static void engine_swap_in(Batch *b, Request *r) {
+    double t0 = now_s();
+    int len = r->parked.len, rc;
+#ifdef LKV_CUDA
+    if (b->gpu) rc = gpu_swap_in(b->gpu, r->slot, &r->parked);
+    else
+#endif
+    rc = kv_swap_in(b->kv, r->slot, &r->parked);
+    if (rc != 0) die("internal: swap-in pages");
+    r->n_cached = len;   /* its prompt and all it generated but the last token, which the
+                            next decode step feeds */
+    b->t_swap += now_s() - t0;
+}
+
 /* appends a sampled token; returns 1 when the request is finished */
 static int request_push(Batch *b, Request *r, int next) {
     const Config *c = &b->m->c;
@@ -2316,17 +2414,21 @@ static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch 
          *    (plus one for the first decode step) are there, and, when others run, pages for
          *    admit_steps decode steps of every running request and the new one beyond those
          *    (admit_headroom).
-         *    A preempted request is recomputed from its prompt, so a join that soon runs the
-         *    pool out costs more than the wait for a finished request's pages does. */
+         *    A preempted request is recomputed from its prompt (or, parked in the swap space,
+         *    copied back), so a join that soon runs the pool out costs more than the wait for
+         *    a finished request's pages does. */
         while (q_len > 0 && n_run < b->max_batch) {
             Request *r = &reqs[QAT(0)];
             int slot = 0;
             while (!b->slot_free[slot]) slot++;
             r->slot = slot;
             r->n_cached = 0;
-            int n_tok = r->n_prompt + r->n_gen;
+            int n_tok = r->n_prompt + r->n_gen, parked = r->parked.n_pages > 0, need;
             if (n_tok + 1 > b->ctx) die("internal: request longer than the context");
-            int need = engine_pages_needed(b, r, n_tok + 1);
+            if (parked)   /* its pages, and a page a head for its next step (alone: its pages,
+                             which fitted once; the step truncates it if it needs more) */
+                need = r->parked.n_pages + (n_run ? b->m->c.n_layers * b->m->c.n_kv_heads : 0);
+            else need = engine_pages_needed(b, r, n_tok + 1);
             double headroom = admit_headroom(b, run, n_run, r);
             if (need + headroom > engine_free_pages(b)) {
                 r->slot = -1;
@@ -2344,6 +2446,7 @@ static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch 
             r->state = REQ_RUNNING;
             if (r->t_start == 0) r->t_start = now_s();
             run[n_run++] = r;
+            if (parked) { engine_swap_in(b, r); continue; }   /* it resumes at the next step */
             int tok = engine_prefill(b, r);
             if (request_push(b, r, tok)) {   /* done after one token */
                 r->state = REQ_DONE; r->t_end = now_s();
@@ -2361,6 +2464,7 @@ static void run_batch(Batch *b, Request *reqs, int n_req, void (*on_done)(Batch 
             if (total <= engine_free_pages(b) || n_run == 1) break;
             Request *victim = run[--n_run];
             total -= need[n_run];
+            engine_swap_out(b, victim);   /* parked if the swap space has room, else recomputed */
             engine_release(b, victim, 0);
             victim->state = REQ_QUEUED;
             victim->preemptions++;
@@ -2734,6 +2838,7 @@ static void build_batch(Batch *b, Model *m, KVCache *kv, const Options *o, int u
         b->gpu = gpu_build(&m->c, &m->w, tiers, o->kv_tiers, o->policy, b->max_batch, o->prefill_chunk, o->ctx,
                            o->kv_mem_mib, err, sizeof err);
         if (!b->gpu) die("cuda: %s", err);
+        if (gpu_build_swap(b->gpu, o->swap_mib, err, sizeof err) != 0) die("cuda: %s", err);
         b->gpu_tiers = o->kv_tiers;
         if (o->kv_tiers > 1) {   /* the report's counts, kept by a one-slot cache of 1 MiB */
             build_kvcache_tiers(kv, &m->c, 1, 64, 1, tiers, 2);
@@ -2743,6 +2848,7 @@ static void build_batch(Batch *b, Model *m, KVCache *kv, const Options *o, int u
         }
     } else {
         build_cache(kv, &m->c, b->max_batch, o);
+        build_swap(&kv->swap, o->swap_mib, kv->page_bytes);
         b->kv = b->acct = kv;
     }
 }
@@ -2769,10 +2875,11 @@ static void print_summary(Batch *b, Request *reqs, int n, double wall) {
     for (int i = 0; i < n; i++) { gen += reqs[i].n_gen; prompt += reqs[i].n_prompt; failed += !!reqs[i].error; }
     fprintf(stderr, "summary: %d requests (%d failed), %ld prompt + %ld generated tokens in %.2f s: "
             "prefill %.1f tok/s, decode %.1f tok/s, total %.1f tok/s; peak %d sequences in flight "
-            "(mean %.1f), peak %d KV pages; %d preemptions (%ld tokens recomputed)\n", n, failed,
-            prompt, gen, wall, b->n_prefill_tok / (b->t_prefill + 1e-9),
+            "(mean %.1f), peak %d KV pages; %d preemptions (%d parked in swap space, %ld tokens "
+            "recomputed)\n", n, failed, prompt, gen, wall, b->n_prefill_tok / (b->t_prefill + 1e-9),
             b->n_decode_tok / (b->t_decode + 1e-9), (prompt + gen) / (wall + 1e-9),
-            b->peak_running, mean_running(b), b->peak_pages, b->preemptions, b->n_recomputed);
+            b->peak_running, mean_running(b), b->peak_pages, b->preemptions, b->swap_outs,
+            b->n_recomputed);
 }
 
 static void mode_serve(Model *m, const Options *o, int use_gpu) {
@@ -2880,7 +2987,8 @@ static void mode_bench(Model *m, const Options *o, int use_gpu) {
     if (b.acct) kv_account_reset(b.acct);
     b.t_prefill = b.t_decode = 0;
     b.n_prefill_tok = b.n_decode_tok = b.n_recomputed = 0;
-    b.peak_running = b.peak_pages = b.preemptions = 0;
+    b.peak_running = b.peak_pages = b.preemptions = b.swap_outs = 0;
+    b.swap_pages = 0; b.t_swap = 0;
     /* the growth estimate too: the warm-up's 4 steps may all fall inside pages */
     b.sum_running = 0; b.n_steps = 0; b.step_pages = 0;
     double t0 = now_s();
@@ -2896,17 +3004,19 @@ static void mode_bench(Model *m, const Options *o, int use_gpu) {
            "(mean %.1f), peak %d KV pages, %d preemptions, %.2f s\n", pf, dc, (prompt + gen) / wall,
            b.peak_running, mean_seqs, b.peak_pages, b.preemptions, wall);
     printf("time: prefill %.2f s for %ld tokens (%ld of them recomputed after preemptions), "
-           "decode %.2f s for %ld tokens\n", b.t_prefill, b.n_prefill_tok, b.n_recomputed,
-           b.t_decode, b.n_decode_tok);
+           "decode %.2f s for %ld tokens, swap %.2f s for %d sequences parked (%ld pages) and "
+           "brought back\n", b.t_prefill, b.n_prefill_tok, b.n_recomputed, b.t_decode,
+           b.n_decode_tok, b.t_swap, b.swap_outs, b.swap_pages);
     printf("{\"device\":\"%s\",\"requests\":%d,\"batch\":%d,\"prompt_len\":%d,\"gen_len\":%d,"
            "\"prefill_tok_s\":%.1f,\"decode_tok_s\":%.1f,\"total_tok_s\":%.1f,\"peak_seqs\":%d,"
            "\"mean_seqs\":%.1f,\"peak_pages\":%d,\"preemptions\":%d,\"admit_steps\":%d,"
            "\"seconds\":%.3f,\"prefill_s\":%.3f,\"decode_s\":%.3f,\"prefill_tokens\":%ld,"
-           "\"decode_tokens\":%ld,\"recomputed_tokens\":%ld}\n",
+           "\"decode_tokens\":%ld,\"recomputed_tokens\":%ld,\"swap_mib\":%zu,\"swap_outs\":%d,"
+           "\"swap_s\":%.3f}\n",
            use_gpu ? "cuda" : "cpu", n, o->batch, o->prompt_len, o->gen_len, pf, dc,
            (prompt + gen) / wall, b.peak_running, mean_seqs, b.peak_pages, b.preemptions,
            o->admit_steps, wall, b.t_prefill, b.t_decode, b.n_prefill_tok, b.n_decode_tok,
-           b.n_recomputed);
+           b.n_recomputed, o->swap_mib, b.swap_outs, b.t_swap);
     free_batch(&b);
     free_requests(reqs, n);
 }
@@ -2960,6 +3070,9 @@ static void usage(FILE *f) {
         "      --prefill-chunk N  prompt tokens per forward pass (cpu %d, at most %d;\n"
         "                      cuda %d, at most %d); 1 feeds them one by one on the CPU,\n"
         "                      the path the chunked one is tested against\n"
+        "      --swap-mem MIB  -f, bench: host memory that a preempted request's pages are\n"
+        "                      parked in, to resume it later instead of computing it again\n"
+        "                      from its prompt (default 0: recompute)\n"
         "  -h, --help          this help\n"
         "Environment, GPU, to measure one path against another: LEANKV_MATVEC=0 (cuBLAS, not\n"
         "matvec, for an engine of --batch 1 or 2), LEANKV_PDL=0 (no overlapped launches),\n"
@@ -3040,7 +3153,7 @@ static void parse_options(Options *o, int argc, char **argv) {
         {"kv-groups", required_argument, 0, 1010}, {"ref", required_argument, 0, 1011},
         {"ppl-prefill", required_argument, 0, 1012}, {"ctx-len", required_argument, 0, 1013},
         {"trials", required_argument, 0, 1014}, {"admit-steps", required_argument, 0, 1015},
-        {"prefill-chunk", required_argument, 0, 1030},
+        {"prefill-chunk", required_argument, 0, 1030}, {"swap-mem", required_argument, 0, 1031},
         {"kv-high", required_argument, 0, 1040}, {"kv-low", required_argument, 0, 1041},
         {"alpha-high", required_argument, 0, 1042}, {"alpha-low", required_argument, 0, 1043},
         {"kv-window", required_argument, 0, 1044}, {"kv-map", required_argument, 0, 1045},
@@ -3087,6 +3200,7 @@ static void parse_options(Options *o, int argc, char **argv) {
         case 1030:
             o->prefill_chunk = (int)parse_long(optarg, "--prefill-chunk", 1, GPU_PREFILL_CHUNK_MAX);
             break;
+        case 1031: o->swap_mib = (size_t)parse_long(optarg, "--swap-mem", 0, 1L << 24); break;
         case 1040: kv_high = optarg; break;
         case 1041: kv_low = optarg; break;
         case 1042: o->policy.alpha_high = parse_float(optarg, "--alpha-high"); alphas_given = 1; break;
@@ -3177,6 +3291,9 @@ int main(int argc, char **argv) {
     if (o.batch == 0) o.batch = gpu ? 256 : 8;
     if (!gpu && o.kv_mem_mib > memory_bytes() >> 20)   /* on the GPU, its memory says */
         die("--kv-mem %zu MiB is more than this machine's memory (%zu MiB)", o.kv_mem_mib,
+            memory_bytes() >> 20);
+    if (o.swap_mib > memory_bytes() >> 20)   /* host memory on either device */
+        die("--swap-mem %zu MiB is more than this machine's memory (%zu MiB)", o.swap_mib,
             memory_bytes() >> 20);
     if (batched) {
         device_line = device;

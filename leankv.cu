@@ -24,6 +24,7 @@
 #include <cuda_profiler_api.h>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_scan.cuh>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -308,6 +309,12 @@ typedef struct {
     int *h_need;          /* (max_rows) pinned host copy */
     int *h_free;          /* (1) pinned: the free count a give reads back */
     int *slot_need;       /* (max_slots) host: pages each slot's planned step takes */
+    /* the swap space (leankv.h 4d; gpu_build_swap), empty unless --swap-mem */
+    LkvSwapSpace swap;    /* its pages: pinned host memory, mapped into the device's space */
+    uint8_t *swap_dev;    /* the device's address of swap.pages */
+    int *swap_list;       /* (2 * swap_most) device: a swap's table entries, then its swap pages */
+    int *h_swap_list;     /* (2 * swap_most) pinned host copy */
+    int swap_most;        /* pages a slot can hold: heads * width */
 } KVCache;
 
 /* index of the page table of (slot, layer, KV head) */
@@ -407,6 +414,8 @@ static void build_kvcache(KVCache *kv, const Config *c, const LkvPrecision *tier
 static void free_kvcache(KVCache *kv) {
     cudaFree(kv->pool); cudaFree(kv->free_ids); cudaFree(kv->ring); cudaFree(kv->table);
     free(kv->slot_len);
+    cudaFreeHost(kv->swap.pages); free(kv->swap.free_ids);
+    cudaFree(kv->swap_list); cudaFreeHost(kv->h_swap_list);
     if (kv->n_tiers < 2) return;
     cudaFree(kv->n_tok); cudaFree(kv->n_pg); cudaFree(kv->want); cudaFree(kv->offset);
     cudaFree(kv->scan_tmp); cudaFree(kv->plan); cudaFree(kv->policy); cudaFreeHost(kv->h_policy);
@@ -467,6 +476,39 @@ __global__ void kv_release(int *free_ids, int *ring, const int *table, int slot,
     }
     __syncthreads();   /* every thread read ring before thread 0 moves it */
     if (threadIdx.x == 0) ring[1] += total;
+}
+
+/* Takes n_pg pages for every head of slot from the front of the free ring, as one run: the
+ * twin of kv_release, for a one-tier slot coming back from the swap space */
+__global__ void kv_take_run(int *table, const int *free_ids, int *ring, int slot, int n_pg,
+                            KvGeom g) {
+    int heads = g.n_layers * g.n_kv_heads, total = heads * n_pg, start = ring[0];
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+        int hh = i / n_pg, p = i % n_pg;
+        table[((size_t)slot * heads + hh) * g.width + p] = free_ids[((size_t)start + i) % g.n_pages];
+    }
+    __syncthreads();   /* every thread read ring before thread 0 moves it */
+    if (threadIdx.x == 0) {
+        ring[0] = (int)(((size_t)start + total) % g.n_pages);
+        ring[1] -= total;
+    }
+}
+
+/* The swap space (leankv.h 4d): block i copies the page at table entry at[i] to swap page
+ * ids[i] in pinned host memory (the stores cross PCIe), or back. Pages are multiples of 64
+ * bytes (lkv_page_bytes). The CPU's kv_swap_out and kv_swap_in do the same with memcpy. */
+__global__ void kv_swap_out(uint8_t *host, const int *at, const int *ids, const uint8_t *pool,
+                            const int *table, int page_bytes) {
+    const uint4 *src = (const uint4 *)(pool + (size_t)table[at[blockIdx.x]] * page_bytes);
+    uint4 *dst = (uint4 *)(host + (size_t)ids[blockIdx.x] * page_bytes);
+    for (int j = threadIdx.x; j < page_bytes / 16; j += blockDim.x) dst[j] = src[j];
+}
+
+__global__ void kv_swap_in(uint8_t *pool, const int *table, const int *at, const int *ids,
+                           const uint8_t *host, int page_bytes) {
+    const uint4 *src = (const uint4 *)(host + (size_t)ids[blockIdx.x] * page_bytes);
+    uint4 *dst = (uint4 *)(pool + (size_t)table[at[blockIdx.x]] * page_bytes);
+    for (int j = threadIdx.x; j < page_bytes / 16; j += blockDim.x) dst[j] = src[j];
 }
 
 /* Stores one head vector x (head_dim floats, in shared memory) into its slot of a page,
@@ -3666,6 +3708,114 @@ extern "C" void gpu_release(GpuEngine *g, int slot) {
     LAUNCH_CHECK();
     kv->free_count += n_pg * g->c.n_layers * g->c.n_kv_heads;
     kv->slot_len[slot] = 0;
+}
+
+/* ---- The swap space (leankv.h 4d): pinned host pages that a preempted slot is parked in */
+
+extern "C" int gpu_build_swap(GpuEngine *g, size_t mib, char *err, size_t errlen) {
+    KVCache *kv = &g->kv;
+    LkvSwapSpace *sp = &kv->swap;
+    sp->page_bytes = kv->tg[0].page_bytes;
+    size_t n = (mib << 20) / sp->page_bytes;
+    if (n > INT_MAX / 2) n = INT_MAX / 2;
+    if (n == 0) return 0;
+    if (cudaHostAlloc((void **)&sp->pages, n * sp->page_bytes, cudaHostAllocMapped) != cudaSuccess) {
+        cudaGetLastError();
+        sp->pages = NULL;
+        snprintf(err, errlen, "cannot pin %zu MiB of host memory for --swap-mem", mib);
+        return -1;
+    }
+    CUDA_CHECK(cudaHostGetDevicePointer((void **)&kv->swap_dev, sp->pages, 0));
+    sp->free_ids = (int *)malloc(n * sizeof(int));
+    sp->n_pages = sp->n_free = (int)n;
+    for (int i = 0; i < sp->n_pages; i++) sp->free_ids[i] = sp->n_pages - 1 - i;
+    kv->swap_most = g->c.n_layers * g->c.n_kv_heads * kv->tg[0].width;
+    CUDA_CHECK(cudaMalloc(&kv->swap_list, 2 * (size_t)kv->swap_most * sizeof(int)));
+    CUDA_CHECK(cudaMallocHost(&kv->h_swap_list, 2 * (size_t)kv->swap_most * sizeof(int)));
+    return 0;
+}
+
+/* The table entry of each page that s holds, in its order (per head, high pages then low),
+ * and the swap page it goes to, uploaded into swap_list: [entries (n) | swap pages (n)] */
+static void swap_list(GpuEngine *g, int slot, const LkvSwapped *s) {
+    KVCache *kv = &g->kv;
+    int heads = g->c.n_layers * g->c.n_kv_heads, W = kv->tg[0].width, n = s->n_pages;
+    for (int a = 0, i = 0; a < heads; a++)
+        for (int t = 0; t < LKV_MAX_TIERS; t++)
+            for (int k = 0; k < s->n_pg[a * LKV_MAX_TIERS + t]; k++, i++) {
+                kv->h_swap_list[i] = ((slot * heads + a) * W) + (t ? W - 1 - k : k);
+                kv->h_swap_list[n + i] = s->pages[i];
+            }
+    CUDA_CHECK(cudaMemcpyAsync(kv->swap_list, kv->h_swap_list, 2 * (size_t)n * sizeof(int),
+                               cudaMemcpyHostToDevice, g->stream));
+}
+
+extern "C" int gpu_swap_out(GpuEngine *g, int slot, LkvSwapped *s) {
+    KVCache *kv = &g->kv;
+    int heads = g->c.n_layers * g->c.n_kv_heads, T = LKV_MAX_TIERS, n = 0;
+    if (kv->swap.n_pages == 0) return -1;
+    int *n_tok = (int *)malloc((size_t)heads * T * sizeof(int));
+    int *n_pg = (int *)malloc((size_t)heads * T * sizeof(int));
+    if (kv->n_tiers > 1) {   /* each head's counts live on the GPU */
+        CUDA_CHECK(cudaMemcpyAsync(n_tok, kv->n_tok + (size_t)slot * heads * T,
+                                   heads * T * sizeof(int), cudaMemcpyDeviceToHost, g->stream));
+        CUDA_CHECK(cudaMemcpyAsync(n_pg, kv->n_pg + (size_t)slot * heads * T,
+                                   heads * T * sizeof(int), cudaMemcpyDeviceToHost, g->stream));
+        CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    } else {                 /* one tier: by arithmetic, every head alike */
+        int len = kv->slot_len[slot];
+        for (int a = 0; a < heads; a++) {
+            n_tok[a * T] = len; n_pg[a * T] = lkv_pages_for(len, kv->tg[0].tpp);
+            n_tok[a * T + 1] = n_pg[a * T + 1] = 0;
+        }
+    }
+    for (int i = 0; i < heads * T; i++) n += n_pg[i];
+    if (lkv_swap_take(&kv->swap, n, s) != 0) { free(n_tok); free(n_pg); return -1; }
+    s->n_tok = n_tok;
+    s->n_pg = n_pg;
+    s->len = kv->slot_len[slot];
+    if (kv->n_tiers > 1) s->policy = kv->h_policy[slot];
+    swap_list(g, slot, s);
+    kv_swap_out<<<n, 256, 0, g->stream>>>(kv->swap_dev, kv->swap_list, kv->swap_list + n,
+                                          kv->pool, kv->table, kv->tg[0].page_bytes);
+    LAUNCH_CHECK();
+    CUDA_CHECK(cudaStreamSynchronize(g->stream));   /* before h_swap_list is written again */
+    return 0;
+}
+
+extern "C" int gpu_swap_in(GpuEngine *g, int slot, LkvSwapped *s) {
+    KVCache *kv = &g->kv;
+    int heads = g->c.n_layers * g->c.n_kv_heads, T = LKV_MAX_TIERS, n = s->n_pages;
+    if (n > kv->free_count) return -1;
+    if (kv->n_tiers > 1) {   /* the manager's take, with want = the pages each head had */
+        int *h = kv->h_swap_list;
+        memcpy(h, s->n_pg, heads * T * sizeof(int));
+        memcpy(h + heads * T, s->n_tok, heads * T * sizeof(int));
+        CUDA_CHECK(cudaMemcpyAsync(kv->want + (size_t)slot * heads * T, h, heads * T * sizeof(int),
+                                   cudaMemcpyHostToDevice, g->stream));
+        CUDA_CHECK(cudaMemcpyAsync(kv->n_tok + (size_t)slot * heads * T, h + heads * T,
+                                   heads * T * sizeof(int), cudaMemcpyHostToDevice, g->stream));
+        kv_apply(g, 1);
+        kv->h_policy[slot] = s->policy;
+        CUDA_CHECK(cudaMemcpyAsync(kv->policy + slot, kv->h_policy + slot, sizeof(LkvPolicy),
+                                   cudaMemcpyHostToDevice, g->stream));
+        CUDA_CHECK(cudaStreamSynchronize(g->stream));   /* before h_swap_list is written again */
+        kv->placed[slot] = 1;
+        kv->slot_need[slot] = -1;
+    } else {
+        kv_take_run<<<1, 1024, 0, g->stream>>>(kv->table, kv->free_ids, kv->ring, slot, s->n_pg[0],
+                                               kv->tg[0]);
+        LAUNCH_CHECK();
+    }
+    kv->free_count -= n;
+    swap_list(g, slot, s);
+    kv_swap_in<<<n, 256, 0, g->stream>>>(kv->pool, kv->table, kv->swap_list, kv->swap_list + n,
+                                         kv->swap_dev, kv->tg[0].page_bytes);
+    LAUNCH_CHECK();
+    CUDA_CHECK(cudaStreamSynchronize(g->stream));   /* the host pages are read: give them back */
+    kv->slot_len[slot] = s->len;
+    lkv_swap_give(&kv->swap, s);
+    return 0;
 }
 
 /* what a two-tier slot holds now, per (layer, KV head): tokens high, tokens low, pages high,

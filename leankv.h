@@ -6,6 +6,7 @@
  *   4. the page layout of the KV cache (../shared/LEANKV.md section 5)
  *   4b. quantization of a head vector (../shared/LEANKV.md section 2)
  *   4c. tiers: significance, placement and the decode policy (sections 3, 4 and 6)
+ *   4d. swap space: a preempted sequence's pages parked in host memory
  *
  * Every formula that both sides need lives here once, as static inline functions that nvcc
  * compiles for the device too (LKV_HD). */
@@ -14,6 +15,7 @@
 
 #include <stdint.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 
@@ -590,6 +592,56 @@ LKV_HD double lkv_ratio_physical(double seen, int head_dim, double pages, int pa
 }
 
 /* ----------------------------------------------------------------------------------------
+ * 4d. Swap space: a preempted sequence parked in host memory (--swap-mem)
+ *
+ * When a decode step lacks pages the scheduler preempts the newest request. Without swap space
+ * its pages are freed and it is computed again from its prompt when pages allow (recompute). With
+ * swap space its pages are first copied into a pool of host pages of the same size, in the order
+ * of its heads' tables (head 0's high pages, then its low pages, then head 1's ...), together
+ * with what each head held; when it is admitted again it takes as many pages per head and tier
+ * as it had, the bytes come back, and it resumes where it stopped. Its tokens, tiers and scores
+ * are those it had, so it generates what it would have without the preemption: on a two-tier
+ * cache a recomputed prompt is placed afresh and may not. Page ids change; nothing reads them
+ * but the tables. The host pages are a stack of free ids: a sequence takes its n pages in one go
+ * (or none, and is recomputed instead) and gives them back when it returns.
+ * ---------------------------------------------------------------------------------------- */
+
+typedef struct {
+    uint8_t *pages;     /* (n_pages, page_bytes) host memory; pinned and mapped on the GPU */
+    int *free_ids;      /* (n_pages) free page ids in [0, n_free) */
+    int n_free;         /* free pages */
+    int n_pages;        /* pages in the swap space; 0: none (preemption recomputes) */
+    int page_bytes;     /* the device pool's page size */
+} LkvSwapSpace;
+
+typedef struct {
+    int n_pages;        /* swap-space pages it holds; 0: not parked */
+    int *pages;         /* (n_pages) their ids, in table order: per head, high pages then low */
+    int *n_tok;         /* (heads, LKV_MAX_TIERS) tokens each head held in each tier */
+    int *n_pg;          /* (heads, LKV_MAX_TIERS) pages each head held in each tier */
+    int len;            /* tokens the sequence had processed */
+    LkvPolicy policy;   /* its alphas, window and first counted row (two tiers) */
+} LkvSwapped;
+
+/* takes n pages of the swap space for s (its pages[] allocated here); -1 and nothing taken
+ * when fewer are free */
+static inline int lkv_swap_take(LkvSwapSpace *sp, int n, LkvSwapped *s) {
+    if (n > sp->n_free || n < 1) return -1;
+    s->pages = (int *)malloc((size_t)n * sizeof(int));
+    if (!s->pages) return -1;
+    s->n_pages = n;
+    for (int i = 0; i < n; i++) s->pages[i] = sp->free_ids[--sp->n_free];
+    return 0;
+}
+
+/* gives s's pages back to the swap space and forgets what it held */
+static inline void lkv_swap_give(LkvSwapSpace *sp, LkvSwapped *s) {
+    for (int i = 0; i < s->n_pages; i++) sp->free_ids[sp->n_free++] = s->pages[i];
+    free(s->pages); free(s->n_tok); free(s->n_pg);
+    memset(s, 0, sizeof *s);
+}
+
+/* ----------------------------------------------------------------------------------------
  * 5. The model in memory, as the CPU side loads it and the GPU side uploads it
  * ---------------------------------------------------------------------------------------- */
 
@@ -716,6 +768,13 @@ int gpu_decode(GpuEngine *g, int n, const int *slots, const int *tokens, int *ne
                float *logits);
 /* gives back every page of slot at once; the slot is empty afterwards */
 void gpu_release(GpuEngine *g, int slot);
+/* Swap space (section 4d): mib MiB of pinned host pages (0: none). 0, or -1 with the reason. */
+int gpu_build_swap(GpuEngine *g, size_t mib, char *err, size_t errlen);
+/* copies slot's pages and counts into the swap space (s); the caller then releases the slot.
+ * -1 and nothing copied when the swap space lacks the room */
+int gpu_swap_out(GpuEngine *g, int slot, LkvSwapped *s);
+/* brings s back into the empty slot and gives its swap pages back; -1 when the pool lacks them */
+int gpu_swap_in(GpuEngine *g, int slot, LkvSwapped *s);
 /* pages that appending n_new tokens to slot would take from the pool (two tiers: a prompt) */
 int gpu_pages_needed(const GpuEngine *g, int slot, int n_new);
 int gpu_slot_len(const GpuEngine *g, int slot);
@@ -759,6 +818,10 @@ static inline GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvP
     return NULL;
 }
 static inline void gpu_free(GpuEngine *g) { (void)g; }
+static inline int gpu_build_swap(GpuEngine *g, size_t mib, char *err, size_t errlen) {
+    (void)g; (void)mib; (void)err; (void)errlen;
+    return 0;
+}
 #endif
 
 #ifdef __cplusplus

@@ -63,13 +63,20 @@ def tight(leankv_bin, smollm2_bin, tmp_path_factory):
                    "--admit-steps", n) for n in (0, GENEROUS)}
 
 
-def summary_preemptions(r):
-    """(preemptions, tokens recomputed) as -f's closing line on stderr reports them"""
+def summary_swap(r):
+    """(preemptions, parked in the swap space, tokens recomputed) as -f's closing line on
+    stderr reports them"""
     last = r.stderr.splitlines()[-1]
-    m = re.search(r"peak \d+ sequences in flight .* (\d+) preemptions \((\d+) tokens recomputed\)$",
-                  last)
+    m = re.search(r"peak \d+ sequences in flight .* (\d+) preemptions \((\d+) parked in swap "
+                  r"space, (\d+) tokens recomputed\)$", last)
     assert m, r.stderr
-    return int(m.group(1)), int(m.group(2))
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+def summary_preemptions(r):
+    """(preemptions, tokens recomputed)"""
+    p, _, recomputed = summary_swap(r)
+    return p, recomputed
 
 
 def test_preemption_keeps_outputs(leankv_bin, smollm2_bin, tmp_path, tight):
@@ -113,6 +120,47 @@ def test_watermark_cuts_preemptions(tight):
         assert counts[n] == sum(d["preemptions"] for d in outputs(r).values())
     assert counts[0] > 0
     assert counts[GENEROUS] < counts[0]
+
+
+SWAP_ROWS = [{"id": str(i), "prompt": p, "n": 100, "temperature": 0} for i, p in enumerate(PROMPTS)]
+
+
+@pytest.mark.parametrize("kv,mib", [
+    (["--kv", "k8v4"], 1),
+    (["--kv", "leankv"], 2),
+    (["--kv", "leankv", "--alpha-high", "8", "--alpha-low", "4", "--kv-window", "8"], 1)],
+    ids=["k8v4", "leankv", "leankv-aggressive"])
+def test_swap_resumes_exactly(leankv_bin, smollm2_bin, tmp_path, kv, mib):
+    """--swap-mem: every preempted request is parked in host memory and resumes where it
+    stopped, so each output is what a roomy pool gives. On these caches a request recomputed
+    from its prompt may not give it (a prompt's keys are written and placed afresh), which is
+    why the roomy run, not the recomputing one, is the reference."""
+    f = jsonl(tmp_path, SWAP_ROWS)
+    roomy = outputs(run(leankv_bin, smollm2_bin, "-f", f, "--batch", "4", *kv, "--no-stop"))
+    r = run(leankv_bin, smollm2_bin, "-f", f, "--batch", "4", *kv, "--kv-mem", mib,
+            "--admit-steps", "0", "--swap-mem", "8", "--no-stop")
+    res = outputs(r)
+    p, parked, recomputed = summary_swap(r)
+    assert p > 0 and parked == p and recomputed == 0, r.stderr
+    assert p == sum(d["preemptions"] for d in res.values())
+    assert set(res) == set(roomy)
+    for k in roomy:
+        assert "error" not in res[k] and "error" not in roomy[k], k
+        assert res[k]["text"] == roomy[k]["text"], k
+
+
+def test_swap_space_too_small_recomputes(leankv_bin, smollm2_bin, tmp_path, tight):
+    """a swap space of 1 MiB (248 pages) parks only a preempted request of at most 32 tokens
+    (180 pages); longer ones are recomputed as without it, and every output stays the roomy
+    pool's"""
+    r = run(leankv_bin, smollm2_bin, "-f", jsonl(tmp_path, TIGHT_ROWS), "--batch", "4",
+            "--kv-mem", "2", "--admit-steps", "0", "--swap-mem", "1")
+    p, parked, recomputed = summary_swap(r)
+    assert p > parked and recomputed > 0, r.stderr
+    roomy = outputs(run(leankv_bin, smollm2_bin, "-f", jsonl(tmp_path, TIGHT_ROWS), "--batch", "4"))
+    res = outputs(r)
+    for k in roomy:
+        assert "error" not in res[k] and res[k]["text"] == roomy[k]["text"], k
 
 
 def test_request_too_big_for_the_pool(leankv_bin, smollm2_bin, tmp_path):
@@ -190,6 +238,22 @@ def test_bench_counts_recomputation(leankv_bin, smollm2_bin):
     assert d["decode_tokens"] == n * glen - (n + p)
     line = f"({d['recomputed_tokens']} of them recomputed after preemptions)"
     assert line in r.stdout, r.stdout
+
+
+def test_bench_counts_swaps(leankv_bin, smollm2_bin):
+    """-m bench as above with a swap space: every preemption parks its request, nothing is
+    recomputed, and a parked request resumes by decode steps, so the prefill computes each
+    prompt once and the decode steps every token but the one each prefill gives"""
+    n, plen, glen = 3, 8, 12
+    r = run(leankv_bin, smollm2_bin, "-m", "bench", "--batch", n, "--requests", n,
+            "--prompt-len", plen, "--gen-len", glen, "--kv-mem", 1, "--admit-steps", 0,
+            "--swap-mem", 4)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["preemptions"] > 0 and d["swap_outs"] == d["preemptions"], r.stdout
+    assert d["swap_mib"] == 4 and d["recomputed_tokens"] == 0
+    assert d["prefill_tokens"] == n * plen and d["decode_tokens"] == n * (glen - 1)
+    assert f"swap {d['swap_s']:.2f} s for {d['swap_outs']} sequences parked" in r.stdout
 
 
 @pytest.mark.parametrize("value,needle", [

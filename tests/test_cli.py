@@ -113,6 +113,7 @@ def test_ctx_beyond_model(leankv_asan, tiny_bin):
     (["--batch", "5000"], "--batch: 5000 is out of range [1, 4096]"),
     (["--prefill-chunk", "0"], "--prefill-chunk: 0 is out of range [1, 4096]"),
     (["--kv-mem", "0"], "--kv-mem: 0 is out of range"),
+    (["--swap-mem", "-1"], "--swap-mem: -1 is out of range [0, 16777216]"),
     (["--trials", "0"], "--trials: 0 is out of range"),
     (["--ctx-len", "10"], "--ctx-len: 10 is out of range [64, "),
     (["--requests", "-4"], "--requests: -4 is out of range"),
@@ -134,6 +135,11 @@ def test_kv_groups_must_divide_head_dim(leankv_asan, tiny_bin):
 def test_kv_mem_beyond_memory(leankv_asan, tiny_bin):
     r = run(leankv_asan, tiny_bin, "hi", "--kv-mem", str(1 << 24), "--device", "cpu")
     assert_one_line_error(r, "--kv-mem 16777216 MiB is more than this machine's memory")
+
+
+def test_swap_mem_beyond_memory(leankv_asan, tiny_bin):
+    r = run(leankv_asan, tiny_bin, "hi", "--swap-mem", str(1 << 24), "--device", "cpu")
+    assert_one_line_error(r, "--swap-mem 16777216 MiB is more than this machine's memory")
 
 
 def test_file_larger_than_memory(leankv_asan, tiny_bin, tmp_path):

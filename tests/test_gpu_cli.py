@@ -5,6 +5,8 @@ Needs models/smollm2-135m-instruct.bin (./run.sh --setup). On the GPU machine:
     python -m pytest -q -s tests/test_gpu_cli.py"""
 import json
 import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -34,15 +36,20 @@ REASON = gpu_reason() if EXE.exists() and MODEL.exists() else "./leankv or the m
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"GPU CLI tests skipped: {REASON}")
 
 
-def serve(tmp_path, device, *extra, n=24):
+def serve(tmp_path, device, *extra, n=24, wrap=(), summary=False):
+    """PROMPTS as -f requests, greedy, n tokens each: {id: output line}, and with summary the
+    closing line too. wrap: a command to run leankv under (compute-sanitizer)."""
     f = tmp_path / "req.jsonl"
     f.write_text("".join(json.dumps({"id": str(i), "prompt": p, "n": n, "temperature": 0}) + "\n"
                          for i, p in enumerate(PROMPTS)))
-    r = subprocess.run([str(EXE), str(MODEL), "-f", str(f), "--device", device, "--no-stop",
-                        *extra], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    print(r.stderr.strip().splitlines()[-1])
-    return {d["id"]: d for d in map(json.loads, r.stdout.splitlines())}
+    r = subprocess.run([*wrap, str(EXE), str(MODEL), "-f", str(f), "--device", device,
+                        "--no-stop", *extra], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    last = r.stderr.strip().splitlines()[-1]
+    print(last)
+    res = {d["id"]: d for d in map(json.loads, lines)}
+    return (res, r.stderr + r.stdout) if summary else res
 
 
 def test_generate_on_gpu():
@@ -97,6 +104,42 @@ def test_gpu_preemption_keeps_outputs(tmp_path):
     assert sum(d["preemptions"] for d in tight.values()) > 0
     for k in roomy:
         assert "error" not in tight[k] and tight[k]["text"] == roomy[k]["text"], k
+
+
+SWAP_CASES = [([], 2, 48), (["--kv", "k8v4"], 1, 100), (["--kv", "leankv"], 2, 100),
+              (["--kv", "leankv", "--alpha-high", "8", "--alpha-low", "4", "--kv-window", "8"],
+               1, 100)]
+
+
+@pytest.mark.parametrize("kv,mib,n", SWAP_CASES, ids=["fp16", "k8v4", "leankv", "aggressive"])
+def test_gpu_swap_resumes_exactly(tmp_path, kv, mib, n):
+    """--swap-mem on the GPU: every preempted request is parked in pinned host memory
+    (kv_swap_out) and copied back into new pages (kv_swap_in; a two-tier slot's pages taken by
+    the manager, a one-tier slot's by kv_take_run), so each output is what a roomy pool gives,
+    on every cache type (a recomputed one may differ on quantized and two-tier caches)."""
+    roomy = serve(tmp_path, "cuda", *kv, n=n)
+    tight, log = serve(tmp_path, "cuda", *kv, "--kv-mem", str(mib), "--admit-steps", "0",
+                       "--swap-mem", "64", n=n, summary=True)
+    p = sum(d["preemptions"] for d in tight.values())
+    m = re.search(r"(\d+) preemptions \((\d+) parked in swap space, (\d+) tokens recomputed\)", log)
+    assert p > 0 and m and int(m.group(1)) == p and int(m.group(2)) == p and m.group(3) == "0", log[-500:]
+    for k in roomy:
+        assert "error" not in tight[k] and tight[k]["text"] == roomy[k]["text"], k
+
+
+@pytest.mark.parametrize("kv", [[], ["--kv", "leankv"]], ids=["fp16", "leankv"])
+def test_gpu_swap_memcheck(tmp_path, kv):
+    """compute-sanitizer memcheck over a run that parks and brings back requests (the copies
+    to and from mapped host memory, kv_take_run, the manager's take)"""
+    if shutil.which("compute-sanitizer") is None:
+        pytest.skip("compute-sanitizer not found")
+    res, log = serve(tmp_path, "cuda", *kv, "--kv-mem", "1", "--admit-steps", "0", "--swap-mem",
+                     "16", "--batch", "8", n=24, wrap=("compute-sanitizer", "--tool", "memcheck"),
+                     summary=True)
+    assert "ERROR SUMMARY: 0 errors" in log, log[-3000:]
+    m = re.search(r"(\d+) parked in swap space", log)
+    assert m and int(m.group(1)) > 0, log[-500:]
+    assert len(res) == len(PROMPTS)
 
 
 def test_bench_on_gpu():

@@ -8,7 +8,8 @@
  *   - the significance scores: prefill sums over the last 64 rows, decode GQA-group max, and
  *     attention over a mix of high and low tokens, against dense double-precision references;
  *   - the memory manager's invariants under a long random mix of admissions, placements,
- *     decode steps, releases and preemptions over thousands of heads;
+ *     decode steps, releases and preemptions over thousands of heads, a preempted sequence
+ *     parked in the swap space when it has room and brought back with every token as it was;
  *   - the tier fractions and compression ratios against a count the test makes from the pages.
  * The last line is "N passed, M failed". */
 #define TESTING
@@ -426,6 +427,45 @@ static int check_invariants(const KVCache *kv, const int *len, const int *active
     return bad;
 }
 
+/* what seq holds, token by token (tier, position, score, dequantized K and V): FNV-1a */
+static uint64_t seq_fingerprint(const KVCache *kv, int seq) {
+    uint64_t f = 1469598103934665603ull;
+    float k[LKV_MAX_HEAD_DIM], v[LKV_MAX_HEAD_DIM], score;
+    int pos;
+    for (int a = 0; a < kv->n_layers * kv->n_kv_heads; a++) {
+        int hh = kv_head(kv, seq, 0, 0) + a;
+        for (int t = 0; t < kv->n_tiers; t++)
+            for (int i = 0; i < kv->n_tok[hh * LKV_MAX_TIERS + t]; i++) {
+                kv_get(kv, hh, t, i, k, v, &score, &pos);
+                const uint8_t *b[4] = {(const uint8_t *)&pos, (const uint8_t *)&score,
+                                       (const uint8_t *)k, (const uint8_t *)v};
+                size_t n[4] = {4, 4, kv->head_dim * 4u, kv->head_dim * 4u};
+                for (int x = 0; x < 4; x++)
+                    for (size_t j = 0; j < n[x]; j++) f = (f ^ b[x][j]) * 1099511628211ull;
+                f = (f ^ (uint64_t)t) * 1099511628211ull;
+            }
+    }
+    return f;
+}
+
+/* the swap space: every page free or held by exactly one parked sequence */
+static int check_swap(const LkvSwapSpace *sp, const LkvSwapped *parked, int n_parked) {
+    int bad = 0, held = 0;
+    char *own = calloc(sp->n_pages, 1);
+    for (int i = 0; i < sp->n_free; i++) {
+        int id = sp->free_ids[i];
+        if (id < 0 || id >= sp->n_pages || own[id]++) bad++;
+    }
+    for (int p = 0; p < n_parked; p++)
+        for (int i = 0; i < parked[p].n_pages; i++, held++) {
+            int id = parked[p].pages[i];
+            if (id < 0 || id >= sp->n_pages || own[id]++) bad++;
+        }
+    if (held + sp->n_free != sp->n_pages) bad++;
+    free(own);
+    return bad;
+}
+
 static void test_manager_random(void) {
     int n_seqs = 48, ctx = 96, d = 16, window = 6;
     Config c = tiny_config(8, 8, 1, d);   /* 48 x 8 x 8 = 3072 heads */
@@ -435,6 +475,15 @@ static void test_manager_random(void) {
     /* a pool of a sixth of the worst case, so that admissions fail and steps preempt */
     kv.free_count = kv.n_pages = kv.n_pages / 6;
     kv.defaults.window = window;
+    /* a swap space of about a tenth of the pool: some preemptions park, others find it full */
+    build_swap(&kv.swap, 1, kv.page_bytes);
+    CHECK(kv.swap.n_pages >= kv.n_pages / 10, "1 MiB holds %d swap pages", kv.swap.n_pages);
+    kv.swap.n_pages = kv.swap.n_free = kv.n_pages / 10;
+    for (int i = 0; i < kv.swap.n_pages; i++) kv.swap.free_ids[i] = i;
+    LkvSwapped parked[48] = {{0}};   /* parked sequences (not slots: one comes back anywhere) */
+    uint64_t parked_sum[48];
+    int parked_len[48], n_parked = 0;
+    long n_swap_out = 0, n_swap_full = 0, n_swap_in = 0, n_swap_refused = 0;
     int *len = calloc(n_seqs, sizeof(int)), *active = calloc(n_seqs, sizeof(int));
     int *owner = malloc(kv.n_pages * sizeof(int)), *batch = malloc(n_seqs * sizeof(int));
     float k[16], v[16];
@@ -442,7 +491,15 @@ static void test_manager_random(void) {
     long cases[5] = {0};
     for (int op = 0; op < 6000; op++) {
         int r = rnd() % 100, s = rnd() % n_seqs;
-        if (r < 15 && !active[s]) {   /* admission: a prompt, then placement */
+        if (r < 15 && !active[s] && n_parked && rnd() % 2) {   /* a parked one comes back */
+            int p = rnd() % n_parked;
+            if (kv_swap_in(&kv, s, &parked[p])) { n_swap_refused++; continue; }
+            if (seq_fingerprint(&kv, s) != parked_sum[p]) bad++;
+            len[s] = parked_len[p]; active[s] = 1; n_swap_in++;
+            n_parked--;
+            parked[p] = parked[n_parked]; parked_sum[p] = parked_sum[n_parked];
+            parked_len[p] = parked_len[n_parked];
+        } else if (r < 15 && !active[s]) {   /* admission: a prompt, then placement */
             int P = 1 + rnd() % 60;
             float ah = (rnd() % 4) * 0.5f, al = ah * (rnd() % 3) / 4;
             kv_begin(&kv, s, P, ah, al);
@@ -477,6 +534,11 @@ static void test_manager_random(void) {
                 for (int i = 0; i < nb; i++) need += kv_plan_step(&kv, batch[i], len[batch[i]]);
                 if (need <= kv.free_count) break;
                 int victim = batch[--nb];
+                if (kv_swap_out(&kv, victim, &parked[n_parked]) == 0) {
+                    parked_sum[n_parked] = seq_fingerprint(&kv, victim);
+                    parked_len[n_parked++] = len[victim];
+                    n_swap_out++;
+                } else n_swap_full++;
                 kv_release(&kv, victim);
                 active[victim] = 0; len[victim] = 0; n_preempt++;
                 if (!nb) break;
@@ -498,14 +560,25 @@ static void test_manager_random(void) {
             kv_release(&kv, s);
             active[s] = 0; len[s] = 0; n_release++;
         }
-        if (op % 100 == 0) bad += check_invariants(&kv, len, active, owner);
+        if (op % 100 == 0) {
+            bad += check_invariants(&kv, len, active, owner);
+            bad += check_swap(&kv.swap, parked, n_parked);
+        }
     }
     bad += check_invariants(&kv, len, active, owner);
+    bad += check_swap(&kv.swap, parked, n_parked);
     printf("manager: %ld admissions (%ld refused), %ld steps, %ld preemptions, %ld releases; "
            "cases prune %ld swap %ld demote %ld append %ld\n", n_admit, n_refused, n_steps,
            n_preempt, n_release, cases[1], cases[2], cases[3], cases[4]);
     CHECK(bad == 0, "manager invariants broken %ld times", bad);
     CHECK(n_refused > 0 && n_preempt > 0 && n_release > 0, "the mix missed full pools or preemption");
+    printf("swap: %ld parked (%ld found the swap space full), %ld back (%ld refused for pages), "
+           "%d still parked\n", n_swap_out, n_swap_full, n_swap_in, n_swap_refused, n_parked);
+    CHECK(n_swap_out > 0 && n_swap_full > 0 && n_swap_in > 0 && n_swap_refused > 0,
+          "the mix missed a swap-space case");
+    for (int p = 0; p < n_parked; p++) lkv_swap_give(&kv.swap, &parked[p]);
+    CHECK(kv.swap.n_free == kv.swap.n_pages, "swap pages lost: %d of %d free", kv.swap.n_free,
+          kv.swap.n_pages);
     CHECK(cases[1] && cases[2] && cases[3] && cases[4], "the mix missed a decode case");
 
     /* ---- tier fractions and ratios against a count the test makes from the pages */
