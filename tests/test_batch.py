@@ -130,6 +130,7 @@ SWAP_ROWS = [{"id": str(i), "prompt": p, "n": 100, "temperature": 0} for i, p in
     (["--kv", "leankv"], 2),
     (["--kv", "leankv", "--alpha-high", "8", "--alpha-low", "4", "--kv-window", "8"], 1)],
     ids=["k8v4", "leankv", "leankv-aggressive"])
+@pytest.mark.slow_under_sanitizers   # minutes there; the swap code runs there in the two below
 def test_swap_resumes_exactly(leankv_bin, smollm2_bin, tmp_path, kv, mib):
     """--swap-mem: every preempted request is parked in host memory and resumes where it
     stopped, so each output is what a roomy pool gives. On these caches a request recomputed

@@ -28,6 +28,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             /* prefill_chunk 0, as batch 0: the device's default, which main() picks */
             assert(o.prefill_chunk >= 0 && o.prefill_chunk <= 4096);
             assert(o.ppl_prefill >= 0 && o.ctx_len >= 1 && o.trials >= 1);
+            assert(o.swap_mib <= (size_t)1 << 24);
             assert(o.kv.kbits == 32 || o.kv.kbits == 16 || o.kv.kbits == 8 || o.kv.kbits == 4 ||
                    o.kv.kbits == 2);
             assert(o.kv.groups >= 1);
