@@ -1227,7 +1227,31 @@ __global__ void rope(float *q, uint8_t *pool, const float *qkv, const float *bqk
  * R's slot, or a new low slot) and the new key (rotated) and value take L's slot; APPEND puts
  * them at the end of the high tier. A block of at least 128 threads: once L is read, warps 0
  * and 1 store its key and value, warps 2 and 3 the new ones, side by side (different slots).
- * The caller syncs before it reads what was written. */
+ * The caller syncs before it reads what was written.
+ * HD > 0 (attention_pair_mma: one group, the tiers' bits known when compiled): each vector is
+ * stored by put_vec_warp, kv_quantize_warp's few shuffles, not kv_store's loops over run-time
+ * bits and groups; the same bytes (leankv.h 4b). HD = 0: any tiers (kv_write_token). */
+template <int HD, int BITS>
+__device__ __forceinline__ void put_vec_warp(uint8_t *page, const KvGeom &g, int slot, int is_v,
+                                             const float *x, int lane) {
+    constexpr int CW = HD * BITS / 32;   /* code words a vector */
+    uint32_t *codes = (uint32_t *)(page + (is_v ? g.v_codes : g.k_codes)) + (size_t)slot * CW;
+    kv_quantize_warp<HD, BITS>(x, codes, (uint32_t *)(page + (is_v ? g.v_sz : g.k_sz)) + slot,
+                               lane);
+}
+
+/* a warp stores key (is_v 0) or value (is_v 1) x into a slot of a page of tier geometry g, whose
+ * key and value bits are KB and VB when HD > 0 */
+template <int HD, int KB, int VB>
+__device__ __forceinline__ void put_vec(uint8_t *page, const KvGeom &g, int slot, int is_v,
+                                        const float *x, int d, int lane) {
+    if constexpr (HD > 0) {
+        if (is_v) put_vec_warp<HD, VB>(page, g, slot, 1, x, lane);
+        else put_vec_warp<HD, KB>(page, g, slot, 0, x, lane);
+    } else kv_put_vec(page, g, slot, is_v, x, d, lane);
+}
+
+template <int HD = 0, int KB0 = 0, int VB0 = 0, int KB1 = 0, int VB1 = 0>
 __device__ void write_token(uint8_t *pool, const int *table, const KvGeom &g0, const KvGeom &g1,
                             int *n_tok, int *plan, const float *qkv, const float *bqkv,
                             const float2 *cos_sin, int style, size_t hh, int r, int kvh,
@@ -1258,7 +1282,7 @@ __device__ void write_token(uint8_t *pool, const int *table, const KvGeom &g0, c
     if (warp < 2) {
         if (!demote) return;
         uint8_t *page = kv_page(pool, table, g1, hh, LKV_LOW, c == LKV_CASE_SWAP ? R : nl, &s);
-        kv_put_vec(page, g1, s, is_v, old + is_v * head_dim, head_dim, lane);
+        put_vec<HD, KB1, VB1>(page, g1, s, is_v, old + is_v * head_dim, head_dim, lane);
         if (tid == 0) {
             ((float *)(page + g1.scores))[s] = old_score;
             ((int *)(page + g1.pos))[s] = old_pos;
@@ -1268,7 +1292,7 @@ __device__ void write_token(uint8_t *pool, const int *table, const KvGeom &g0, c
     if (warp >= 4) return;
     int append = c == LKV_CASE_NONE || c == LKV_CASE_APPEND;
     uint8_t *page = kv_page(pool, table, g0, hh, LKV_HIGH, append ? nh : L, &s);
-    kv_put_vec(page, g0, s, is_v, nw + is_v * head_dim, head_dim, lane);
+    put_vec<HD, KB0, VB0>(page, g0, s, is_v, nw + is_v * head_dim, head_dim, lane);
     if (tid == 64) {
         ((float *)(page + g0.scores))[s] = 0.0f;
         ((int *)(page + g0.pos))[s] = pos;
@@ -2362,8 +2386,9 @@ attention_pair_mma(__half *o, float *part, const float *qkv, const float *bqkv,
     if (own && row_pos[r] >= 0) {
         /* One split: this block alone reads the head this step, so it writes the new token
          * itself (kv_write_token's work, without its launch), before it reads the counts */
-        write_token(pool, table, g0, g1, n_tok, plan, qkv, bqkv, cos_sin, style,
-                    kv_head(g0, row_slot[r], layer, kvh), r, kvh, row_pos[r], n_heads, HD);
+        write_token<HD, KB0, VB0, KB1, VB1>(pool, table, g0, g1, n_tok, plan, qkv, bqkv, cos_sin,
+                                            style, kv_head(g0, row_slot[r], layer, kvh), r, kvh,
+                                            row_pos[r], n_heads, HD);
         __syncthreads();   /* the block's writes (pages, counts) are visible to all of it */
     }
     AttRange h0 = attention_range(row_slot, row_pos, layer, g0, n_heads, gq, pages_per_split,
