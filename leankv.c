@@ -711,14 +711,9 @@ static void kv_release(KVCache *kv, int seq) {
 /* mib MiB of pages of page_bytes (0: no swap space, preemption recomputes) */
 static void build_swap(LkvSwapSpace *sp, size_t mib, int page_bytes) {
     memset(sp, 0, sizeof *sp);
-    sp->page_bytes = page_bytes;
-    size_t n = (mib << 20) / page_bytes;
-    if (n > INT_MAX / 2) n = INT_MAX / 2;
-    if (n == 0) return;
-    sp->n_pages = sp->n_free = (int)n;
-    sp->pages = xmalloc(n * page_bytes);
-    sp->free_ids = xmalloc(n * sizeof(int));
-    for (int i = 0; i < sp->n_pages; i++) sp->free_ids[i] = sp->n_pages - 1 - i;
+    int n = lkv_swap_count(mib, page_bytes);
+    if (n > 0 && lkv_swap_init(sp, xmalloc((size_t)n * page_bytes), n, page_bytes) != 0)
+        die("out of memory for --swap-mem's %d pages", n);
 }
 
 /* Copies every page of seq into the swap space, per head its high pages then its low ones,

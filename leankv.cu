@@ -24,7 +24,6 @@
 #include <cuda_profiler_api.h>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_scan.cuh>
-#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -312,9 +311,9 @@ typedef struct {
     /* the swap space (leankv.h 4d; gpu_build_swap), empty unless --swap-mem */
     LkvSwapSpace swap;    /* its pages: pinned host memory, mapped into the device's space */
     uint8_t *swap_dev;    /* the device's address of swap.pages */
-    int *swap_list;       /* (2 * swap_most) device: a swap's table entries, then its swap pages */
-    int *h_swap_list;     /* (2 * swap_most) pinned host copy */
-    int swap_most;        /* pages a slot can hold: heads * width */
+    int *swap_list;       /* (2, n_layers * n_kv_heads * width) device: a swap's table entries,
+                             then its swap pages (a slot holds at most a table of pages) */
+    int *h_swap_list;     /* the same, pinned host copy */
 } KVCache;
 
 /* index of the page table of (slot, layer, KV head) */
@@ -3739,24 +3738,22 @@ extern "C" void gpu_release(GpuEngine *g, int slot) {
 
 extern "C" int gpu_build_swap(GpuEngine *g, size_t mib, char *err, size_t errlen) {
     KVCache *kv = &g->kv;
-    LkvSwapSpace *sp = &kv->swap;
-    sp->page_bytes = kv->tg[0].page_bytes;
-    size_t n = (mib << 20) / sp->page_bytes;
-    if (n > INT_MAX / 2) n = INT_MAX / 2;
+    int page_bytes = kv->tg[0].page_bytes, n = lkv_swap_count(mib, page_bytes);
+    uint8_t *pages;
     if (n == 0) return 0;
-    if (cudaHostAlloc((void **)&sp->pages, n * sp->page_bytes, cudaHostAllocMapped) != cudaSuccess) {
+    if (cudaHostAlloc((void **)&pages, (size_t)n * page_bytes, cudaHostAllocMapped) != cudaSuccess) {
         cudaGetLastError();
-        sp->pages = NULL;
+        pages = NULL;
+    }
+    if (!pages || lkv_swap_init(&kv->swap, pages, n, page_bytes) != 0) {
+        cudaFreeHost(pages);
         snprintf(err, errlen, "cannot pin %zu MiB of host memory for --swap-mem", mib);
         return -1;
     }
-    CUDA_CHECK(cudaHostGetDevicePointer((void **)&kv->swap_dev, sp->pages, 0));
-    sp->free_ids = (int *)malloc(n * sizeof(int));
-    sp->n_pages = sp->n_free = (int)n;
-    for (int i = 0; i < sp->n_pages; i++) sp->free_ids[i] = sp->n_pages - 1 - i;
-    kv->swap_most = g->c.n_layers * g->c.n_kv_heads * kv->tg[0].width;
-    CUDA_CHECK(cudaMalloc(&kv->swap_list, 2 * (size_t)kv->swap_most * sizeof(int)));
-    CUDA_CHECK(cudaMallocHost(&kv->h_swap_list, 2 * (size_t)kv->swap_most * sizeof(int)));
+    CUDA_CHECK(cudaHostGetDevicePointer((void **)&kv->swap_dev, pages, 0));
+    size_t most = (size_t)g->c.n_layers * g->c.n_kv_heads * kv->tg[0].width;
+    CUDA_CHECK(cudaMalloc(&kv->swap_list, 2 * most * sizeof(int)));
+    CUDA_CHECK(cudaMallocHost(&kv->h_swap_list, 2 * most * sizeof(int)));
     return 0;
 }
 

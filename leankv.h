@@ -15,6 +15,7 @@
 
 #include <stdint.h>
 #include <stddef.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
@@ -622,6 +623,24 @@ typedef struct {
     int len;            /* tokens the sequence had processed */
     LkvPolicy policy;   /* its alphas, window and first counted row (two tiers) */
 } LkvSwapped;
+
+/* pages of page_bytes that mib MiB hold (at most INT_MAX / 2) */
+static inline int lkv_swap_count(size_t mib, int page_bytes) {
+    size_t n = (mib << 20) / page_bytes;
+    return n > INT_MAX / 2 ? INT_MAX / 2 : (int)n;
+}
+
+/* an empty swap space of n pages at `pages` (the caller's memory), every id free; -1 when its
+ * list of free ids cannot be allocated */
+static inline int lkv_swap_init(LkvSwapSpace *sp, uint8_t *pages, int n, int page_bytes) {
+    sp->free_ids = (int *)malloc((size_t)n * sizeof(int));
+    if (!sp->free_ids) return -1;
+    sp->pages = pages;
+    sp->n_pages = sp->n_free = n;
+    sp->page_bytes = page_bytes;
+    for (int i = 0; i < n; i++) sp->free_ids[i] = n - 1 - i;
+    return 0;
+}
 
 /* takes n pages of the swap space for s (its pages[] allocated here); -1 and nothing taken
  * when fewer are free */

@@ -478,8 +478,8 @@ static void test_manager_random(void) {
     /* a swap space of about a tenth of the pool: some preemptions park, others find it full */
     build_swap(&kv.swap, 1, kv.page_bytes);
     CHECK(kv.swap.n_pages >= kv.n_pages / 10, "1 MiB holds %d swap pages", kv.swap.n_pages);
-    kv.swap.n_pages = kv.swap.n_free = kv.n_pages / 10;
-    for (int i = 0; i < kv.swap.n_pages; i++) kv.swap.free_ids[i] = i;
+    free(kv.swap.free_ids);   /* the same memory, as a swap space of a tenth of the pool */
+    lkv_swap_init(&kv.swap, kv.swap.pages, kv.n_pages / 10, kv.page_bytes);
     LkvSwapped parked[48] = {{0}};   /* parked sequences (not slots: one comes back anywhere) */
     uint64_t parked_sum[48];
     int parked_len[48], n_parked = 0;
