@@ -712,7 +712,7 @@ static void kv_release(KVCache *kv, int seq) {
 static void build_swap(LkvSwapSpace *sp, size_t mib, int page_bytes) {
     memset(sp, 0, sizeof *sp);
     int n = lkv_swap_count(mib, page_bytes);
-    if (n > 0 && lkv_swap_init(sp, xmalloc((size_t)n * page_bytes), n, page_bytes) != 0)
+    if (n > 0 && lkv_swap_init(sp, xmalloc((size_t)n * page_bytes), n) != 0)
         die("out of memory for --swap-mem's %d pages", n);
 }
 

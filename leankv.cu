@@ -3742,12 +3742,13 @@ extern "C" int gpu_build_swap(GpuEngine *g, size_t mib, char *err, size_t errlen
     uint8_t *pages;
     if (n == 0) return 0;
     if (cudaHostAlloc((void **)&pages, (size_t)n * page_bytes, cudaHostAllocMapped) != cudaSuccess) {
-        cudaGetLastError();
-        pages = NULL;
-    }
-    if (!pages || lkv_swap_init(&kv->swap, pages, n, page_bytes) != 0) {
-        cudaFreeHost(pages);
+        cudaGetLastError();   /* not sticky: cleared, so that no later check reports it */
         snprintf(err, errlen, "cannot pin %zu MiB of host memory for --swap-mem", mib);
+        return -1;
+    }
+    if (lkv_swap_init(&kv->swap, pages, n) != 0) {
+        cudaFreeHost(pages);
+        snprintf(err, errlen, "out of host memory for the free list of --swap-mem's %d pages", n);
         return -1;
     }
     CUDA_CHECK(cudaHostGetDevicePointer((void **)&kv->swap_dev, pages, 0));

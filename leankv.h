@@ -608,11 +608,10 @@ LKV_HD double lkv_ratio_physical(double seen, int head_dim, double pages, int pa
  * ---------------------------------------------------------------------------------------- */
 
 typedef struct {
-    uint8_t *pages;     /* (n_pages, page_bytes) host memory; pinned and mapped on the GPU */
+    uint8_t *pages;     /* (n_pages, the pool's page_bytes) host memory; pinned and mapped on the GPU */
     int *free_ids;      /* (n_pages) free page ids in [0, n_free) */
     int n_free;         /* free pages */
     int n_pages;        /* pages in the swap space; 0: none (preemption recomputes) */
-    int page_bytes;     /* the device pool's page size */
 } LkvSwapSpace;
 
 typedef struct {
@@ -630,14 +629,13 @@ static inline int lkv_swap_count(size_t mib, int page_bytes) {
     return n > INT_MAX / 2 ? INT_MAX / 2 : (int)n;
 }
 
-/* an empty swap space of n pages at `pages` (the caller's memory), every id free; -1 when its
- * list of free ids cannot be allocated */
-static inline int lkv_swap_init(LkvSwapSpace *sp, uint8_t *pages, int n, int page_bytes) {
+/* an empty swap space of n pages at `pages` (the caller's memory, n of the pool's pages), every
+ * id free; -1 when its list of free ids cannot be allocated */
+static inline int lkv_swap_init(LkvSwapSpace *sp, uint8_t *pages, int n) {
     sp->free_ids = (int *)malloc((size_t)n * sizeof(int));
     if (!sp->free_ids) return -1;
     sp->pages = pages;
     sp->n_pages = sp->n_free = n;
-    sp->page_bytes = page_bytes;
     for (int i = 0; i < n; i++) sp->free_ids[i] = n - 1 - i;
     return 0;
 }

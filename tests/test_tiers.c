@@ -479,7 +479,7 @@ static void test_manager_random(void) {
     build_swap(&kv.swap, 1, kv.page_bytes);
     CHECK(kv.swap.n_pages >= kv.n_pages / 10, "1 MiB holds %d swap pages", kv.swap.n_pages);
     free(kv.swap.free_ids);   /* the same memory, as a swap space of a tenth of the pool */
-    lkv_swap_init(&kv.swap, kv.swap.pages, kv.n_pages / 10, kv.page_bytes);
+    lkv_swap_init(&kv.swap, kv.swap.pages, kv.n_pages / 10);
     LkvSwapped parked[48] = {{0}};   /* parked sequences (not slots: one comes back anywhere) */
     uint64_t parked_sum[48];
     int parked_len[48], n_parked = 0;
