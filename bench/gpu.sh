@@ -8,9 +8,9 @@
 # quant: decode attention alone for each cache type (leankv-gpu-bench attn) and the end-to-end
 #        bench for fp16, k8v4 and k4v2 at batch 256 and at batch 1 with a 4k context.
 # profile: per-kernel times of one decode step under ncu (kernels one by one).
-# budget: leankv's throughput under a fixed KV budget (fp16, k8v4, two leankv settings, the
-#         aggressive one again with --admit-steps 512, the README's fifth row), each with
-#         preempted requests recomputed and with them parked in host memory (--swap-mem);
+# budget: throughput under a fixed KV budget, the README's six rows (fp16, k8v4, the leankv
+#         default, near-lossless, aggressive and beyond), preempted requests parked in 8 GiB of
+#         host memory (--swap-mem; BUDGET_SWAP=0 recomputes them instead);
 # watermark: the budget's fp16 and leankv rows again at --admit-steps 128, 256 and 512;
 # tierprof: per-kernel times of one leankv decode step under ncu, with and without the token
 #         write and the scores inside attention.
@@ -114,18 +114,15 @@ budget() {   # budget NAME FLAGS...: one -m bench run under the fixed KV budget
 # (budget and watermark append to one log, emptied once per run of this script)
 [[ " $STAGES " == *" budget "* || " $STAGES " == *" watermark "* ]] && : > "$OUT/budget.log"
 if [[ " $STAGES " == *" budget "* ]]; then
-    # each setting twice: preempted requests recomputed (the default) and parked in 8 GiB of
-    # pinned host memory (--swap-mem, session 14: the aggressive row 3.9x -> 4.8x of fp16)
-    for swap in 0 8192; do
-        budget fp16-swap$swap --kv fp16 --swap-mem $swap
-        budget k8v4-swap$swap --kv k8v4 --swap-mem $swap
-        budget leankv-1-0.02-swap$swap --kv leankv --swap-mem $swap
-        budget leankv-8-4-swap$swap --kv leankv --alpha-high 8 --alpha-low 4 --swap-mem $swap
-        # a watermark of 512 steps trades half the aggressive setting's preemptions for fewer
-        # in flight: +8% when they are recomputed (session 13), -3% when they are parked
-        budget leankv-8-4-admit512-swap$swap --kv leankv --alpha-high 8 --alpha-low 4 \
-            --admit-steps 512 --swap-mem $swap
-    done
+    # preempted requests parked in pinned host memory (--swap-mem, session 14: the beyond row
+    # 3.9x -> 4.8x of fp16 against recomputing them); the README's table, in its order
+    swap=${BUDGET_SWAP:-8192}
+    budget fp16-swap$swap --kv fp16 --swap-mem $swap
+    budget k8v4-swap$swap --kv k8v4 --swap-mem $swap
+    budget leankv-1-0.02-swap$swap --kv leankv --swap-mem $swap
+    budget leankv-4-0-swap$swap --kv leankv --alpha-high 4 --alpha-low 0 --swap-mem $swap
+    budget leankv-4-1-swap$swap --kv leankv --alpha-high 4 --alpha-low 1 --swap-mem $swap
+    budget leankv-8-4-swap$swap --kv leankv --alpha-high 8 --alpha-low 4 --swap-mem $swap
 fi
 # The admission watermark between the default 64 steps and 1,024: fewer preemptions (each
 # computes a 1,024-token prompt or more again; bench/NOTES.md) against fewer in flight
