@@ -608,7 +608,7 @@ LKV_HD double lkv_ratio_physical(double seen, int head_dim, double pages, int pa
  * ---------------------------------------------------------------------------------------- */
 
 typedef struct {
-    uint8_t *pages;     /* (n_pages, the pool's page_bytes) host memory; pinned and mapped on the GPU */
+    uint8_t *pages;     /* (n_pages, the pool's page size) host memory; pinned, mapped on the GPU */
     int *free_ids;      /* (n_pages) free page ids in [0, n_free) */
     int n_free;         /* free pages */
     int n_pages;        /* pages in the swap space; 0: none (preemption recomputes) */
