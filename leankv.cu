@@ -557,17 +557,32 @@ __device__ __forceinline__ uint8_t *kv_append_slot(uint8_t *pool, const int *tab
     return page;
 }
 
+/* Where a slot's key (is_v 0) or value (is_v 1) lies in a page of geometry g: its codes and
+ * its fp16 (scale, zero) pairs, at the vector's bits (leankv.h lkv_layout's segments). Every
+ * kernel that stores or loads one vector of a page finds it here. */
+struct KvSlot {
+    uint8_t *codes;   /* (lkv_code_bytes(d, bits)) the vector's packed codes */
+    uint16_t *sz;     /* (groups, 2) its scales and zeros as fp16 bits */
+    int bits;         /* its bit width: the tier's kbits or vbits */
+};
+__device__ __forceinline__ KvSlot kv_slot(const uint8_t *page, const KvGeom &g, int slot, int is_v,
+                                          int d) {
+    KvSlot v;
+    v.bits = is_v ? g.vbits : g.kbits;
+    v.codes = (uint8_t *)page + (is_v ? g.v_codes : g.k_codes) + (size_t)slot * lkv_code_bytes(d, v.bits);
+    v.sz = (uint16_t *)(page + (is_v ? g.v_sz : g.k_sz) + (size_t)slot * lkv_sz_bytes(g.groups, v.bits));
+    return v;
+}
+
 /* Appends one token's key (is_v 0, after RoPE) or value (is_v 1) x to head `head` at pos:
  * the page is table[pos / tpp], the slot pos % tpp. One warp; the key's warp also writes the
  * token's metadata (score 0, position). */
 __device__ void kv_append(uint8_t *pool, const int *table, const KvGeom &g, size_t head, int pos,
                           int is_v, const float *x, int head_dim, int lane) {
-    int slot, bits = is_v ? g.vbits : g.kbits;
+    int slot;
     uint8_t *page = kv_append_slot(pool, table, g, head, pos, is_v, lane, &slot);
-    uint8_t *codes = page + (is_v ? g.v_codes : g.k_codes) + (size_t)slot * lkv_code_bytes(head_dim, bits);
-    uint16_t *sz = (uint16_t *)(page + (is_v ? g.v_sz : g.k_sz) +
-                                (size_t)slot * lkv_sz_bytes(g.groups, bits));
-    kv_store(codes, sz, x, head_dim, bits, g.groups, lane);
+    KvSlot v = kv_slot(page, g, slot, is_v, head_dim);
+    kv_store(v.codes, v.sz, x, head_dim, v.bits, g.groups, lane);
 }
 
 /* kv_store for one vector of HD channels in one group at BITS bits, into img (its codes as a
@@ -643,21 +658,16 @@ __device__ __forceinline__ uint8_t *kv_page(uint8_t *pool, const int *table, con
 /* one warp stores a key (is_v 0) or a value (is_v 1) into a slot of a page of tier geometry g */
 __device__ void kv_put_vec(uint8_t *page, const KvGeom &g, int slot, int is_v, const float *x,
                            int d, int lane) {
-    int bits = is_v ? g.vbits : g.kbits;
-    kv_store(page + (is_v ? g.v_codes : g.k_codes) + (size_t)slot * lkv_code_bytes(d, bits),
-             (uint16_t *)(page + (is_v ? g.v_sz : g.k_sz) + (size_t)slot * lkv_sz_bytes(g.groups, bits)),
-             x, d, bits, g.groups, lane);
+    KvSlot v = kv_slot(page, g, slot, is_v, d);
+    kv_store(v.codes, v.sz, x, d, v.bits, g.groups, lane);
 }
 
 /* element j of the key (is_v 0) or value (is_v 1) in a slot, dequantized as the CPU's kv_load
  * does (leankv.h lkv_dequant_at: the same fused multiply-add on both sides) */
 __device__ __forceinline__ float kv_load_at(const uint8_t *page, const KvGeom &g, int slot,
                                             int is_v, int d, int j) {
-    int bits = is_v ? g.vbits : g.kbits;
-    return lkv_dequant_at(page + (is_v ? g.v_codes : g.k_codes) + (size_t)slot * lkv_code_bytes(d, bits),
-                          (const uint16_t *)(page + (is_v ? g.v_sz : g.k_sz) +
-                                             (size_t)slot * lkv_sz_bytes(g.groups, bits)),
-                          d, bits, g.groups, j);
+    KvSlot v = kv_slot(page, g, slot, is_v, d);
+    return lkv_dequant_at(v.codes, v.sz, d, v.bits, g.groups, j);
 }
 
 /* the whole key (is_v 0) or value (is_v 1) in a slot into x (d), as the CPU's kv_load
@@ -667,11 +677,8 @@ __device__ __forceinline__ float kv_load_at(const uint8_t *page, const KvGeom &g
  * 1,024-token SmolLM2 prompt). */
 __device__ __forceinline__ void kv_load_vec(const uint8_t *page, const KvGeom &g, int slot,
                                             int is_v, int d, float *x) {
-    int bits = is_v ? g.vbits : g.kbits;
-    lkv_dequantize(page + (is_v ? g.v_codes : g.k_codes) + (size_t)slot * lkv_code_bytes(d, bits),
-                   (const uint16_t *)(page + (is_v ? g.v_sz : g.k_sz) +
-                                      (size_t)slot * lkv_sz_bytes(g.groups, bits)),
-                   d, bits, g.groups, x);
+    KvSlot v = kv_slot(page, g, slot, is_v, d);
+    lkv_dequantize(v.codes, v.sz, d, v.bits, g.groups, x);
 }
 
 /* Step 1, prepare: each head of `slot` (heads = n_layers * n_kv_heads of them) says what it
@@ -953,10 +960,9 @@ kv_place_head(uint8_t *pool, int *table, KvGeom g0, KvGeom g1, int *n_tok, int *
         int s;
         uint8_t *page = kv_page(pool, table, g1, hh, LKV_LOW, j, &s);
         const float *x = st + (size_t)j * (2 * d + 2);
-        lkv_quantize(x, d, g1.kbits, g1.groups, page + g1.k_codes + (size_t)s * lkv_code_bytes(d, g1.kbits),
-                     (uint16_t *)(page + g1.k_sz + (size_t)s * lkv_sz_bytes(g1.groups, g1.kbits)));
-        lkv_quantize(x + d, d, g1.vbits, g1.groups, page + g1.v_codes + (size_t)s * lkv_code_bytes(d, g1.vbits),
-                     (uint16_t *)(page + g1.v_sz + (size_t)s * lkv_sz_bytes(g1.groups, g1.vbits)));
+        KvSlot k = kv_slot(page, g1, s, 0, d), v = kv_slot(page, g1, s, 1, d);
+        lkv_quantize(x, d, k.bits, g1.groups, k.codes, k.sz);
+        lkv_quantize(x + d, d, v.bits, g1.groups, v.codes, v.sz);
         ((float *)(page + g1.scores))[s] = x[2 * d];
         ((int *)(page + g1.pos))[s] = __float_as_int(x[2 * d + 1]);
     }
