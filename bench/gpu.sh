@@ -10,7 +10,8 @@
 # profile: per-kernel times of one decode step under ncu (kernels one by one).
 # budget: throughput under a fixed KV budget, the README's six rows (fp16, k8v4, the leankv
 #         default, near-lossless, aggressive and beyond), preempted requests parked in 8 GiB of
-#         host memory (--swap-mem; BUDGET_SWAP=0 recomputes them instead);
+#         host memory (--swap-mem; BUDGET_SWAP=0 recomputes them instead), BUDGET_RUNS rounds
+#         (default 3) and a table of medians (bench/budget_table.py);
 # watermark: the budget's fp16 and leankv rows again at --admit-steps 128, 256 and 512;
 # tierprof: per-kernel times of one leankv decode step under ncu, with and without the token
 #         write and the scores inside attention.
@@ -116,13 +117,19 @@ budget() {   # budget NAME FLAGS...: one -m bench run under the fixed KV budget
 if [[ " $STAGES " == *" budget "* ]]; then
     # preempted requests parked in pinned host memory (--swap-mem, session 14: the beyond row
     # 3.9x -> 4.8x of fp16 against recomputing them); the README's table, in its order
+    # BUDGET_RUNS rounds of all six (a round at a time, so that drift falls on every row alike),
+    # then the medians: bench/budget_table.py
     swap=${BUDGET_SWAP:-8192}
-    budget fp16-swap$swap --kv fp16 --swap-mem $swap
-    budget k8v4-swap$swap --kv k8v4 --swap-mem $swap
-    budget leankv-1-0.02-swap$swap --kv leankv --swap-mem $swap
-    budget leankv-4-0-swap$swap --kv leankv --alpha-high 4 --alpha-low 0 --swap-mem $swap
-    budget leankv-4-1-swap$swap --kv leankv --alpha-high 4 --alpha-low 1 --swap-mem $swap
-    budget leankv-8-4-swap$swap --kv leankv --alpha-high 8 --alpha-low 4 --swap-mem $swap
+    for ((round = 1; round <= ${BUDGET_RUNS:-3}; round++)); do
+        budget fp16-swap$swap --kv fp16 --swap-mem $swap
+        budget k8v4-swap$swap --kv k8v4 --swap-mem $swap
+        budget leankv-1-0.02-swap$swap --kv leankv --swap-mem $swap
+        budget leankv-4-0-swap$swap --kv leankv --alpha-high 4 --alpha-low 0 --swap-mem $swap
+        budget leankv-4-1-swap$swap --kv leankv --alpha-high 4 --alpha-low 1 --swap-mem $swap
+        budget leankv-8-4-swap$swap --kv leankv --alpha-high 8 --alpha-low 4 --swap-mem $swap
+    done
+    echo "== $CARD: the fixed KV budget, median of ${BUDGET_RUNS:-3} runs, $MODEL"
+    python3 bench/budget_table.py < "$OUT/budget.log" | tee "$OUT/budget.md"
 fi
 # The admission watermark between the default 64 steps and 1,024: fewer preemptions (each
 # computes a 1,024-token prompt or more again; bench/NOTES.md) against fewer in flight
