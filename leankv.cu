@@ -3370,6 +3370,8 @@ static int split_pages(int pages, int n_sms, int slots, int n_kv_heads, LkvPreci
     int want = ATT_BLOCKS_PER_SM * n_sms / (slots * n_kv_heads);
     if (want < 1) want = 1;   /* rounded down: one wave of blocks, not one and a bit */
     int pps = (pages + want - 1) / want, least = p.kbits < 16 || use_tensor_cores(p) ? ATT_LEAST_PAGES : 2;
+    const char *e = getenv("LEANKV_SPLIT_PAGES");   /* to measure another length: same bounds */
+    if (e && atoi(e) > 0) pps = atoi(e);
     if (pps > 4096) pps = 4096;
     return pps < least ? least : pps;
 }
