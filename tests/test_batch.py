@@ -221,6 +221,36 @@ def test_bench_mode(leankv_bin, smollm2_bin):
     assert d["decode_tokens"] == 3 * (4 - 1)
 
 
+@pytest.mark.slow_under_sanitizers
+def test_budget_table_medians(leankv_bin, smollm2_bin, root):
+    """bench/budget_table.py (the README's budget table) on -m bench output in bench/gpu.sh's
+    log format: each row's median, range and run count, vs fp16 against the first row's
+    median, and leankv's physical ratio from its `kv tiers` line -- all recomputed here from
+    the JSON lines and the stderr the program printed"""
+    import statistics
+    log, totals, tiers = [], {"fp16": [], "leankv": []}, None
+    for name in ["fp16", "leankv", "fp16", "leankv", "fp16"]:
+        r = run(leankv_bin, smollm2_bin, "-m", "bench", "--kv", name, "--batch", "2",
+                "--requests", "3", "--prompt-len", "8", "--gen-len", "4")
+        assert r.returncode == 0, r.stderr
+        log.append(f"== {name}: --kv {name}\n{r.stdout}")
+        log += [l + "\n" for l in r.stderr.splitlines() if l.startswith("kv tiers")]
+        totals[name].append(json.loads(r.stdout.strip().splitlines()[-1])["total_tok_s"])
+        tiers = re.search(r"([0-9.]+)x physical", r.stderr).group(1) if name == "leankv" else tiers
+    t = subprocess.run(["python3", str(root / "bench" / "budget_table.py")], input="".join(log),
+                       capture_output=True, text=True, check=True).stdout
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
+            for l in t.splitlines()[2:]}
+    assert list(rows) == ["fp16", "leankv"], t
+    med = {k: statistics.median(v) for k, v in totals.items()}
+    for k in rows:
+        assert rows[k][0] == f"{med[k]:,.0f}", t
+        assert rows[k][1] == f"{min(totals[k]):,.0f}-{max(totals[k]):,.0f}", t
+        assert rows[k][-1] == str(len(totals[k])), t
+    assert rows["fp16"][2] == "1.00x" and rows["leankv"][2] == f"{med['leankv'] / med['fp16']:.2f}x"
+    assert rows["leankv"][6] == f"{float(tiers):.2f}x", t
+
+
 def test_bench_counts_recomputation(leankv_bin, smollm2_bin):
     """-m bench on a pool that holds one request at a time (1 MiB: 256 pages; a 20-token
     request takes 2 pages for each of 90 layer-heads), with no watermark: requests are
