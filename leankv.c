@@ -1975,6 +1975,44 @@ static void mode_ppl(Model *m, KVCache *kv, const Options *o) {
 /* Passkey retrieval: a 5-digit number hidden at a given depth of filler text, then the
  * question. Greedy answer; a trial is right when the answer's first digits are the number.
  * --trials seeded trials at each depth 10%, 20%, ..., 90% of a --ctx-len-token context. */
+/* Where the needle went (two tiers), right after placement: of the prompt's digit tokens (the
+ * key's, twice: the only digits in the passkey text), how many some head has pruned, in how
+ * many of the heads, and which heads (L<layer>H<KV head>). kept (ctx) is scratch; the line goes
+ * into out (cap bytes), printed after the answer. */
+static void needle_report(const KVCache *kv, Tokenizer *tk, const int *ids, int n, char *kept,
+                          char *out, size_t cap) {
+    enum { MAX_DIGITS = 64 };
+    int pruned_in[MAX_DIGITS] = {0};   /* heads that pruned each digit token */
+    int digits = 0, hit = 0, heads = 0, pl;
+    size_t w = (size_t)snprintf(out, cap, "  needle after placement:");
+    for (int l = 0; l < kv->n_layers; l++)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            int hh = kv_head(kv, 0, l, h), lost = 0;
+            memset(kept, 0, (size_t)kv->ctx);
+            for (int t = 0; t < kv->n_tiers; t++)
+                for (int i = 0; i < kv->n_tok[hh * LKV_MAX_TIERS + t]; i++) {
+                    int pos;
+                    kv_get(kv, hh, t, i, NULL, NULL, NULL, &pos);
+                    kept[pos] = 1;
+                }
+            for (int i = 0, d = 0; i < n && d < MAX_DIGITS; i++) {
+                const char *pc = tokenizer_piece(tk, ids[i], &pl);
+                if (pl != 1 || !isdigit((unsigned char)pc[0])) continue;
+                if (!kept[i]) { pruned_in[d]++; lost = 1; }
+                d++;
+            }
+            if (lost && w < cap) w += (size_t)snprintf(out + w, cap - w, " L%dH%d", l, h);
+            heads += lost;
+        }
+    for (int i = 0; i < n && digits < MAX_DIGITS; i++) {
+        const char *pc = tokenizer_piece(tk, ids[i], &pl);
+        if (pl == 1 && isdigit((unsigned char)pc[0])) hit += pruned_in[digits++] > 0;
+    }
+    if (w < cap)
+        snprintf(out + w, cap - w, "%s pruned %d of its %d digit tokens in %d of %d heads",
+                 heads ? ";" : "", hit, digits, heads, kv->n_layers * kv->n_kv_heads);
+}
+
 static void mode_passkey(Model *m, KVCache *kv, const Options *o) {
     static const char *intro = "There is an important pass key hidden inside a lot of "
         "irrelevant text. Find it and memorize it. I will quiz you about the pass key.\n";
@@ -1995,7 +2033,7 @@ static void mode_passkey(Model *m, KVCache *kv, const Options *o) {
     uint64_t rng = o->seed ? o->seed : 1;
     int correct = 0, total = 0;
     size_t buf_len = strlen(intro) + strlen(question) + (size_t)reps * strlen(filler) + 256;
-    char *buf = xmalloc(buf_len);
+    char *buf = xmalloc(buf_len), *kept = xmalloc((size_t)kv->ctx);
     for (int depth = 10; depth <= 90; depth += 10) {
         int ok_here = 0;
         for (int trial = 0; trial < o->trials; trial++) {
@@ -2010,6 +2048,8 @@ static void mode_passkey(Model *m, KVCache *kv, const Options *o) {
             sprintf(w, "%s", question);
             int n = encode_text(m, buf, strlen(buf), ids, cap, "the passkey text");
             float *logits = feed(m, kv, ids, n, 0);
+            char needle[2048] = "";
+            if (trial == 0 && kv->n_tiers > 1) needle_report(kv, tk, ids, n, kept, needle, sizeof needle);
             char answer[64];
             int alen = 0;
             for (int g = 0; g < 8 && n + g < o->ctx; g++) {
@@ -2030,8 +2070,10 @@ static void mode_passkey(Model *m, KVCache *kv, const Options *o) {
             while (*digits && !isdigit((unsigned char)*digits)) digits++;
             int ok = strncmp(digits, want, 5) == 0 && !isdigit((unsigned char)digits[5]);
             ok_here += ok;
-            if (trial == 0)
+            if (trial == 0) {
                 fprintf(stderr, "depth %d%%: %d tokens, key %d, answer \"%s\"\n", depth, n, key, answer);
+                if (*needle) fprintf(stderr, "%s\n", needle);
+            }
         }
         printf("depth %d%%: %d/%d\n", depth, ok_here, o->trials);
         fflush(stdout);
@@ -2039,7 +2081,7 @@ static void mode_passkey(Model *m, KVCache *kv, const Options *o) {
         total += o->trials;
     }
     printf("passkey: %d/%d\n", correct, total);
-    free(buf); free(ids); free(tmp);
+    free(buf); free(kept); free(ids); free(tmp);
 }
 
 /* -m logits: -i holds token ids; writes (T, vocab) fp32 logits to -o. For tests. */

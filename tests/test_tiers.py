@@ -5,8 +5,9 @@ cases, the placement and the manager are in tests/test_tiers.c):
   computes exactly what --kv k8v4 does: the same perplexity to the last digit, the same greedy
   tokens (SmolLM2, and a tiny GQA model with biases);
 - the report every run prints: fractions that add up, ratios that follow from them;
-- per-request alphas in JSONL, preemption on a tight pool, --kv-map's PNG, chat, bad flags, the
-  GPU refusal, and the whole policy under AddressSanitizer/UBSan."""
+- per-request alphas in JSONL, preemption on a tight pool, --kv-map's PNG, chat, the passkey's
+  report of where the needle went, bad flags, the GPU refusal, and the whole policy under
+  AddressSanitizer/UBSan."""
 import json
 import os
 import re
@@ -161,6 +162,38 @@ def test_chat_with_tiers(leankv_bin, smollm2_bin):
             "--kv-window", "8", stdin="What is the capital of France?\nAnd of Italy?\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Assistant:") == 2 and "kv tiers:" in r.stderr
+
+
+NEEDLE = re.compile(r"needle after placement:(.*?);? ?pruned (\d+) of its (\d+) digit tokens "
+                    r"in (\d+) of (\d+) heads")
+
+
+def passkey_needles(exe, model, *kv):
+    """-m passkey on a short context (235 tokens, 9 depths, one trial each): the hits and, for
+    each depth, the needle line (heads named, digits pruned, of how many, heads, of how many)"""
+    r = run(exe, model, "-m", "passkey", "--ctx-len", "256", "--ctx", "300", "--trials", "1",
+            "-s", "7", *kv)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^passkey: \d/9$", r.stdout, re.M), r.stdout
+    return [NEEDLE.search(l).groups() for l in r.stderr.splitlines() if "needle after" in l]
+
+
+def test_passkey_needle_report(leankv_bin, smollm2_bin):
+    """The passkey's line of where the needle went, against what the policy must do
+    (LEANKV.md section 4): alpha_low 0 prunes nothing; alpha_low 1000 prunes every token
+    placement may touch (mean significance is at most 1, under 1000/n), so at depths 10-50%
+    (the needle well before the last 64 tokens) every digit goes in all 90 heads. The key is 5
+    digits written twice, and SmolLM2's tokenizer splits digits: 10 digit tokens. One tier:
+    no line."""
+    none = passkey_needles(leankv_bin, smollm2_bin, "--kv", "leankv", "--alpha-low", "0")
+    assert len(none) == 9 and all(g[1:] == ("0", "10", "0", "90") and not g[0].strip()
+                                  for g in none), none
+    every = passkey_needles(leankv_bin, smollm2_bin, "--kv", "leankv", "--alpha-high", "1000",
+                            "--alpha-low", "1000")
+    assert len(every) == 9, every
+    for g in every[:5]:
+        assert g[1:] == ("10", "10", "90", "90") and len(g[0].split()) == 90, g
+    assert passkey_needles(leankv_bin, smollm2_bin, "--kv", "k8v4") == []
 
 
 @pytest.mark.parametrize("args,needle", [
