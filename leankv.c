@@ -1972,9 +1972,6 @@ static void mode_ppl(Model *m, KVCache *kv, const Options *o) {
     free(text);
 }
 
-/* Passkey retrieval: a 5-digit number hidden at a given depth of filler text, then the
- * question. Greedy answer; a trial is right when the answer's first digits are the number.
- * --trials seeded trials at each depth 10%, 20%, ..., 90% of a --ctx-len-token context. */
 /* Where the needle went (two tiers), right after placement: of the prompt's digit tokens (the
  * key's, twice: the only digits in the passkey text), how many some head has pruned, in how
  * many of the heads, and which heads (L<layer>H<KV head>). kept (ctx) is scratch; the line goes
@@ -1982,37 +1979,34 @@ static void mode_ppl(Model *m, KVCache *kv, const Options *o) {
 static void needle_report(const KVCache *kv, Tokenizer *tk, const int *ids, int n, char *kept,
                           char *out, size_t cap) {
     enum { MAX_DIGITS = 64 };
-    int pruned_in[MAX_DIGITS] = {0};   /* heads that pruned each digit token */
+    int at[MAX_DIGITS], gone[MAX_DIGITS] = {0};   /* each digit token's position; pruned somewhere */
     int digits = 0, hit = 0, heads = 0, pl;
+    for (int i = 0; i < n && digits < MAX_DIGITS; i++) {
+        const char *pc = tokenizer_piece(tk, ids[i], &pl);
+        if (pl == 1 && isdigit((unsigned char)pc[0])) at[digits++] = i;
+    }
     size_t w = (size_t)snprintf(out, cap, "  needle after placement:");
     for (int l = 0; l < kv->n_layers; l++)
         for (int h = 0; h < kv->n_kv_heads; h++) {
             int hh = kv_head(kv, 0, l, h), lost = 0;
             memset(kept, 0, (size_t)kv->ctx);
             for (int t = 0; t < kv->n_tiers; t++)
-                for (int i = 0; i < kv->n_tok[hh * LKV_MAX_TIERS + t]; i++) {
-                    int pos;
-                    kv_get(kv, hh, t, i, NULL, NULL, NULL, &pos);
-                    kept[pos] = 1;
-                }
-            for (int i = 0, d = 0; i < n && d < MAX_DIGITS; i++) {
-                const char *pc = tokenizer_piece(tk, ids[i], &pl);
-                if (pl != 1 || !isdigit((unsigned char)pc[0])) continue;
-                if (!kept[i]) { pruned_in[d]++; lost = 1; }
-                d++;
-            }
+                for (int i = 0; i < kv->n_tok[hh * LKV_MAX_TIERS + t]; i++)
+                    kept[*kv_pos_at(kv, hh, t, i)] = 1;
+            for (int d = 0; d < digits; d++)
+                if (!kept[at[d]]) gone[d] = lost = 1;
             if (lost && w < cap) w += (size_t)snprintf(out + w, cap - w, " L%dH%d", l, h);
             heads += lost;
         }
-    for (int i = 0; i < n && digits < MAX_DIGITS; i++) {
-        const char *pc = tokenizer_piece(tk, ids[i], &pl);
-        if (pl == 1 && isdigit((unsigned char)pc[0])) hit += pruned_in[digits++] > 0;
-    }
+    for (int d = 0; d < digits; d++) hit += gone[d];
     if (w < cap)
         snprintf(out + w, cap - w, "%s pruned %d of its %d digit tokens in %d of %d heads",
                  heads ? ";" : "", hit, digits, heads, kv->n_layers * kv->n_kv_heads);
 }
 
+/* Passkey retrieval: a 5-digit number hidden at a given depth of filler text, then the
+ * question. Greedy answer; a trial is right when the answer's first digits are the number.
+ * --trials seeded trials at each depth 10%, 20%, ..., 90% of a --ctx-len-token context. */
 static void mode_passkey(Model *m, KVCache *kv, const Options *o) {
     static const char *intro = "There is an important pass key hidden inside a lot of "
         "irrelevant text. Find it and memorize it. I will quiz you about the pass key.\n";
