@@ -3113,7 +3113,7 @@ static void usage(FILE *f) {
         "LEANKV_KEEP_SM=0 (--kv leankv: the step's scores in global, not shared, memory),\n"
         "LEANKV_PREFILL_ROWS=1 (a prompt's rows each through the decode kernel),\n"
         "LEANKV_SPLIT_PAGES=N (attention splits of N pages, kept within the engine's bounds;\n"
-        "not a positive number: the engine's own choice).\n",
+        "not a positive number: a warning, and the engine's own choice).\n",
         ADMIT_STEPS, CPU_PREFILL_CHUNK, CPU_PREFILL_CHUNK_MAX, GPU_PREFILL_CHUNK,
         GPU_PREFILL_CHUNK_MAX);
 }

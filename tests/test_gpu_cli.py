@@ -70,6 +70,36 @@ def test_bad_att_stages_warns_once():
     assert r.stderr.count("LEANKV_ATT_STAGES=5 is neither 2 nor 3") == 1, r.stderr
 
 
+def engine_split(*flags, env=None):
+    """the attention split length, in pages, that an engine of --batch 512 and --ctx 2048 chose
+    (its 'attention splits of N pages' line), and the pool's page count"""
+    r = subprocess.run([str(EXE), str(MODEL), "-m", "bench", "--device", "cuda", "--batch", "512",
+                        "--requests", "1", "--prompt-len", "16", "--gen-len", "1", "--ctx", "2048",
+                        *flags], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **(env or {})})
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"KV pool \d+ MiB, (\d+) pages.*attention splits of (\d+) pages", r.stderr)
+    assert m, r.stderr
+    return int(m.group(2)), int(m.group(1)), r.stderr
+
+
+def test_split_follows_what_the_pool_holds():
+    """A head of the 2,048 context is 128 pages of 16 tokens. 512 slots busy would fill the GPU
+    with one split a head, but a 1 GiB fp16 pool holds about 22 sequences of that length: the
+    engine sizes its splits for those (several splits a head), and for all 512 slots when the
+    pool holds them. Two tiers keep one split (their one-block path). LEANKV_SPLIT_PAGES
+    overrides; a value that is not a positive number warns once and changes nothing."""
+    tight, pages, _ = engine_split("--kv", "fp16", "--kv-mem", "1024")
+    roomy, _, _ = engine_split("--kv", "fp16", "--kv-mem", "40960")
+    assert pages < 30 * 3 * 128 * 64 and tight < 128 and roomy == 128, (tight, roomy)
+    two, _, err = engine_split("--kv", "leankv", "--kv-mem", "1024")
+    tpp = int(re.search(r"\((\d+) tokens at k8v4", err).group(1))   # the high tier's page
+    assert two == -(-2048 // tpp), err
+    assert engine_split("--kv", "fp16", "--kv-mem", "1024", env={"LEANKV_SPLIT_PAGES": "40"})[0] == 40
+    same, _, err = engine_split("--kv", "fp16", "--kv-mem", "1024", env={"LEANKV_SPLIT_PAGES": "x"})
+    assert same == tight and err.count("LEANKV_SPLIT_PAGES=x is not a positive number") == 1, err
+
+
 def test_gpu_batch_matches_cpu(tmp_path):
     """greedy outputs of 8 prompts x 24 tokens, batched on the GPU, against the CPU reference:
     fp16 weights and cache on the GPU vs fp32 on the CPU may part at a near-tie, so the count of
