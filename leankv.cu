@@ -3358,14 +3358,15 @@ static void decode_step(GpuEngine *g, int rows) {
 }
 
 /* Attention splits of a sequence of `pages` pages: about enough blocks to fill the GPU once
- * (ATT_BLOCKS_PER_SM resident per SM) when every slot is busy -- measured: splitting further
- * costs more in partials and merging than it gains, for the tensor-core kernel too -- but no
- * split shorter than 2 pages of fp16 keys (attention_block) or ATT_LEAST_PAGES = 8 of codes or
- * on tensor cores (two passes of a block over 64 tokens), and none longer than 4096 pages
- * (attention_mma keeps a split's page ids in shared memory). Small engines are where the least
- * counts: at batch 1 and 4k, 8-page splits decode 11% faster than 4-page ones (two chunks a warp
- * in flight, half the partials to merge); 16 pages was 2% faster still there but 4-6% slower
- * with a 128-token prompt or at batch 4 (bench/RESULTS.md, session 7). */
+ * (ATT_BLOCKS_PER_SM resident per SM) when `slots` sequences decode (busy_slots) -- measured:
+ * splitting further costs more in partials and merging than it gains, for the tensor-core
+ * kernel too -- but no split shorter than 2 pages of fp16 keys (attention_block) or
+ * ATT_LEAST_PAGES = 8 of codes or on tensor cores (two passes of a block over 64 tokens), and
+ * none longer than 4096 pages (attention_mma keeps a split's page ids in shared memory). Small
+ * engines are where the least counts: at batch 1 and 4k, 8-page splits decode 11% faster than
+ * 4-page ones (two chunks a warp in flight, half the partials to merge); 16 pages was 2% faster
+ * still there but 4-6% slower with a 128-token prompt or at batch 4 (bench/RESULTS.md,
+ * session 7). */
 static int split_pages(int pages, int n_sms, int slots, int n_kv_heads, LkvPrecision p) {
     int want = ATT_BLOCKS_PER_SM * n_sms / (slots * n_kv_heads);
     if (want < 1) want = 1;   /* rounded down: one wave of blocks, not one and a bit */
@@ -3387,7 +3388,8 @@ static int split_pages(int pages, int n_sms, int slots, int n_kv_heads, LkvPreci
 /* The slots that can decode at once, for split_pages: all of them, unless a one-tier pool
  * holds fewer sequences at the full context (a tight --kv-mem), where splits sized for every
  * slot busy leave most multiprocessors idle (H200: fp16 under a 1 GiB pool, 28 sequences in
- * flight of 512 slots, 29,128 tok/s with one split a head, 37,252 with this count's six).
+ * flight of 512 slots, 29,128 tok/s with one split a head, 37,289 with the six this count
+ * gives, of 24 pages).
  * Two tiers keep every slot: their one-block path needs one split a tier, and a compressed
  * sequence holds fewer pages than this count says. So the split, and a request's arithmetic,
  * follow --kv-mem as well as --batch and --ctx, never the batch of the moment. */

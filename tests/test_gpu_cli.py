@@ -91,6 +91,7 @@ def test_split_follows_what_the_pool_holds():
     overrides; a value that is not a positive number warns once and changes nothing."""
     tight, pages, _ = engine_split("--kv", "fp16", "--kv-mem", "1024")
     roomy, _, _ = engine_split("--kv", "fp16", "--kv-mem", "40960")
+    # (pages: the tight pool holds fewer than 64 sequences of 30 layers x 3 KV heads x 128 pages)
     assert pages < 30 * 3 * 128 * 64 and tight < 128 and roomy == 128, (tight, roomy)
     two, _, err = engine_split("--kv", "leankv", "--kv-mem", "1024")
     tpp = int(re.search(r"\((\d+) tokens at k8v4", err).group(1))   # the high tier's page
