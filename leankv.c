@@ -560,8 +560,8 @@ static void build_kvcache_tiers(KVCache *kv, const Config *c, int n_seqs, int ct
     kv->n_seqs = n_seqs; kv->n_layers = c->n_layers; kv->n_kv_heads = c->n_kv_heads;
     kv->n_heads_total = n_seqs * c->n_layers * c->n_kv_heads;
     int tpp = kv->layout[0].tokens;
-    kv->table_width = (ctx + tpp - 1) / tpp + 2;
-    size_t want = (size_t)kv->n_heads_total * ((ctx + tpp - 1) / tpp + (n_tiers > 1));
+    kv->table_width = lkv_pages_for(ctx, tpp) + 2;
+    size_t want = (size_t)kv->n_heads_total * (lkv_pages_for(ctx, tpp) + (n_tiers > 1));
     size_t n_pages = kv_mem_mib ? (kv_mem_mib << 20) / kv->page_bytes : want;
     if (n_pages < 1) die("--kv-mem %zu MiB holds no page of %d bytes", kv_mem_mib,
                          kv->page_bytes);

@@ -357,7 +357,7 @@ static void build_kvcache(KVCache *kv, const Config *c, const LkvPrecision *tier
     int page_bytes = lkv_page_bytes(tiers, n_tiers, c->head_dim, NULL);
     for (int t = 0; t < n_tiers; t++)
         lkv_layout_fit(&kv->layouts[t], tiers[t], c->head_dim, page_bytes, n_tiers > 1);
-    int tpp = kv->layouts[0].tokens, width = (ctx + tpp - 1) / tpp + 2;
+    int tpp = kv->layouts[0].tokens, width = lkv_pages_for(ctx, tpp) + 2;
     for (int t = 0; t < n_tiers; t++)
         kv->tg[t] = tier_geom(c, tiers[t], &kv->layouts[t], page_bytes, width);
     KvGeom *g = &kv->tg[0];
@@ -3150,7 +3150,7 @@ static void attention(GpuEngine *g, int layer, int n_rows, int att_ctx, int deco
         LAUNCH_CHECK();
         return;
     }
-    int pages = (att_ctx + kv->tg[0].tpp - 1) / kv->tg[0].tpp;
+    int pages = lkv_pages_for(att_ctx, kv->tg[0].tpp);
     a.splits = (pages + g->pages_per_split - 1) / g->pages_per_split;
     if (a.splits < 1) a.splits = 1;
     /* a prompt chunk whose last row is counted (prompts run alone: rows are consecutive) */
@@ -3337,7 +3337,7 @@ static int kv_apply(GpuEngine *g, int take) {
 /* pages a run of rows at positions pos0 .. pos0+n-1 opens, over all heads (one tier) */
 static int pages_opened(const GpuEngine *g, int pos0, int n) {
     int tpp = g->kv.tg[0].tpp;
-    int pages_before = (pos0 + tpp - 1) / tpp, pages_after = (pos0 + n + tpp - 1) / tpp;
+    int pages_before = lkv_pages_for(pos0, tpp), pages_after = lkv_pages_for(pos0 + n, tpp);
     return (pages_after - pages_before) * g->c.n_layers * g->c.n_kv_heads;
 }
 
@@ -3393,11 +3393,10 @@ static int split_pages(int pages, int n_sms, int slots, int n_kv_heads, LkvPreci
  * Two tiers keep every slot: their one-block path needs one split a tier, and a compressed
  * sequence holds fewer pages than this count says. So the split, and a request's arithmetic,
  * follow --kv-mem as well as --batch and --ctx, never the batch of the moment. */
-static int busy_slots(const GpuEngine *g, int max_slots, int n_tiers, int ctx) {
+static int busy_slots(const GpuEngine *g, int max_slots, int n_tiers, int head_pages) {
     if (n_tiers > 1) return max_slots;
-    const KvGeom *t = &g->kv.tg[0];
-    long per_seq = (long)g->c.n_layers * g->c.n_kv_heads * ((ctx + t->tpp - 1) / t->tpp);
-    long fit = t->n_pages / per_seq;
+    long per_seq = (long)g->c.n_layers * g->c.n_kv_heads * head_pages;
+    long fit = g->kv.tg[0].n_pages / per_seq;
     return fit < 1 ? 1 : fit < max_slots ? (int)fit : max_slots;
 }
 
@@ -3500,15 +3499,16 @@ extern "C" GpuEngine *gpu_build(const Config *c, const Weights *w, const LkvPrec
     g->kv.defaults = policy;
     if (g->attention_pair && !chunks_in_page(&g->kv.tg[1], c->head_dim))
         g->attention_pair = NULL;   /* (no layout of lkv_layout's gets here) */
-    g->pages_per_split = split_pages((ctx + g->kv.tg[0].tpp - 1) / g->kv.tg[0].tpp, g->n_sms,
-                                     busy_slots(g, max_slots, n_tiers, ctx), c->n_kv_heads,
+    int head_pages = lkv_pages_for(ctx, g->kv.tg[0].tpp);   /* a head at the full context */
+    g->pages_per_split = split_pages(head_pages, g->n_sms,
+                                     busy_slots(g, max_slots, n_tiers, head_pages), c->n_kv_heads,
                                      tiers[0]);
     for (int t = 0; t < n_tiers; t++)   /* the kernel for this engine's split length */
         g->attention_t[t] = find_attention(c->head_dim, G, tiers[t],
                                            g->pages_per_split * g->kv.tg[t].tpp);
     g->max_splits = 0;
     for (int t = 0; t < n_tiers; t++) {
-        int pt = (ctx + g->kv.tg[t].tpp - 1) / g->kv.tg[t].tpp;
+        int pt = lkv_pages_for(ctx, g->kv.tg[t].tpp);
         g->splits_t[t] = (pt + g->pages_per_split - 1) / g->pages_per_split;
         g->max_splits += g->splits_t[t];
     }
@@ -3779,7 +3779,7 @@ extern "C" void gpu_release(GpuEngine *g, int slot) {
         kv->slot_need[slot] = -1;
         return;
     }
-    int tpp = kv->tg[0].tpp, n_pg = (kv->slot_len[slot] + tpp - 1) / tpp;
+    int tpp = kv->tg[0].tpp, n_pg = lkv_pages_for(kv->slot_len[slot], tpp);
     if (n_pg == 0) return;
     kv_release<<<1, 1024, 0, st>>>(kv->free_ids, kv->ring, kv->table, slot, n_pg, kv->tg[0]);
     LAUNCH_CHECK();
@@ -3972,7 +3972,7 @@ static KvGeom test_geom(LkvPrecision p, int head_dim, int n_tok, LkvPageLayout *
     g.page_bytes = lkv_page_bytes(&p, 1, head_dim, NULL);
     lkv_layout_fit(L, p, head_dim, g.page_bytes, 0);
     g.n_layers = 1; g.n_kv_heads = 1; g.tpp = L->tokens;
-    g.width = (n_tok + g.tpp - 1) / g.tpp;
+    g.width = lkv_pages_for(n_tok, g.tpp);
     g.k_codes = L->k_codes; g.k_sz = L->k_sz; g.v_codes = L->v_codes; g.v_sz = L->v_sz;
     g.scores = L->scores; g.pos = L->pos;
     g.kbits = p.kbits; g.vbits = p.vbits; g.groups = p.groups;
