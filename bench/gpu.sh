@@ -2,7 +2,8 @@
 # bench/gpu.sh: the one script for a GPU machine. Builds the driver, runs the GPU tests (with
 # compute-sanitizer) and the speed targets of issue 3, and prints a table last.
 #
-#   bench/gpu.sh [tests] [bench] [quant] [profile] [budget] [watermark] [tierprof] [attprof]
+#   bench/gpu.sh [tests] [bench] [quant] [profile] [budget] [watermark] [capacity] [tierprof]
+#                [attprof]
 #                                                       (no argument: tests and bench)
 #
 # quant: decode attention alone for each cache type (leankv-gpu-bench attn) and the end-to-end
@@ -13,6 +14,9 @@
 #         host memory (--swap-mem; BUDGET_SWAP=0 recomputes them instead), BUDGET_RUNS rounds
 #         (default 3) and a table of medians (bench/budget_table.py);
 # watermark: the budget's fp16 and leankv rows again at --admit-steps 128, 256 and 512;
+# capacity: what compression that cost nothing would buy: fp16 and k8v4 with pools that hold as
+#         many sequences as the near-lossless, aggressive and beyond rows do in 1 GiB, against
+#         fp16 at 1 GiB, one run each, and their table;
 # tierprof: per-kernel times of one leankv decode step under ncu, with and without the token
 #         write and the scores inside attention.
 # attprof: one attention_tiers launch of that step under ncu's source counters, phase by phase
@@ -107,13 +111,14 @@ fi
 budget() {   # budget NAME FLAGS...: one -m bench run under the fixed KV budget
     local name=$1; shift
     echo "== $name: $*" | tee -a "$OUT/budget.log"
-    timeout ${BUDGET_TIMEOUT:-280} ${LEANKV_BIN:-./leankv} $MODEL -m bench "$@" --kv-mem 1024 \
+    timeout ${BUDGET_TIMEOUT:-280} ${LEANKV_BIN:-./leankv} $MODEL -m bench "$@" --kv-mem ${KV_MIB:-1024} \
         --batch 512 --requests ${BUDGET_REQUESTS:-512} --prompt-len 1024 --gen-len 1024 \
         --ctx 2048 --device cuda 2>"$OUT/budget_$name.err" | tee -a "$OUT/budget.log" | grep -v '^{'
     grep -E "kv tiers|KV pool|error" "$OUT/budget_$name.err" | tee -a "$OUT/budget.log"
 }
 # (budget and watermark append to one log, emptied once per run of this script)
-[[ " $STAGES " == *" budget "* || " $STAGES " == *" watermark "* ]] && : > "$OUT/budget.log"
+[[ " $STAGES " == *" budget "* || " $STAGES " == *" watermark "* || " $STAGES " == *" capacity "* ]] &&
+    : > "$OUT/budget.log"
 if [[ " $STAGES " == *" budget "* ]]; then
     # preempted requests parked in pinned host memory (--swap-mem, session 14: the beyond row
     # 3.9x -> 4.8x of fp16 against recomputing them); the README's table, in its order
@@ -130,6 +135,18 @@ if [[ " $STAGES " == *" budget "* ]]; then
     done
     echo "== $CARD: the fixed KV budget, median of ${BUDGET_RUNS:-3} runs, $MODEL"
     python3 bench/budget_table.py < "$OUT/budget.log" | tee "$OUT/budget.md"
+fi
+# Capacity alone: each leankv row's pool (1 GiB) times its physical ratio (3.39x, 6.16x, 10.91x:
+# H200, session 18) for fp16, and that over k8v4's 2.46x for k8v4 (bench/RESULTS.md, session 19)
+if [[ " $STAGES " == *" capacity "* ]]; then
+    : > "$OUT/capacity.log"
+    for pair in fp16:1024 fp16:3471 fp16:6308 fp16:11172 k8v4:1411 k8v4:2564 k8v4:4541; do
+        kv=${pair%%:*} mib=${pair##*:}
+        KV_MIB=$mib budget $kv-$mib-MiB --kv $kv --swap-mem 8192
+        sed -n '/^== '$kv-$mib-MiB':/,$p' "$OUT/budget.log" >> "$OUT/capacity.log"
+    done
+    echo "== $CARD: capacity alone (one run each), $MODEL"
+    python3 bench/budget_table.py < "$OUT/capacity.log" | tee "$OUT/capacity.md"
 fi
 # The admission watermark between the default 64 steps and 1,024: fewer preemptions (each
 # computes a 1,024-token prompt or more again; bench/NOTES.md) against fewer in flight
