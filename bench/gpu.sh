@@ -16,7 +16,7 @@
 # watermark: the budget's fp16 and leankv rows again at --admit-steps 128, 256 and 512;
 # capacity: what compression that cost nothing would buy: fp16 and k8v4 with pools that hold as
 #         many sequences as the near-lossless, aggressive and beyond rows do in 1 GiB, against
-#         fp16 at 1 GiB, one run each, and their table;
+#         fp16 at 1 GiB, one run each, their table and bench/capacity_plot.py's picture;
 # tierprof: per-kernel times of one leankv decode step under ncu, with and without the token
 #         write and the scores inside attention.
 # attprof: one attention_tiers launch of that step under ncu's source counters, phase by phase
@@ -149,6 +149,9 @@ if [[ " $STAGES " == *" capacity "* ]]; then
     done
     echo "== $CARD: capacity alone (one run each), $MODEL"
     python3 bench/budget_table.py < "$OUT/capacity.log" | tee "$OUT/capacity.md"
+    # the picture, with the budget's rows too when that stage ran first (needs matplotlib)
+    python3 bench/capacity_plot.py "$OUT/capacity.png" < "$OUT/budget.log" ||
+        echo "capacity: no plot (python3 bench/capacity_plot.py OUT.png < budget.log, elsewhere)"
 fi
 # The admission watermark between the default 64 steps and 1,024: fewer preemptions (each
 # computes a 1,024-token prompt or more again; bench/NOTES.md) against fewer in flight
