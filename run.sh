@@ -18,7 +18,7 @@ GGUF_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF="models/$GGUF_NAME"
 MODEL="models/smollm2-135m-instruct.bin"
 PY_CORE="numpy gguf safetensors"
-PY_TEST="pytest transformers==4.57.6 tokenizers sentencepiece jinja2 pillow"
+PY_TEST="pytest transformers==4.57.6 tokenizers sentencepiece jinja2 pillow matplotlib"
 
 say() { echo "run.sh: $*" >&2; }
 fail() { echo "run.sh: error: $*" >&2; exit 1; }

@@ -47,6 +47,8 @@ for n, r in runs:
     groups.setdefault(series(n), []).append((r["mean_seqs"], r["total_tok_s"] / y0))
 for s, pts in groups.items():
     pts.sort()
+    for x, y in pts:   # what is drawn, for a reader (and tests/test_batch.py) to check
+        print(f"{s}: {x:.1f} in flight, {y:.3f}x")
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     style = "o-" if len(pts) > 1 and not s.startswith("leankv") else "s"
     ax.plot(xs, ys, style, label=s, ms=6)

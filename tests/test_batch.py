@@ -3,6 +3,7 @@ preemption and -m bench. The same scheduler drives the GPU; tests/test_gpu.py ch
 import json
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -249,6 +250,37 @@ def test_budget_table_medians(leankv_bin, smollm2_bin, root):
         assert rows[k][-1] == str(len(totals[k])), t
     assert rows["fp16"][2] == "1.00x" and rows["leankv"][2] == f"{med['leankv'] / med['fp16']:.2f}x"
     assert rows["leankv"][6] == f"{float(tiers):.2f}x", t
+
+
+@pytest.mark.slow_under_sanitizers
+def test_capacity_plot_points(leankv_bin, smollm2_bin, root, tmp_path):
+    """bench/capacity_plot.py on -m bench output in bench/gpu.sh's log format (fp16 at batch 2
+    and 1, two points of one series, and a leankv row): each run a point at its mean sequences
+    in flight and its total tok/s over the first run's, in the series its name gives; a PNG
+    comes out"""
+    log, want = [], []
+    for name, flags in [("fp16-swap8192", ["--kv", "fp16", "--batch", "2"]),
+                        ("fp16-batch1", ["--kv", "fp16", "--batch", "1"]),
+                        ("leankv-1-0.02-swap8192", ["--kv", "leankv", "--batch", "2"])]:
+        r = run(leankv_bin, smollm2_bin, "-m", "bench", *flags,
+                "--requests", "3", "--prompt-len", "8", "--gen-len", "4")
+        assert r.returncode == 0, r.stderr
+        log.append(f"== {name}: {' '.join(flags)}\n{r.stdout}")
+        want.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    png = tmp_path / "c.png"
+    t = subprocess.run([sys.executable, str(root / "bench" / "capacity_plot.py"), str(png)],
+                       input="".join(log), capture_output=True, text=True)
+    if "No module named 'matplotlib'" in t.stderr:
+        pytest.skip("matplotlib is not installed")
+    assert t.returncode == 0, t.stderr
+    got = re.findall(r"^(.+): ([0-9.]+) in flight, ([0-9.]+)x$", t.stdout, re.M)
+    base = want[0]["total_tok_s"]
+    fp16 = sorted((d["mean_seqs"], d["total_tok_s"] / base) for d in want[:2])
+    exp = [("fp16", f"{x:.1f}", f"{y:.3f}") for x, y in fp16]
+    exp.append(("leankv ah 1, al 0.02", f"{want[2]['mean_seqs']:.1f}",
+                f"{want[2]['total_tok_s'] / base:.3f}"))
+    assert got == exp, t.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_counts_recomputation(leankv_bin, smollm2_bin):
