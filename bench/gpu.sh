@@ -116,7 +116,7 @@ budget() {   # budget NAME FLAGS...: one -m bench run under the fixed KV budget
         --ctx 2048 --device cuda 2>"$OUT/budget_$name.err" | tee -a "$OUT/budget.log" | grep -v '^{'
     grep -E "kv tiers|KV pool|error" "$OUT/budget_$name.err" | tee -a "$OUT/budget.log"
 }
-# (budget and watermark append to one log, emptied once per run of this script)
+# (budget, watermark and capacity append to one log, emptied once per run of this script)
 [[ " $STAGES " == *" budget "* || " $STAGES " == *" watermark "* || " $STAGES " == *" capacity "* ]] &&
     : > "$OUT/budget.log"
 if [[ " $STAGES " == *" budget "* ]]; then
