@@ -140,13 +140,13 @@ fi
 # H200, session 18; and 4x, the lossless target of point 7) for fp16, and that over k8v4's
 # 2.46x for k8v4 (bench/RESULTS.md, session 19)
 if [[ " $STAGES " == *" capacity "* ]]; then
-    : > "$OUT/capacity.log"
+    before=$(wc -l < "$OUT/budget.log")   # this stage's rows are what budget() appends now
     for pair in fp16:1024 fp16:3471 fp16:4096 fp16:6308 fp16:11172 \
                 k8v4:1411 k8v4:1665 k8v4:2564 k8v4:4541; do
         kv=${pair%%:*} mib=${pair##*:}
         KV_MIB=$mib budget $kv-$mib-MiB --kv $kv --swap-mem 8192
-        sed -n '/^== '$kv-$mib-MiB':/,$p' "$OUT/budget.log" >> "$OUT/capacity.log"
     done
+    tail -n +$((before + 1)) "$OUT/budget.log" > "$OUT/capacity.log"
     echo "== $CARD: capacity alone (one run each), $MODEL"
     python3 bench/budget_table.py < "$OUT/capacity.log" | tee "$OUT/capacity.md"
     # the picture, with the budget's rows too when that stage ran first (needs matplotlib)
