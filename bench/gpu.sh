@@ -12,7 +12,8 @@
 # budget: throughput under a fixed KV budget, the README's six rows (fp16, k8v4, the leankv
 #         default, near-lossless, aggressive and beyond), preempted requests parked in 8 GiB of
 #         host memory (--swap-mem; BUDGET_SWAP=0 recomputes them instead), BUDGET_RUNS rounds
-#         (default 3) and a table of medians (bench/budget_table.py);
+#         (default 3) and a table of medians (bench/budget_table.py); KV_MIB (default 1024)
+#         is the pool, in MiB;
 # watermark: the budget's fp16 and leankv rows again at --admit-steps 128, 256 and 512;
 # capacity: what compression that cost nothing would buy: fp16 and k8v4 with pools that hold as
 #         many sequences as the near-lossless, aggressive and beyond rows do in 1 GiB, against
